@@ -1,0 +1,1 @@
+"""The Gradio app (demos/app.py)."""

@@ -1,0 +1,365 @@
+"""The Gradio app: plain handler functions without a server, then the real server via gradio_client.
+
+The server tests start `demos/app.py`'s Blocks on a free local port around a small random
+checkpoint (the embedded default may not exist yet) and synthetic sample files.
+"""
+
+import json
+import socket
+import sys
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # demos/ is not an installed package
+    sys.path.insert(0, str(ROOT))
+
+import gradio as gr  # noqa: E402
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+import demos.app as A  # noqa: E402
+from multimodal import FusionConfig, InputError  # noqa: E402
+from multimodal.data.scenes import generate_scene, save_scene  # noqa: E402
+from multimodal.model import MultimodalModel  # noqa: E402
+
+CAPTION = "a red square and a high tone"
+SR = 16_000
+
+
+def write_scene(folder: Path, stem: str = "scene") -> dict[str, Path]:
+    """A sample like the bundled ones: image, 4 s clip, caption and ground truth."""
+    img = np.full((192, 256, 3), 90, np.uint8)
+    img[40:100, 40:100] = (220, 40, 40)
+    Image.fromarray(img).save(folder / f"{stem}.png")
+    t = np.arange(4 * SR) / SR
+    wave = (0.3 * np.sin(2 * np.pi * 1200 * t) * ((t > 1.0) & (t < 2.0))).astype(np.float32)
+    sf.write(folder / f"{stem}.wav", wave, SR)
+    (folder / f"{stem}.txt").write_text(CAPTION)
+    gt = {"caption": CAPTION,
+          "phrases": [{"span": [2, 12], "target": "object", "index": 0},
+                      {"span": [17, 28], "target": "event", "index": 0}],
+          "objects": [{"box": [40, 40, 100, 100]}], "events": [{"start": 1.0, "end": 2.0}]}
+    (folder / f"{stem}.json").write_text(json.dumps(gt))
+    return {k: folder / f"{stem}.{ext}" for k, ext in
+            (("image", "png"), ("audio", "wav"), ("caption", "txt"), ("gt", "json"))}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("app-inputs")
+    examples = d / "examples"  # like assets/: a scene written by the scene generator
+    scene = save_scene(generate_scene(3), examples, "scene")
+    f = {f"example_{k}": str(v) for k, v in scene.items()}
+    f.update({k: str(v) for k, v in write_scene(d).items()})  # the simple documented format
+    bad = d / "bad"
+    bad.mkdir()
+    rng = np.random.default_rng(0)
+    (bad / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + rng.bytes(300))
+    (bad / "empty.wav").write_bytes(b"")
+    sf.write(bad / "no_samples.wav", np.zeros(0, np.float32), SR)
+    sf.write(bad / "silent.wav", np.zeros(2 * SR, np.float32), SR)
+    sf.write(bad / "long.wav", (0.1 * rng.standard_normal(40 * SR)).astype(np.float32), SR)
+    Image.new("RGB", (1, 1), (255, 0, 0)).save(bad / "tiny.png")
+    Image.new("L", (10_000, 5_000)).save(bad / "bomb.png")  # 50 M pixels, ~50 kB on disk
+    rgba = np.zeros((64, 80, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 128
+    Image.fromarray(rgba, "RGBA").save(bad / "rgba.png")
+    Image.fromarray((np.arange(64 * 80).reshape(64, 80) * 12).astype(np.uint16)).save(bad / "gray16.png")
+    assert Image.open(bad / "gray16.png").mode.startswith("I")
+    Image.new("CMYK", (80, 64), (0, 200, 200, 0)).save(bad / "cmyk.jpg")
+    (bad / "broken.json").write_text("{not json")
+    (bad / "truth.txt").write_text("{}")
+    (bad / "huge.png").write_bytes(b"\0" * ((A.MAX_UPLOAD_MB + 1) * 1024 * 1024))
+    f.update({p.stem: str(p) for p in bad.iterdir()})
+    f["examples_dir"] = str(examples)
+    return f
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = FusionConfig(dim=64, heads=4, layers=2, query="text", query_self_attention=True)
+    return MultimodalModel.from_specs(fusion=cfg, match="softmin").save_pretrained(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def app(checkpoint, files):
+    return A.App(MultimodalModel.from_pretrained(checkpoint), checkpoint, examples_dir=files["examples_dir"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(app):
+    demo = A.build_demo(app)
+    kwargs = A.launch_kwargs("127.0.0.1", free_port())
+    demo.launch(prevent_thread_lock=True, **kwargs)
+    yield demo, f"http://127.0.0.1:{kwargs['server_port']}"
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return Client(server[1], verbose=False, download_files=False)
+
+
+def run(client, image=None, audio=None, text=CAPTION, gt=None, ablate=(), layer=0, token=A.MEAN_TOKEN):
+    up = lambda p: handle_file(p) if p else None  # noqa: E731
+    return client.predict(up(image), up(audio), text, up(gt), list(ablate), layer, token, api_name="/run")
+
+
+def probability(label: dict) -> float:
+    return next(c["confidence"] for c in label["confidences"] if c["label"] == "match")
+
+
+def value(update):
+    """The value of a component update; files come back as their server path (download_files=False)."""
+    v = update["value"] if isinstance(update, dict) and "value" in update else update
+    return v["path"] if isinstance(v, dict) and "path" in v else v
+
+
+# ---------------------------------------------------------------------------------------
+# Plain functions, no server
+# ---------------------------------------------------------------------------------------
+
+
+def test_odd_image_modes_are_converted_not_refused(files):
+    for name in ("rgba", "gray16", "cmyk"):
+        img = A.load_inputs(image=files[name]).image
+        assert img.mode == "RGB" and min(img.size) >= 8, name
+
+
+def test_inputs_are_validated_with_readable_messages(files):
+    cases = {
+        "corrupt": ({"image": files["corrupt"]}, "not an image"),
+        "tiny": ({"image": files["tiny"]}, "1x1 pixels"),
+        "bomb": ({"image": files["bomb"]}, "too large"),
+        "wav as image": ({"image": files["audio"]}, "not an image"),
+        "empty audio": ({"audio": files["empty"]}, "could not be read as audio"),
+        "no samples": ({"audio": files["no_samples"]}, "no samples"),
+        "png as audio": ({"audio": files["image"]}, "could not be read as audio"),
+        "long text": ({"text": "red " * 200}, "limit of 500"),
+    }
+    for name, (kw, message) in cases.items():
+        with pytest.raises(InputError, match=message):
+            A.load_inputs(**kw)
+    assert A.load_inputs(text="   ").text is None
+
+
+def test_silent_and_long_audio_run_with_a_notice(files):
+    silent = A.load_inputs(audio=files["silent"])
+    assert any("silent" in n for n in silent.notices)
+    long = A.load_inputs(audio=files["long"])
+    assert long.audio.duration == pytest.approx(A.MAX_AUDIO_SECONDS)
+    assert any("first 30 s" in n for n in long.notices)
+
+
+def test_subset_rules_name_what_is_missing():
+    mods = ["text", "image", "audio"]
+    with pytest.raises(InputError, match="give a caption as well as an image or an audio clip"):
+        A.check_subset("text", mods, ["image"])
+    with pytest.raises(InputError, match="need something to attend to"):
+        A.check_subset("text", mods, ["text"])
+    assert A.check_subset("text", mods, ["text", "audio"]) == []
+    assert A.check_subset("latents", mods, ["audio"]) == []
+    with pytest.raises(InputError, match="at least one input"):
+        A.check_subset("latents", mods, [])
+    assert "no audio encoder" in A.check_subset("text", ["text", "image"], ["text", "image", "audio"])[0]
+
+
+def test_head_mask_and_query_choices():
+    mask = A.head_mask_from(["L0 H2", "L1 H0"], 2, 4)
+    assert mask.tolist() == [[1, 1, 0, 1], [0, 1, 1, 1]]
+    assert A.head_mask_from([], 2, 4) is None
+    with pytest.raises(InputError, match="unknown head"):
+        A.head_mask_from(["L5 H0"], 2, 4)
+    assert A.parse_query(A.MEAN_TOKEN, [1, 2]) is None
+    assert A.parse_query("2: red", [1, 2]) == 2
+    with pytest.raises(InputError):
+        A.parse_query("9: nope", [1, 2])
+
+
+def test_examples_are_found_by_stem_and_missing_assets_give_none(files, tmp_path):
+    rows = A.find_examples(files["examples_dir"])
+    caption = json.loads(Path(files["example_json"]).read_text())["caption"]
+    assert rows == [[files["example_image"], files["example_audio"], caption, files["example_json"]]]
+    assert A.find_examples(tmp_path / "nowhere") == []
+    assert A.find_examples(tmp_path) == []
+
+
+def test_ground_truth_format_errors_are_readable(files, tmp_path):
+    gt = A.load_ground_truth(files["gt"])
+    assert gt.phrases[0]["span"] == (2, 12) and gt.events == [(1.0, 2.0)] and "box" in gt.objects[0]
+    sent_back = tmp_path / "scene.json"  # what the page hands over: a copy, without the label PNG beside it
+    sent_back.write_bytes(Path(files["example_json"]).read_bytes())
+    assert "box" in A.load_ground_truth(sent_back).objects[0]
+    scene = A.load_ground_truth(sent_back, [files["examples_dir"]])
+    assert scene.objects[0]["mask"].shape == (128, 128) and scene.objects[0]["mask"].any()
+    with pytest.raises(InputError, match="not readable JSON"):
+        A.load_ground_truth(files["broken"])
+    (tmp_path / "bad.json").write_text(json.dumps({"phrases": [{"span": [0, 3], "target": "object", "index": 4}]}))
+    with pytest.raises(InputError, match="points at object 4"):
+        A.load_ground_truth(tmp_path / "bad.json")
+
+
+def test_run_handler_without_a_server(app, files):
+    out = app.run(files["image"], files["audio"], CAPTION, files["gt"], [], 0, None)
+    status, score, image_grid, audio_grid, text_grid, playback, markup, table, downloads, token, res = out
+    assert status.startswith("Ran on") and 0.0 < score["match"] < 1.0
+    assert Path(image_grid.value["path"]).name == "layer0_image.png"
+    assert Path(text_grid.value["path"]).name == "layer0_text_concentration.png" and "concentrated" in markup.value
+    assert len(table) == 2 * 4 and {"entropy", "confidence", "share image", "share audio",
+                                    "pointing image", "energy in object", "mass in event"} <= set(table.columns)
+    assert ((table["entropy"] >= 0) & (table["entropy"] <= 1)).all()
+    assert [Path(p).name for p in downloads] == ["maps.zip"]
+    names = set(zipfile.ZipFile(downloads[0]).namelist())
+    assert {"maps.npz", "maps.json", "layer1_audio.png", "layer0_text_concentration.png", "metrics.csv",
+            "summary.json"} <= names
+    assert "2: red" in token.choices[2]
+    view = app.view(res, 1, "2: red")
+    assert Path(view[0].value["path"]).name == "layer1_image.png"
+    with pytest.raises(gr.Error, match="run the model first"):
+        app.view(None, 0, None)
+
+
+def test_model_description_warns_about_random_weights(checkpoint):
+    model = MultimodalModel.from_pretrained(checkpoint)
+    assert "random weights" in A.describe_model(model, None)
+    assert "no training record" in A.describe_model(model, checkpoint)
+    model.meta["step"] = 3000
+    assert "trained for 3000 steps" in A.describe_model(model, checkpoint)
+
+
+def test_default_model_is_used_when_present_and_nothing_is_named(checkpoint, monkeypatch, tmp_path):
+    monkeypatch.setattr(A, "DEFAULT_MODEL", Path(checkpoint))
+    model, source = A.load_app_model()
+    assert source == Path(checkpoint) and model.cfg.heads == 4
+    monkeypatch.setattr(A, "DEFAULT_MODEL", tmp_path / "absent")
+    model, source = A.load_app_model(fusion={"dim": 32, "heads": 2, "layers": 1, "query": "text"})
+    assert source is None and model.cfg.heads == 2
+
+
+def test_cli_demo_defaults_are_local_and_private():
+    from multimodal.cli import build_parser
+
+    args = build_parser().parse_args(["demo"])
+    assert args.host == "127.0.0.1" and args.share is False and args.model is None
+    kw = A.launch_kwargs()
+    assert kw["server_name"] == "127.0.0.1" and kw["share"] is False
+    assert kw["max_file_size"] == f"{A.MAX_UPLOAD_MB}mb"
+
+
+# ---------------------------------------------------------------------------------------
+# The real server
+# ---------------------------------------------------------------------------------------
+
+
+def test_example_round_trip(client, app, files):
+    image, audio, caption, gt = app.examples[0]
+    out = run(client, image, audio, caption, gt)
+    status, label, image_grid, audio_grid, text_grid, playback, markup, table, downloads, token = out
+    assert status.startswith("Ran on") and "Note" not in status
+    assert value(image_grid).endswith("layer0_image.png") and value(audio_grid).endswith("layer0_audio.png")
+    assert value(text_grid).endswith("layer0_text_concentration.png") and value(playback).endswith(".wav")
+    assert "mm-tok" in value(markup)
+    assert {"pointing image", "energy in object", "mass in event", "pointing audio"} <= set(table["headers"])
+    assert len(table["data"]) == 8
+    (bundle,) = [value(p) for p in downloads]  # the server's copy: this test runs on the same machine
+    with zipfile.ZipFile(bundle) as z:
+        assert {"maps.npz", "maps.json", "metrics.csv", "layer1_image.png"} <= set(z.namelist())
+        meta = json.loads(z.read("maps.json"))
+    assert meta["layers"] == [0, 1] and meta["query_source"] == "text"
+    choices = [c[0] for c in token["choices"]]
+    words = caption.split()
+    assert choices[0] == A.MEAN_TOKEN and choices[1:3] == [f"1: {words[0]}", f"2: {words[1]}"]
+    view = client.predict(1, choices[2], api_name="/view")
+    assert value(view[0]).endswith("layer1_image.png")
+    tokens = client.predict("a blue circle", api_name="/tokens")
+    assert [c[0] for c in tokens["choices"]] == [A.MEAN_TOKEN, "1: a", "2: blue", "3: circle"]
+
+
+BAD = [  # (image, audio, text, gt) keys into `files` or literal text -> words in the message
+    ("corrupt", None, CAPTION, None, "not an image"),
+    ("audio", None, CAPTION, None, "not an image"),  # a WAV as the image
+    ("image", "image", CAPTION, None, "could not be read as audio"),  # a PNG as the audio
+    ("image", "empty", CAPTION, None, "could not be read as audio"),
+    ("image", "no_samples", CAPTION, None, "no samples"),
+    ("tiny", None, CAPTION, None, "1x1 pixels"),
+    ("bomb", None, CAPTION, None, "too large"),
+    ("image", None, "\U0001F600\U0001F680", None, "no recognisable words"),
+    ("image", None, "red " * 200, None, "above the demo's limit"),
+    ("image", None, "", None, "give a caption"),
+    (None, None, CAPTION, None, "need something to attend to"),
+    (None, None, "", None, "give a caption"),
+    ("image", None, CAPTION, "broken", "not readable JSON"),
+    ("image", None, CAPTION, "truth", "Invalid file type"),
+]
+
+
+@pytest.mark.parametrize("image,audio,text,gt,message", BAD, ids=[b[-1][:24] + f"-{i}" for i, b in enumerate(BAD)])
+def test_bad_inputs_get_a_readable_message_and_the_server_stays_up(client, files, image, audio, text, gt, message):
+    with pytest.raises(AppError) as err:
+        run(client, files.get(image), files.get(audio), text, files.get(gt))
+    assert message.lower() in str(err.value).lower(), str(err.value)
+    assert run(client, files["image"], None, CAPTION)[0].startswith("Ran on")
+
+
+def test_uploads_above_the_size_limit_are_refused_by_the_server(server, client, files):
+    import httpx
+
+    assert client.config["max_file_size"] == A.MAX_UPLOAD_MB * 1024 * 1024
+    with open(files["huge"], "rb") as f:
+        r = httpx.post(client.upload_url, files=[("files", ("huge.png", f))], timeout=60)
+    assert r.status_code == 413 and "maximum allowed size" in r.text
+    assert run(client, files["image"], None, CAPTION)[0].startswith("Ran on")
+
+
+def test_odd_images_work_and_silent_or_long_audio_run_with_a_visible_notice(client, files):
+    for name in ("rgba", "gray16", "cmyk"):
+        assert run(client, files[name], None, CAPTION)[0].startswith("Ran on"), name
+    status = run(client, files["image"], files["silent"], CAPTION)[0]
+    assert "silent" in status and "not meaningful" in status
+    status = run(client, None, files["long"], CAPTION)[0]
+    assert "first 30 s" in status and "30.0 s of audio" in status
+
+
+def test_twenty_concurrent_requests_are_all_answered_correctly(client, app, files):
+    captions = [CAPTION, "a blue circle", "a rising chirp", "a small green star and a click train"]
+    expected = {}
+    for c in captions:
+        with torch.inference_mode():
+            out = app.model(text=[c], image=[files["image"]], audio=[files["audio"]])
+        expected[c] = float(torch.sigmoid(out.score[0]))
+    jobs = [captions[i % len(captions)] for i in range(20)]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        results = list(pool.map(lambda c: run(client, files["image"], files["audio"], c), jobs))
+    took = time.perf_counter() - t0
+    for c, r in zip(jobs, results):
+        assert r[0].startswith("Ran on")
+        assert probability(r[1]) == pytest.approx(expected[c], abs=1e-4)
+    assert took < 60
+
+
+def test_ablation_changes_the_score_and_the_maps(client, files):
+    base = run(client, files["image"], files["audio"], CAPTION)
+    off = run(client, files["image"], files["audio"], CAPTION, ablate=["L0 H0", "L0 H1", "L1 H2"])
+    assert abs(probability(base[1]) - probability(off[1])) > 1e-4
+    assert "Heads switched off: L0 H0, L0 H1, L1 H2" in off[0]
+    heads = [r[0] for r in off[7]["data"]]
+    assert heads == ["L0 H0 (off)", "L0 H1 (off)", "L0 H2", "L0 H3", "L1 H0", "L1 H1", "L1 H2 (off)", "L1 H3"]
+    layer1 = lambda t: [r[1:] for r in t["data"] if r[0].startswith("L1")]  # noqa: E731  layer-1 heads' metrics
+    assert layer1(base[7]) != layer1(off[7])  # layer 1 sees a different input once layer-0 heads are off
