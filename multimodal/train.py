@@ -40,7 +40,8 @@ class TrainConfig:
     seed: int = 0
     steps: int = 3000
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 1e-3  # fusion block and match head
+    encoder_lr_scale: float = 0.3  # encoders train at lr * this (from-scratch encoders need the gentler rate)
     weight_decay: float = 0.05
     warmup: int = 150
     hard_negatives: int = 3  # one-attribute negatives per scene per step
@@ -57,6 +58,7 @@ class TrainConfig:
     fusion: Mapping[str, Any] = field(default_factory=lambda: dict(
         dim=128, heads=4, layers=2, query="text", query_self_attention=True, attention="softmax"))
     scene: Mapping[str, Any] = field(default_factory=dict)
+    manifest: str = ""  # a JSONL manifest of your own pairs (multimodal.data.manifest) instead of scenes
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     workers: int = 2  # processes generating the scene pool
 
@@ -144,8 +146,9 @@ def _make_scene(args):
 
 @dataclass
 class ScenePool:
-    scenes: list  # Scene objects (image/audio arrays kept for preprocessing)
+    scenes: list  # Scene objects or manifest rows (.caption, .image, .audio kept for preprocessing)
     audio_batch: dict  # audio encoder batch for every scene, built once
+    hard_negatives: bool = True  # one-attribute negatives exist (procedural scenes only)
 
     @classmethod
     def build(cls, model: MultimodalModel, seeds: list[int], cfg: SceneConfig, workers: int,
@@ -157,11 +160,15 @@ class ScenePool:
                 scenes = list(tqdm(pool.imap(_make_scene, jobs, chunksize=64), total=len(jobs), desc=desc))
         else:
             scenes = [_make_scene(j) for j in tqdm(jobs, desc=desc)]
+        return cls.from_items(model, scenes, cfg.sample_rate)
+
+    @classmethod
+    def from_items(cls, model: MultimodalModel, items: list, sample_rate: int, hard_negatives: bool = True
+                   ) -> "ScenePool":
         audio = None
         if "audio" in model.encoders:
-            audio = model.encoders["audio"].preprocess(
-                [AudioClip(s.audio, cfg.sample_rate, None) for s in scenes])
-        return cls(scenes, audio)
+            audio = model.encoders["audio"].preprocess([AudioClip(s.audio, sample_rate, None) for s in items])
+        return cls(items, audio, hard_negatives)
 
     def batch(self, model: MultimodalModel, idx: list[int]) -> dict[str, dict]:
         out = {}
@@ -188,14 +195,23 @@ def candidate_captions(pool: ScenePool, idx: list[int], tc: TrainConfig, rng: np
     for i in idx:
         s = pool.scenes[i]
         captions.append(s.caption)
-        for _ in range(tc.hard_negatives):
+        hard = tc.hard_negatives if pool.hard_negatives else 0
+        for _ in range(hard):
             captions.append(hard_negative(s, rng)[0])
-        for _ in range(tc.easy_negatives):
-            j = int(rng.integers(len(pool.scenes)))
-            while pool.scenes[j].caption == s.caption:
-                j = int(rng.integers(len(pool.scenes)))
-            captions.append(pool.scenes[j].caption)
+        for _ in range(tc.hard_negatives + tc.easy_negatives - hard):
+            captions.append(other_caption(pool, i, rng))
     return captions
+
+
+def other_caption(pool: ScenePool, i: int, rng: np.random.Generator) -> str:
+    """A caption of another item that differs from item i's (an easy negative)."""
+    own = pool.scenes[i].caption
+    if all(s.caption == own for s in pool.scenes):
+        raise InputError("every item has the same caption: nothing to contrast with")
+    j = int(rng.integers(len(pool.scenes)))
+    while pool.scenes[j].caption == own:
+        j = int(rng.integers(len(pool.scenes)))
+    return pool.scenes[j].caption
 
 
 def score_candidates(model: MultimodalModel, scene_batch: dict, captions: list[str], per_scene: int,
@@ -220,8 +236,8 @@ Tensor = torch.Tensor
 
 @torch.no_grad()
 def matching_accuracy(model: MultimodalModel, pool: ScenePool, seed: int, batch_size: int = 64) -> dict:
-    """Pairwise accuracy: the true caption outscores a one-attribute hard negative; plus
-    thresholded accuracy (sigmoid 0.5) over both."""
+    """Pairwise accuracy: the true caption outscores a one-attribute hard negative (for manifest
+    rows: another row's caption); plus thresholded accuracy (sigmoid 0.5) over both."""
     model.eval()
     rng = np.random.default_rng(seed)
     wins, correct, total = 0, 0, 0
@@ -229,7 +245,9 @@ def matching_accuracy(model: MultimodalModel, pool: ScenePool, seed: int, batch_
         idx = list(range(start, min(start + batch_size, len(pool.scenes))))
         caps = []
         for i in idx:
-            caps += [pool.scenes[i].caption, hard_negative(pool.scenes[i], rng)[0]]
+            negative = (hard_negative(pool.scenes[i], rng)[0] if pool.hard_negatives
+                        else other_caption(pool, i, rng))
+            caps += [pool.scenes[i].caption, negative]
         scores, _ = score_candidates(model, pool.batch(model, idx), caps, 2)
         wins += int((scores[:, 0] > scores[:, 1]).sum())
         correct += int((scores[:, 0] > 0).sum() + (scores[:, 1] <= 0).sum())
@@ -291,10 +309,37 @@ def load_train_state(opt, out_dir: Path) -> tuple[int, list]:
 # ---------------------------------------------------------------------------------------
 
 
-def build_model(tc: TrainConfig) -> MultimodalModel:
+def build_model(tc: TrainConfig, modalities: tuple[str, ...] = ("text", "image", "audio")) -> MultimodalModel:
     torch.manual_seed(tc.seed)
+    specs = {"text": tc.text_encoder, "image": tc.image_encoder, "audio": tc.audio_encoder}
     return MultimodalModel.from_specs(fusion=FusionConfig.from_dict(dict(tc.fusion)), match=tc.match,
-                                      text=tc.text_encoder, image=tc.image_encoder, audio=tc.audio_encoder)
+                                      **{m: (s if m in modalities else None) for m, s in specs.items()})
+
+
+def manifest_pools(model_modalities: list[str], tc: TrainConfig) -> tuple[list, list, tuple[str, ...]]:
+    """Training and validation rows of a manifest, and the modalities every usable row has.
+
+    Bad rows are reported by row number and skipped; the last `val_scenes` rows (at most a
+    fifth of them, and none when that is fewer than 2) are held out for validation; with
+    none held out, validation reuses the training rows (and says so).
+    """
+    from multimodal.data.manifest import load_manifest
+
+    rows, errors = load_manifest(tc.manifest)
+    for e in errors:
+        print(f"skipped: {e}")
+    have = ["text"] + [m for m in ("image", "audio") if m in model_modalities
+                       and all(getattr(r, m) is not None for r in rows)]
+    if len(have) < 2:
+        raise InputError(f"{tc.manifest}: no modality besides text is present in every usable row; "
+                         "give every row an image or every row an audio clip")
+    n_val = min(tc.val_scenes, len(rows) // 5)
+    if n_val < 2:
+        n_val = 0
+        print(f"{tc.manifest}: too few rows to hold any out; validation accuracy is on training rows")
+    if len(rows) - n_val < 2:
+        raise InputError(f"{tc.manifest}: {len(rows)} usable rows are too few to train on (need at least 2)")
+    return rows[:len(rows) - n_val], rows[len(rows) - n_val:], tuple(have)
 
 
 SPLIT_OFFSETS = {"train": 0, "val": 10_000_000, "test": 20_000_000}
@@ -313,15 +358,21 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
     if tc.device == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     scfg = scene_config(tc)
-    model = build_model(tc).to(tc.device)
+    modalities = ("text", "image", "audio")
+    if tc.manifest:
+        train_rows, val_rows, modalities = manifest_pools(["image", "audio"], tc)
+    model = build_model(tc, modalities).to(tc.device)
     if tc.freeze_encoders:
         for p in model.encoders.parameters():
             p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr)
+    groups = []
+    for scale, named in ((tc.encoder_lr_scale, model.encoders.named_parameters()),
+                         (1.0, (np for np in model.named_parameters() if not np[0].startswith("encoders.")))):
+        ps = [p for _, p in named if p.requires_grad]
+        groups += [{"params": [p for p in ps if p.dim() >= 2], "weight_decay": tc.weight_decay, "lr_scale": scale},
+                   {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=tc.lr)
     step, history = 0, []
     if resume and (out_dir / f"{TRAIN_STATE}.json").is_file():
         saved = MultimodalModel.from_pretrained(out_dir)
@@ -330,10 +381,18 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
         np_rng = np.random.default_rng([tc.seed, step])
         print(f"resuming from step {step} in {out_dir}")
 
-    train_pool = ScenePool.build(model, split_seeds("train", tc.pool_scenes, tc.seed), scfg, tc.workers,
-                                 "generating training scenes")
-    val_pool = ScenePool.build(model, split_seeds("val", tc.val_scenes, tc.seed), scfg, 1,
-                               "generating validation scenes")
+    if tc.manifest:
+        from multimodal.data.manifest import SAMPLE_RATE as MANIFEST_RATE
+
+        train_pool = ScenePool.from_items(model, train_rows, MANIFEST_RATE, hard_negatives=False)
+        val_pool = ScenePool.from_items(model, val_rows or train_rows, MANIFEST_RATE, hard_negatives=False)
+        if len(train_pool.scenes) < tc.batch_size:
+            tc = replace(tc, batch_size=len(train_pool.scenes))
+    else:
+        train_pool = ScenePool.build(model, split_seeds("train", tc.pool_scenes, tc.seed), scfg, tc.workers,
+                                     "generating training scenes")
+        val_pool = ScenePool.build(model, split_seeds("val", tc.val_scenes, tc.seed), scfg, 1,
+                                   "generating validation scenes")
     per_scene = 1 + tc.hard_negatives + tc.easy_negatives
 
     def lr_at(s):
@@ -355,13 +414,14 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
         scores, _ = score_candidates(model, train_pool.batch(model, idx), captions, per_scene)
         loss = matching_loss(scores)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+            g["lr"] = lr_at(step) * g["lr_scale"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        acc = float((scores[:, :1] > scores[:, 1:1 + tc.hard_negatives]).float().mean())
+        negatives = scores[:, 1:1 + tc.hard_negatives] if tc.hard_negatives else scores[:, 1:]
+        acc = float((scores[:, :1] > negatives).float().mean())
         ema_loss = loss.item() if ema_loss is None else 0.95 * ema_loss + 0.05 * loss.item()
         ema_acc = acc if ema_acc is None else 0.95 * ema_acc + 0.05 * acc
         bar.update(1)
