@@ -107,6 +107,30 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_scenes(args) -> int:
+    from tqdm import tqdm
+
+    from multimodal.data.manifest import scene_to_manifest_row, write_manifest
+    from multimodal.data.scenes import generate_scene, save_scene
+    from multimodal.train import split_seeds
+
+    out = Path(args.out)
+    seeds = args.seeds or split_seeds(args.split, args.count, args.base_seed)
+    rows = []
+    for k, seed in enumerate(tqdm(seeds, desc="writing scenes", disable=len(seeds) < 10)):
+        name = args.name if len(seeds) == 1 else f"{args.name}{k:05d}"
+        scene = generate_scene(seed)
+        if args.manifest:
+            rows.append(scene_to_manifest_row(scene, out, name))
+        else:
+            save_scene(scene, out, name)
+    if args.manifest:
+        print(f"wrote {len(rows)} scenes and {write_manifest(rows, out / 'manifest.jsonl')}")
+    else:
+        print(f"wrote {len(seeds)} scene(s) to {out} (image .png, audio .wav, ground truth .json + _masks.png)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="multimodal", description="Multimodal attention sandbox.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -155,6 +179,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
     d.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
     d.set_defaults(func=cmd_demo)
+
+    sc = sub.add_parser("scenes", help="write procedural scenes (image, audio, caption, ground truth) to files",
+                        description="Write scenes of the procedural corpus the default model trains on: "
+                                    "NAME.png, NAME.wav, NAME.json (caption, phrase spans, objects, events) and "
+                                    "NAME_masks.png; with --manifest also a manifest.jsonl for `train --set "
+                                    "manifest=...`. Deterministic by seed.")
+    sc.add_argument("--out", default="out/scenes", help="output folder (default: out/scenes)")
+    sc.add_argument("--count", type=int, default=1, help="how many scenes (default: 1)")
+    sc.add_argument("--split", default="test", choices=("train", "val", "test"),
+                    help="seed range to draw from (default: test, never trained on)")
+    sc.add_argument("--base-seed", type=int, default=0, help="training seed whose split is used (default: 0)")
+    sc.add_argument("--seeds", type=_int_list, default=None, help="explicit scene seeds, e.g. 20000000,20000001")
+    sc.add_argument("--name", default="scene", help="file stem (numbered when writing several; default: scene)")
+    sc.add_argument("--manifest", action="store_true", help="also write manifest.jsonl")
+    sc.set_defaults(func=cmd_scenes)
 
     from multimodal import evaluate, train  # their parsers live beside their code
 

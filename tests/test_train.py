@@ -97,3 +97,16 @@ def test_train_command_line(tmp_path, capsys):
     assert (out / "model.safetensors").is_file()
     assert main(["train", "--preset", "smoke", "--set", "stepz=2", "--out", str(out)]) != 0
     assert "stepz" in capsys.readouterr().err
+
+
+def test_scenes_command_writes_samples_and_a_loadable_manifest(tmp_path):
+    from multimodal.data.manifest import load_manifest
+
+    assert main(["scenes", "--out", str(tmp_path / "one"), "--seeds", "7", "--name", "sample"]) == 0
+    assert {p.name for p in (tmp_path / "one").iterdir()} == {
+        "sample.png", "sample.wav", "sample.json", "sample_masks.png"}
+    assert json.loads((tmp_path / "one" / "sample.json").read_text())["caption"] == generate_scene(7).caption
+
+    assert main(["scenes", "--out", str(tmp_path / "many"), "--count", "3", "--manifest"]) == 0
+    rows, errors = load_manifest(tmp_path / "many" / "manifest.jsonl", progress=False)
+    assert len(rows) == 3 and not errors
