@@ -131,6 +131,18 @@ def cmd_scenes(args) -> int:
     return 0
 
 
+def add_model_args(p: argparse.ArgumentParser, query: str, heads: int) -> None:
+    """--model, or encoder specs and fusion shape for a model built on the fly (random fusion weights)."""
+    p.add_argument("--model", help="checkpoint directory (default: the embedded model in assets/default)")
+    for mod in ("text", "image", "audio"):
+        p.add_argument(f"--{mod}-encoder", help=f"{mod} encoder spec for a model built on the fly: built-in "
+                                                "name, local directory or hub name (random fusion weights)")
+    p.add_argument("--query", default=query, help=f"query source for a model built on the fly (default: {query})")
+    p.add_argument("--dim", type=int, default=128, help="fusion width for a model built on the fly")
+    p.add_argument("--fusion-heads", type=int, default=heads, help="heads for a model built on the fly")
+    p.add_argument("--fusion-layers", type=int, default=2, help="layers for a model built on the fly")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="multimodal", description="Multimodal attention sandbox.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -145,14 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text", help="caption text")
     g.add_argument("--text-file", help="file holding the caption text (UTF-8)")
     m.add_argument("--out", default="out/maps", help="output folder (default: out/maps)")
-    m.add_argument("--model", help="checkpoint directory (default: the embedded model in assets/default)")
-    for mod in ("text", "image", "audio"):
-        m.add_argument(f"--{mod}-encoder", help=f"{mod} encoder spec for a model built on the fly: built-in "
-                                                "name, local directory or hub name (random fusion weights)")
-    m.add_argument("--query", default="latents", help="query source for a model built on the fly")
-    m.add_argument("--dim", type=int, default=128, help="fusion width for a model built on the fly")
-    m.add_argument("--fusion-heads", type=int, default=8, help="heads for a model built on the fly")
-    m.add_argument("--fusion-layers", type=int, default=2, help="layers for a model built on the fly")
+    add_model_args(m, query="latents", heads=8)
     m.add_argument("--layers", type=_int_list, default=None, help="layers to keep, e.g. 0,1 (default: all)")
     m.add_argument("--head", type=_int_list, default=None, dest="heads",
                    help="heads to keep, e.g. 0,3 (default: all)")
@@ -166,14 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Serve the attention sandbox in the browser: upload an image, an audio clip "
                                    "and/or a caption; see every head's map, per-head metrics, and switch heads "
                                    "off. Binds to 127.0.0.1 and makes no share link unless asked.")
-    d.add_argument("--model", help="checkpoint directory (default: the embedded model in assets/default)")
-    for mod in ("text", "image", "audio"):
-        d.add_argument(f"--{mod}-encoder", help=f"{mod} encoder spec for a model built on the fly: built-in "
-                                                "name, local directory or hub name (random fusion weights)")
-    d.add_argument("--query", default="text", help="query source for a model built on the fly (default: text)")
-    d.add_argument("--dim", type=int, default=128, help="fusion width for a model built on the fly")
-    d.add_argument("--fusion-heads", type=int, default=4, help="heads for a model built on the fly")
-    d.add_argument("--fusion-layers", type=int, default=2, help="layers for a model built on the fly")
+    add_model_args(d, query="text", heads=4)
     d.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     d.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     d.add_argument("--port", type=int, default=7860, help="port (default: 7860)")

@@ -293,6 +293,14 @@ class CrossAttentionFusion(nn.Module):
             x = x + sinusoidal(x.shape[1], self.cfg.dim, x.device).to(x.dtype)
         return x
 
+    def embed_queries(self, inputs: Sequence[ModalityTokens] | Mapping[str, ModalityTokens]) -> Tensor:
+        """The queries as they enter the first layer, (B, Nq, D) (latents expanded to the batch)."""
+        given = {t.modality: t for t in (inputs.values() if isinstance(inputs, Mapping) else inputs)}
+        if self.cfg.query == "latents":
+            B = next(iter(given.values())).tokens.shape[0]
+            return self.latents.expand(B, -1, -1)
+        return self._embed(given[self.cfg.query])
+
     def forward(self, inputs: Sequence[ModalityTokens] | Mapping[str, ModalityTokens],
                 head_mask: Tensor | None = None,
                 return_maps: bool | MapRequest = False) -> FusionOutput:

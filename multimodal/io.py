@@ -41,16 +41,20 @@ def _too_large(width: int, height: int) -> InputError:
                       f"{MAX_IMAGE_PIXELS:,}; downscale it (e.g. to 4000 pixels on the long side) and try again")
 
 
+def _file_or_bytes(src: str | os.PathLike | bytes, kind: str, formats: str) -> Any:
+    """Bytes -> a readable buffer; a path -> the Path, refused with a message if it is not a file."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return io.BytesIO(bytes(src))
+    path = Path(src).expanduser()
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise InputError(f"{kind} file {path} {what}; give the path of {formats}")
+    return path
+
+
 def _open_image(src: str | os.PathLike | bytes, name: str) -> Image.Image:
     """Open and fully decode an image file or its bytes; PIL's bomb warning becomes an error."""
-    if isinstance(src, (bytes, bytearray, memoryview)):
-        fp: Any = io.BytesIO(bytes(src))
-    else:
-        path = Path(src).expanduser()
-        if not path.is_file():
-            what = "is a directory" if path.is_dir() else "does not exist"
-            raise InputError(f"image file {path} {what}; give the path of a PNG, JPEG, BMP, GIF, TIFF or WebP file")
-        fp = path
+    fp = _file_or_bytes(src, "image", "a PNG, JPEG, BMP, GIF, TIFF or WebP file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -177,13 +181,7 @@ def _samples_to_float(x: np.ndarray) -> np.ndarray:
 
 
 def _read_audio_file(src: str | os.PathLike | bytes, name: str, truncate: bool) -> tuple[np.ndarray, int, str | None]:
-    if isinstance(src, (bytes, bytearray, memoryview)):
-        fp: Any = io.BytesIO(bytes(src))
-    else:
-        fp = Path(src).expanduser()
-        if not fp.is_file():
-            what = "is a directory" if fp.is_dir() else "does not exist"
-            raise InputError(f"audio file {fp} {what}; give the path of a WAV, FLAC, OGG or MP3 file")
+    fp = _file_or_bytes(src, "audio", "a WAV, FLAC, OGG or MP3 file")
     try:
         info = sf.info(fp)
         if isinstance(fp, io.BytesIO):

@@ -21,7 +21,10 @@ from multimodal.fusion import CrossAttentionFusion, FusionConfig, FusionOutput, 
 from multimodal.types import MODALITIES, InputError, ModalityTokens
 
 CHECKPOINT_FORMAT = "multimodal-sandbox-checkpoint/1"
-MATCH_POOLS = ("mean", "softmin")  # score the pooled query, or every content query and take a soft minimum
+# "mean": an MLP scores the pooled query; "softmin": the MLP scores every content query and a soft
+# minimum combines them; "bilinear": every content query is scored by how well what it gathered
+# (its fused output) agrees with what it asked for (its own input embedding), then a soft minimum.
+MATCH_POOLS = ("mean", "softmin", "bilinear")
 SOFTMIN_TEMPERATURE = 0.5
 DEFAULT_SPECS = {"text": "bert-tiny-scenes", "image": "vit-tiny-scenes", "audio": "ast-tiny-scenes"}
 
@@ -54,6 +57,9 @@ class MultimodalModel(nn.Module):
             raise InputError(f"match={match!r}: use one of {MATCH_POOLS}")
         self.match = match
         self.match_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
+        if match == "bilinear":  # <asked(input query), gathered(fused query)> + bias
+            self.match_asked = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d))
+            self.match_gathered = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d))
         self.meta = dict(meta or {})
 
     # -- construction ---------------------------------------------------------------------
@@ -111,7 +117,12 @@ class MultimodalModel(nn.Module):
         if self.match == "mean":
             score = self.match_head(fused.pooled).squeeze(-1)  # (B,)
         else:  # every content query must find its match: a soft minimum over per-query scores
-            per_query = self.match_head(fused.queries).squeeze(-1)  # (B, Nq)
+            if self.match == "bilinear":
+                asked = self.match_asked(self.fusion.embed_queries(tokens))  # (B, Nq, D)
+                gathered = self.match_gathered(fused.queries)  # (B, Nq, D)
+                per_query = (asked * gathered).sum(-1) / asked.shape[-1] ** 0.5 + self.match_head[-1].bias
+            else:
+                per_query = self.match_head(fused.queries).squeeze(-1)  # (B, Nq)
             content = fused.query_mask.clone()
             if "text" in tokens and self.cfg.query == "text":
                 content &= ~tokens["text"].special

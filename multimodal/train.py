@@ -38,12 +38,12 @@ TRAIN_STATE = "train_state"  # train_state.safetensors (optimizer tensors) + tra
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
-    steps: int = 3000
+    steps: int = 2600
     batch_size: int = 32
     lr: float = 1e-3  # fusion block and match head
     encoder_lr_scale: float = 0.3  # encoders train at lr * this (from-scratch encoders need the gentler rate)
     weight_decay: float = 0.05
-    warmup: int = 150
+    warmup: int = 100
     hard_negatives: int = 3  # one-attribute negatives per scene per step
     easy_negatives: int = 1  # other scenes' captions per scene per step
     pool_scenes: int = 12000  # scenes generated once (features cached) and reused each epoch
@@ -54,10 +54,12 @@ class TrainConfig:
     image_encoder: str = "vit-tiny-scenes"
     audio_encoder: str = "ast-tiny-scenes"
     freeze_encoders: bool = False
-    match: str = "softmin"
+    match: str = "bilinear"
     fusion: Mapping[str, Any] = field(default_factory=lambda: dict(
         dim=128, heads=4, layers=2, query="text", query_self_attention=True, attention="softmax"))
     scene: Mapping[str, Any] = field(default_factory=dict)
+    contrastive_weight: float = 1.0  # in-batch token-level (FILIP-style) contrastive term on the encoders
+    contrastive_temperature: float = 0.1
     manifest: str = ""  # a JSONL manifest of your own pairs (multimodal.data.manifest) instead of scenes
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     workers: int = 2  # processes generating the scene pool
@@ -232,6 +234,35 @@ def matching_loss(scores: Tensor) -> Tensor:
 
 
 Tensor = torch.Tensor
+
+
+def contrastive_loss(model: MultimodalModel, tokens: dict[str, ModalityTokens], per_scene: int,
+                     temperature: float) -> Tensor:
+    """In-batch late-interaction contrastive term (FILIP, Yao et al. 2021) on the encoder tokens.
+
+    Each scene's true caption against every scene in the batch: a caption's content tokens,
+    projected by the fusion block's input projections and L2-normalised, each take their best
+    cosine match among the scene's image/audio tokens; the mean is the pair's similarity.
+    Cross-entropy both ways over the batch. Only encoder tokens enter: no attention map does.
+    """
+    fusion = model.fusion
+    text = tokens["text"]
+    keep = slice(None, None, per_scene)  # the true captions and one copy of each scene
+    t = F.normalize(fusion.input_proj["text"](text.tokens[keep]), dim=-1)  # (B, Nt, D)
+    t_mask = (text.mask & ~text.special)[keep]  # (B, Nt)
+    keys, k_mask = [], []
+    for m in ("image", "audio"):
+        if m in tokens:
+            keys.append(F.normalize(fusion.input_proj[m](tokens[m].tokens[keep]), dim=-1))
+            k_mask.append(tokens[m].mask[keep] & ~tokens[m].special[keep])
+    k, k_mask = torch.cat(keys, 1), torch.cat(k_mask, 1)  # (B, Nk, D), (B, Nk)
+    sim = torch.einsum("itd,jkd->ijtk", t, k).masked_fill(~k_mask[None, :, None, :], -2.0)
+    best = sim.amax(-1)  # (B_text, B_scene, Nt)
+    tm = t_mask[:, None, :].to(best.dtype)
+    pair = (best * tm).sum(-1) / tm.sum(-1).clamp_min(1)  # (B_text, B_scene)
+    target = torch.arange(pair.shape[0], device=pair.device)
+    logits = pair / temperature
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
 @torch.no_grad()
@@ -411,8 +442,11 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
         idx = order[cursor:cursor + tc.batch_size].tolist()
         cursor += tc.batch_size
         captions = candidate_captions(train_pool, idx, tc, np_rng)
-        scores, _ = score_candidates(model, train_pool.batch(model, idx), captions, per_scene)
+        scores, out = score_candidates(model, train_pool.batch(model, idx), captions, per_scene)
         loss = matching_loss(scores)
+        if tc.contrastive_weight:
+            loss = loss + tc.contrastive_weight * contrastive_loss(model, out.tokens, per_scene,
+                                                                   tc.contrastive_temperature)
         for g in opt.param_groups:
             g["lr"] = lr_at(step) * g["lr_scale"]
         opt.zero_grad(set_to_none=True)

@@ -47,6 +47,22 @@ def test_checkpoint_round_trip_gives_identical_scores(model, inputs, tmp_path):
     assert back.match == "softmin" and back.cfg == model.cfg
 
 
+@pytest.mark.parametrize("match", ["mean", "bilinear"])
+def test_every_match_head_round_trips_and_ignores_padding(match, inputs, tmp_path):
+    torch.manual_seed(1)
+    m = MultimodalModel.from_specs(fusion=FusionConfig(dim=32, heads=2, layers=1, query="text"), match=match).eval()
+    texts = ["a red square with a mid tone", "a blue circle"]
+    with torch.no_grad():
+        both = m(text=texts, image=[inputs / "scene.png"] * 2).score
+        alone = m(text=texts[1:], image=[inputs / "scene.png"]).score
+    torch.testing.assert_close(both[1:], alone, atol=1e-5, rtol=1e-5)  # the longer caption pads the shorter
+    assert both[0] != both[1]
+    back = MultimodalModel.from_pretrained(m.save_pretrained(tmp_path / match))
+    assert back.match == match
+    with torch.no_grad():
+        torch.testing.assert_close(back(text=texts, image=[inputs / "scene.png"] * 2).score, both)
+
+
 def test_checkpoint_from_another_version_is_refused(model, tmp_path):
     model.save_pretrained(tmp_path / "ckpt")
     cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
