@@ -193,10 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--manifest", action="store_true", help="also write manifest.jsonl")
     sc.set_defaults(func=cmd_scenes)
 
-    from multimodal import evaluate, train  # their parsers live beside their code
+    from multimodal import compare, evaluate, train  # their parsers live beside their code
 
     train.add_parser(sub)
     evaluate.add_parser(sub)
+    compare.add_parser(sub)
     return ap
 
 

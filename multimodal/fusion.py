@@ -136,9 +136,11 @@ def entmax15_attention(logits: Tensor, mask: Tensor) -> Tensor:
     mean = zs.cumsum(-1) / rho
     mean_sq = (zs ** 2).cumsum(-1) / rho
     delta = (1 - rho * (mean_sq - mean ** 2)) / rho
-    tau = mean - delta.clamp_min(0).sqrt()
-    support = (tau <= zs).sum(-1, keepdim=True)  # (B, H, Nq, 1)
-    tau_star = tau.gather(-1, support - 1)
+    with torch.no_grad():  # the support size is a discrete choice
+        support = ((mean - delta.clamp_min(0).sqrt()) <= zs).sum(-1, keepdim=True).clamp_min(1)  # (B, H, Nq, 1)
+    # the threshold at that support only: sqrt's gradient at 0 would turn the rest into NaN
+    delta_star = delta.gather(-1, support - 1).clamp_min(1e-12)
+    tau_star = mean.gather(-1, support - 1) - delta_star.sqrt()
     p = (z - tau_star).clamp_min(0) ** 2
     return (p / p.sum(-1, keepdim=True)).to(logits.dtype)  # exact up to rounding; renormalise it away
 

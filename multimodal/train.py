@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -56,15 +55,18 @@ class TrainConfig:
     freeze_encoders: bool = False
     match: str = "bilinear"
     fusion: Mapping[str, Any] = field(default_factory=lambda: dict(
-        dim=128, heads=4, layers=2, query="text", query_self_attention=True, attention="softmax"))
+        dim=128, heads=4, layers=2, query="text", query_self_attention=True, attention="softmax",
+        positional=False))  # the encoders carry their own positions; sinusoids over text x key indices mislead
     scene: Mapping[str, Any] = field(default_factory=dict)
     contrastive_weight: float = 1.0  # in-batch token-level (FILIP-style) contrastive term on the encoders
     contrastive_temperature: float = 0.1
     manifest: str = ""  # a JSONL manifest of your own pairs (multimodal.data.manifest) instead of scenes
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     workers: int = 2  # processes generating the scene pool
+    snapshots: tuple[int, ...] = ()  # steps after which the model is also saved to OUT/snapshots/step_N
 
     def __post_init__(self):
+        object.__setattr__(self, "snapshots", tuple(self.snapshots))  # a TOML list is fine
         if self.steps < 1 or self.batch_size < 1:
             raise InputError("steps and batch_size must be >= 1")
         if self.pool_scenes < self.batch_size:
@@ -386,8 +388,6 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
     t_start = time.perf_counter()
     torch.manual_seed(tc.seed)
     np_rng = np.random.default_rng(tc.seed)
-    if tc.device == "cpu":
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
     scfg = scene_config(tc)
     modalities = ("text", "image", "audio")
     if tc.manifest:
@@ -468,6 +468,9 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
                       f"threshold accuracy {val['threshold_accuracy']:.3f}")
         if step % tc.checkpoint_every == 0 or step == tc.steps:
             save_checkpoint(model, opt, step, tc, out_dir, history)
+        if step in tc.snapshots:
+            model.save_pretrained(out_dir / "snapshots" / f"step_{step}",
+                                  extra_meta={"train_config": tc.to_dict(), "step": step})
     bar.close()
     wall = time.perf_counter() - t_start
     summary = {"steps": step, "wall_time_s": wall, "device": tc.device, "history": history,

@@ -220,3 +220,13 @@ def test_bad_inputs_get_clear_errors():
 def test_config_round_trip():
     cfg = FusionConfig(dim=64, heads=4, query="audio", input_dims={"text": 128})
     assert FusionConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_entmax15_gradients_are_finite_where_the_support_is_a_single_key():
+    logits = torch.tensor([[[[10.0, 0.0, 0.0, -3.0], [1.0, 1.0, 0.5, 0.0]]]], requires_grad=True)
+    mask = torch.tensor([[[[True, True, True, False]]]])
+    p = entmax15_attention(logits, mask)
+    (p * torch.tensor([1.0, 2.0, 3.0, 4.0])).sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    assert logits.grad[0, 0, 1].abs().sum() > 0  # the dense row does learn
+    torch.testing.assert_close(p.sum(-1), torch.ones(1, 1, 2))

@@ -1,0 +1,650 @@
+"""The report of a comparison study: report.md, PNG plots, results.csv and results.json.
+
+Input: the study and its runs' `done.json` results (`multimodal.compare`). Conclusions are
+generated from the numbers and claim only what they support: two settings are called
+different only when the seed-matched (paired) difference passes a two-sided t-test at 95%
+with n - 1 degrees of freedom; otherwise the report says "no difference beyond seed noise".
+Runs are paired by seed and by the other grid values, so each pair saw the same training
+scenes and every run is evaluated on the same held-out scenes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure  # no pyplot: no global figure state, the Agg canvas by default
+
+# (summary key, label, format): the per-grid-point table and the conclusions
+METRICS = [
+    ("matching_accuracy", "matching accuracy", ".3f"),
+    ("pointing_image_best", "best-head pointing (image)", ".3f"),
+    ("pointing_audio_best", "best-head pointing (audio)", ".3f"),
+    ("energy_gain_image_mean", "mean energy gain (image)", ".2f"),
+    ("energy_gain_audio_mean", "mean energy gain (audio)", ".2f"),
+    ("entropy_mean", "mean normalised entropy", ".3f"),
+    ("js_distance_mean", "mean sqrt-JS distance between heads", ".3f"),
+    ("shapley_top_share", "top head's share of Shapley mass", ".2f"),
+]
+TIMING = [("train_s", "train s", ".0f"), ("eval_s", "eval s", ".1f"), ("fusion_pass_s", "fusion pass s", ".3f")]
+DYNAMICS = [("matching_accuracy", "matching accuracy"), ("pointing_image_best", "best-head pointing (image)"),
+            ("pointing_audio_best", "best-head pointing (audio)"), ("entropy_mean", "mean normalised entropy"),
+            ("scaled_confidence_mean", "mean scaled confidence"), ("js_distance_mean", "mean sqrt-JS distance")]
+HEAD_COLUMNS = [("entropy", "entropy", ".3f"), ("scaled_confidence", "N*max", ".1f"),
+                ("share_text", "text share", ".2f"), ("share_image", "image share", ".2f"),
+                ("share_audio", "audio share", ".2f"), ("spread_px", "spread px", ".1f"),
+                ("spread_s", "spread s", ".2f"), ("pointing_image", "pointing img", ".3f"),
+                ("energy_gain_image", "energy gain img", ".2f"), ("pointing_audio", "pointing aud", ".3f"),
+                ("energy_gain_audio", "energy gain aud", ".2f"), ("ablation", "ablation", "+.3f"),
+                ("gradient_normalised", "gradient (norm.)", ".2f")]
+HEATMAPS = [("entropy", "entropy"), ("scaled_confidence", "scaled confidence (N*max)"),
+            ("share_text", "text share"), ("share_image", "image share"), ("share_audio", "audio share"),
+            ("pointing_image", "pointing (image)"),
+            ("pointing_audio", "pointing (audio)"), ("shapley", "Shapley value")]
+# two-sided 95% critical values of Student's t by degrees of freedom (the largest tabulated df <= df is used)
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+       12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000, 120: 1.980}
+
+
+# ---------------------------------------------------------------------------------------
+# Numbers
+# ---------------------------------------------------------------------------------------
+
+
+def _value(run: dict, key: str) -> float | None:
+    if key in run["summary"]:
+        v = run["summary"][key]
+    else:
+        v = run.get("timing", {}).get(key)
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def mean_std(values: Sequence[float | None]) -> tuple[float, float, int]:
+    v = [x for x in values if x is not None]
+    if not v:
+        return math.nan, math.nan, 0
+    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else math.nan, len(v)
+
+
+def fmt_ms(values: Sequence[float | None], fmt: str) -> str:
+    m, s, n = mean_std(values)
+    if n == 0:
+        return "n/a"
+    return f"{m:{fmt}}" if n == 1 else f"{m:{fmt}} ± {s:{fmt.lstrip('+')}}"
+
+
+def t_critical(df: int) -> float:
+    keys = [k for k in T95 if k <= df]
+    return T95[max(keys)] if keys else math.inf
+
+
+def paired_test(a: Sequence[float], b: Sequence[float]) -> dict:
+    """Paired comparison b - a: mean, std, n, t, the 95% critical value and the verdict."""
+    d = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
+    n = len(d)
+    out = {"n": n, "a_mean": float(np.mean(a)) if n else math.nan, "b_mean": float(np.mean(b)) if n else math.nan,
+           "a_std": float(np.std(a, ddof=1)) if n > 1 else math.nan,
+           "b_std": float(np.std(b, ddof=1)) if n > 1 else math.nan,
+           "diff_mean": float(d.mean()) if n else math.nan, "diff_std": float(d.std(ddof=1)) if n > 1 else math.nan,
+           "t": math.nan, "critical": t_critical(n - 1), "significant": False}
+    if n > 1:
+        se = out["diff_std"] / math.sqrt(n)
+        out["t"] = (math.inf if out["diff_mean"] else 0.0) if se == 0 else out["diff_mean"] / se
+        out["significant"] = abs(out["t"]) > out["critical"]
+    return out
+
+
+class Group:
+    """The runs of one grid point (they differ only by seed)."""
+
+    def __init__(self, label: str, point: dict, runs: list[dict]):
+        self.label, self.point, self.runs = label, point, runs
+
+    def values(self, key: str) -> list[float | None]:
+        return [_value(r, key) for r in self.runs]
+
+    @property
+    def fusion_params(self) -> int:
+        return int(self.runs[0]["fusion_params"])
+
+
+def group_runs(results: list[dict]) -> list[Group]:
+    groups: dict[str, Group] = {}
+    for r in results:
+        groups.setdefault(r["group"], Group(r["group"], r["point"], [])).runs.append(r)
+    return list(groups.values())
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
+def _fmt_level(v: Any) -> str:
+    return ("true" if v else "false") if isinstance(v, bool) else str(v)
+
+
+def _is_numeric(values: Sequence[Any]) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def _pairs(results: list[dict], key: str, a: Any, b: Any, metric: str) -> tuple[list[float], list[float]]:
+    """Metric values of runs with key=a and key=b, matched on the seed and every other grid value."""
+    def other(r):
+        return json.dumps({k: v for k, v in r["point"].items() if k != key}, sort_keys=True), r["seed"]
+
+    at_b = {other(r): r for r in results if r["point"].get(key) == b}
+    xa, xb = [], []
+    for r in results:
+        if r["point"].get(key) == a and other(r) in at_b:
+            va, vb = _value(r, metric), _value(at_b[other(r)], metric)
+            if va is not None and vb is not None:
+                xa.append(va)
+                xb.append(vb)
+    return xa, xb
+
+
+def _sentence(label: str, fmt: str, test: dict, what_b: str, what_a: str, prep: str = "with",
+              pairs: str = "seed-matched pairs") -> str | None:
+    """One conclusion in words: b against a, claimed only when the paired test passes."""
+    n = test["n"]
+    if n == 0:
+        return None
+    f2 = fmt.lstrip("+")
+    if n == 1:
+        return (f"{label}: {test['b_mean']:{f2}} {prep} {what_b} vs {test['a_mean']:{f2}} {prep} {what_a}, from one "
+                f"{pairs[:-1]} only: no estimate of seed noise, so no conclusion.")
+    if test["diff_std"] == 0 and test["diff_mean"] == 0:
+        return f"{label}: the same {prep} {what_b} as {prep} {what_a} in all {n} {pairs} ({test['a_mean']:{f2}})."
+    both = (f"{test['b_mean']:{f2}} ± {test['b_std']:{f2}} vs {test['a_mean']:{f2}} ± {test['a_std']:{f2}}; "
+            f"paired difference {test['diff_mean']:+{f2}} ± {test['diff_std']:{f2}} over {n} {pairs}, "
+            f"|t| = {abs(test['t']):.1f}")
+    if test["significant"]:
+        word = "higher" if test["diff_mean"] > 0 else "lower"
+        return f"**{label} was {word} {prep} {what_b} than {prep} {what_a}** ({both} > {test['critical']:.2f})."
+    return (f"{label}: no difference beyond seed noise between {what_b} and {what_a} "
+            f"({both} <= {test['critical']:.2f}).")
+
+
+def factor_conclusions(results: list[dict], grid: dict[str, Sequence[Any]]) -> tuple[list[str], list[dict], int]:
+    """Per grid key: compare its levels on every metric, paired by seed and the other grid values.
+
+    Numeric keys compare the lowest with the highest level (and list every level's mean);
+    other keys compare each level with the first one listed. Returns sentences, the tests
+    as records, and the number of tests made.
+    """
+    lines, records, tests = [], [], 0
+    for key, levels in grid.items():
+        if len(levels) < 2:
+            continue
+        numeric = _is_numeric(levels)
+        comparisons = [(min(levels), max(levels))] if numeric else [(levels[0], b) for b in levels[1:]]
+        lines += ["", f"### {key}", ""]
+        for metric, label, fmt in METRICS:
+            for a, b in comparisons:
+                xa, xb = _pairs(results, key, a, b, metric)
+                if not xa:
+                    continue
+                test = paired_test(xa, xb)
+                tests += test["n"] > 1
+                records.append({"key": key, "metric": metric, "a": a, "b": b, **test})
+                s = _sentence(label[0].upper() + label[1:], fmt, test, f"{key}={_fmt_level(b)}",
+                              f"{key}={_fmt_level(a)}")
+                if s and numeric and len(levels) > 2:
+                    by_level = []
+                    for v in sorted(levels):
+                        m, _, n = mean_std([_value(r, metric) for r in results if r["point"].get(key) == v])
+                        by_level.append(f"{_fmt_level(v)}: {m:{fmt.lstrip('+')}}" if n else f"{_fmt_level(v)}: n/a")
+                    s += f" Mean by level: {', '.join(by_level)}."
+                if s:
+                    lines.append(f"- {s}")
+        if lines[-2] == f"### {key}":
+            lines.append("- no metric was measured at two levels of this key")
+    return lines, records, tests
+
+
+def size_lines(results: list[dict]) -> list[str]:
+    """Descriptive: correlation of log fusion parameter count with grounding and matching."""
+    params = {r["fusion_params"] for r in results}
+    if len(params) < 2:
+        return []
+    lines = []
+    for metric, label, _ in METRICS[:3] + [METRICS[5]]:
+        xs, ys = [], []
+        for r in results:
+            v = _value(r, metric)
+            if v is not None:
+                xs.append(math.log10(r["fusion_params"]))
+                ys.append(v)
+        if len(set(xs)) < 2 or len(xs) < 3 or np.std(ys) == 0:
+            continue
+        rho = float(np.corrcoef(xs, ys)[0, 1])
+        lines.append(f"- {label[0].upper() + label[1:]} vs log10(fusion parameters): Pearson r = {rho:+.2f} over "
+                     f"{len(xs)} runs ({min(params):,} to {max(params):,} parameters). Descriptive only: the paired "
+                     "comparisons above are the test.")
+    return lines
+
+
+def baseline_lines(results: list[dict]) -> tuple[list[str], int]:
+    lines, tests = [], 0
+    for mod in ("image", "audio"):
+        xa, xb = [], []
+        for r in results:
+            model, uniform = _value(r, f"pointing_{mod}_best"), _value(r, f"uniform_pointing_{mod}_best")
+            if model is not None and uniform is not None:
+                xa.append(uniform)
+                xb.append(model)
+        if not xa:
+            continue
+        test = paired_test(xa, xb)
+        tests += test["n"] > 1
+        above = sum(b > a for a, b in zip(xa, xb))
+        s = _sentence(f"Best-head pointing ({mod})", ".3f", test, "the trained heads", "a uniform map (chance)",
+                      prep="for", pairs="runs")
+        lines.append(f"- {s} The best head beat the uniform map in {above} of {len(xa)} runs.")
+    if lines:
+        lines.append("- The best head is picked on the same scenes it is scored on, out of layers x heads "
+                     "candidates, so best-head pointing is optimistic; the per-head tables give every head.")
+    return lines, tests
+
+
+def dynamics_lines(groups: list[Group]) -> tuple[list[str], list[dict], int]:
+    """First against last snapshot, each run paired with itself, per grid point."""
+    lines, records, tests = [], [], 0
+    for g in groups:
+        runs = [r for r in g.runs if len(r.get("snapshots", [])) >= 2]
+        if not runs:
+            continue
+        first, last = runs[0]["snapshots"][0]["step"], runs[0]["snapshots"][-1]["step"]
+        prefix = f"[{g.label}] " if len(groups) > 1 else ""
+        for key, label in DYNAMICS:
+            xa, xb = [], []
+            for r in runs:
+                a, b = r["snapshots"][0]["summary"].get(key), r["snapshots"][-1]["summary"].get(key)
+                if a is not None and b is not None:
+                    xa.append(a)
+                    xb.append(b)
+            if not xa:
+                continue
+            test = paired_test(xa, xb)
+            tests += test["n"] > 1
+            records.append({"group": g.label, "metric": key, "from_step": first, "to_step": last, **test})
+            s = _sentence(label[0].upper() + label[1:], ".3f", test, f"step {last}", f"step {first}", prep="at",
+                          pairs="runs")
+            lines.append(f"- {prefix}{s}")
+    return lines, records, tests
+
+
+# ---------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def plot_heads(run: dict, path: Path) -> Path:
+    """Layers x heads heatmaps of one run's per-head metrics."""
+    heads = run["heads"]
+    L = 1 + max(r["layer"] for r in heads)
+    H = 1 + max(r["head"] for r in heads)
+    panels = [(k, t) for k, t in HEATMAPS if any(r.get(k) is not None for r in heads)]
+    fig = Figure(figsize=((1.2 + 0.5 * H) * len(panels), 1.3 + 0.5 * L), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (key, title) in zip(axes, panels):
+        grid = np.full((L, H), np.nan)
+        for r in heads:
+            if r.get(key) is not None:
+                grid[r["layer"], r["head"]] = r[key]
+        cmap = "RdBu_r" if key == "shapley" else "viridis"
+        lim = np.nanmax(np.abs(grid)) if key == "shapley" and np.isfinite(grid).any() else None
+        im = ax.imshow(grid, cmap=cmap, aspect="auto", vmin=-lim if lim else None, vmax=lim)
+        for l in range(L):
+            for h in range(H):
+                if np.isfinite(grid[l, h]):
+                    shade = float(im.norm(grid[l, h]))
+                    dark = shade < 0.6 if cmap == "viridis" else abs(shade - 0.5) > 0.3
+                    ax.text(h, l, f"{grid[l, h]:.3g}", ha="center", va="center", fontsize=7,
+                            color="white" if dark else "black")
+        ax.set_title(title, fontsize=8)
+        ax.set_xticks(range(H))
+        ax.set_yticks(range(L))
+        ax.set_xlabel("head", fontsize=7)
+        ax.set_ylabel("layer", fontsize=7)
+        ax.tick_params(labelsize=7)
+        fig.colorbar(im, ax=ax, shrink=0.8).ax.tick_params(labelsize=6)
+    fig.suptitle(run["run_id"], fontsize=9)
+    return _save(fig, path)
+
+
+def _short(label: str) -> str:
+    return label.replace("fusion.", "").replace("scene.", "").replace(",", ", ")
+
+
+def plot_summary(groups: list[Group], path: Path) -> Path | None:
+    """Each metric per grid point: mean ± std bars, one dot per seed."""
+    metrics = [(k, t) for k, t, _ in METRICS if any(v is not None for g in groups for v in g.values(k))]
+    if not metrics:
+        return None
+    cols = min(4, len(metrics))
+    rows = math.ceil(len(metrics) / cols)
+    fig = Figure(figsize=(3.2 * cols + 0.4 * len(groups), 2.9 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    x = np.arange(len(groups))
+    for ax, (key, title) in zip(axes, metrics):
+        means = [mean_std(g.values(key)) for g in groups]
+        ax.bar(x, [m for m, _, _ in means], yerr=[0 if math.isnan(s) else s for _, s, _ in means],
+               color="#8fb3d9", capsize=3)
+        for i, g in enumerate(groups):
+            vals = [v for v in g.values(key) if v is not None]
+            ax.plot([i] * len(vals), vals, "k.", markersize=4)
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks(x)
+        ax.set_xticklabels([_short(g.label) for g in groups], fontsize=7, rotation=30, ha="right")
+        ax.tick_params(axis="y", labelsize=7)
+    for ax in axes[len(metrics):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_size(groups: list[Group], path: Path) -> Path | None:
+    """Grounding and matching against fusion parameter count (log x)."""
+    if len({g.fusion_params for g in groups}) < 2:
+        return None
+    metrics = [(k, t) for k, t, _ in METRICS[:3] if any(v is not None for g in groups for v in g.values(k))]
+    fig = Figure(figsize=(4 * len(metrics), 3.3))
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    for ax, (key, title) in zip(axes, metrics):
+        for g in groups:
+            vals = [v for v in g.values(key) if v is not None]
+            if not vals:
+                continue
+            m, s, _ = mean_std(vals)
+            ax.plot([g.fusion_params] * len(vals), vals, ".", color="0.6", markersize=4)
+            ax.errorbar([g.fusion_params], [m], yerr=[0 if math.isnan(s) else s], fmt="o", capsize=3,
+                        label=_short(g.label))
+        ax.set_xscale("log")
+        ax.set_xlabel("fusion parameters", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(labelsize=7)
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_dynamics(groups: list[Group], path: Path) -> Path | None:
+    """Metrics against training step (snapshots), mean ± std over seeds per grid point."""
+    if not any(len(r.get("snapshots", [])) >= 2 for g in groups for r in g.runs):
+        return None
+    metrics = [(k, t) for k, t in DYNAMICS
+               if any(s["summary"].get(k) is not None for g in groups for r in g.runs for s in r["snapshots"])]
+    cols = min(3, len(metrics))
+    rows = math.ceil(len(metrics) / cols)
+    fig = Figure(figsize=(4 * cols, 3 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, (key, title) in zip(axes, metrics):
+        for g in groups:
+            by_step = defaultdict(list)
+            for r in g.runs:
+                for s in r["snapshots"]:
+                    if s["summary"].get(key) is not None:
+                        by_step[s["step"]].append(s["summary"][key])
+            steps = sorted(by_step)
+            if not steps:
+                continue
+            m = np.array([np.mean(by_step[s]) for s in steps])
+            sd = np.array([np.std(by_step[s], ddof=1) if len(by_step[s]) > 1 else 0.0 for s in steps])
+            ax.plot(steps, m, "o-", label=_short(g.label), markersize=3)
+            ax.fill_between(steps, m - sd, m + sd, alpha=0.2)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("training step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in axes[len(metrics):]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_attention_kinds(results: list[dict], path: Path) -> Path | None:
+    """Dense vs sparse: grounding, entropy and evaluation cost per attention kind (pooled over
+    every other grid value and seed)."""
+    kinds = list(dict.fromkeys(r["attention"] for r in results))
+    if len(kinds) < 2:
+        return None
+    metrics = [("pointing_image_best", "best-head pointing (image)"),
+               ("pointing_audio_best", "best-head pointing (audio)"),
+               ("entropy_mean", "mean normalised entropy"), ("eval_s", "evaluation seconds"),
+               ("fusion_pass_s", "fusion pass seconds (analysis set)")]
+    metrics = [(k, t) for k, t in metrics if any(_value(r, k) is not None for r in results)]
+    fig = Figure(figsize=(3.2 * len(metrics), 3.2))
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    x = np.arange(len(kinds))
+    for ax, (key, title) in zip(axes, metrics):
+        stats = [mean_std([_value(r, key) for r in results if r["attention"] == k]) for k in kinds]
+        ax.bar(x, [m for m, _, _ in stats], yerr=[0 if math.isnan(s) else s for _, s, _ in stats],
+               color="#d9a38f", capsize=3)
+        for i, k in enumerate(kinds):
+            vals = [_value(r, key) for r in results if r["attention"] == k]
+            vals = [v for v in vals if v is not None]
+            ax.plot([i] * len(vals), vals, "k.", markersize=4)
+        ax.set_xticks(x)
+        ax.set_xticklabels(kinds, fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] +
+            ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def write_csv(results: list[dict], grid_keys: list[str], path: Path) -> Path:
+    summary_keys = sorted({k for r in results for k in r["summary"]})
+    timing_keys = sorted({k for r in results for k in r.get("timing", {})})
+    header = (["run_id", "group", "seed"] + grid_keys + ["fusion_params", "query", "attention", "steps"] +
+              summary_keys + timing_keys)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for r in results:
+            w.writerow([r["run_id"], r["group"], r["seed"]] + [r["point"].get(k) for k in grid_keys] +
+                       [r["fusion_params"], r["query"], r["attention"], r["train"]["steps"]] +
+                       [r["summary"].get(k) for k in summary_keys] + [r["timing"].get(k) for k in timing_keys])
+    return path
+
+
+def _json_safe(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def write_report(study, results: list[dict], out: str | Path, planned: Sequence[str] | None = None) -> dict[str, Path]:
+    """report.md, plots/*.png, results.csv and results.json in `out`. Returns name -> path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    groups = group_runs(results)
+    grid = {k: list(v) for k, v in study.grid.items()}
+    grid_keys = list(grid)
+    paths: dict[str, Path] = {}
+
+    # plots
+    plots = out / "plots"
+    head_plots = {r["run_id"]: plot_heads(r, plots / "heads" / f"{r['run_id']}.png") for r in results}
+    for name, p in (("summary", plot_summary(groups, plots / "summary.png")),
+                    ("grounding_vs_size", plot_size(groups, plots / "grounding_vs_size.png")),
+                    ("training_dynamics", plot_dynamics(groups, plots / "training_dynamics.png")),
+                    ("dense_vs_sparse", plot_attention_kinds(results, plots / "dense_vs_sparse.png"))):
+        if p is not None:
+            paths[name] = p
+
+    # conclusions
+    factor, factor_records, n_tests = factor_conclusions(results, grid)
+    base, n_base = baseline_lines(results)
+    dyn, dyn_records, n_dyn = dynamics_lines(groups)
+    size = size_lines(results)
+    n_tests += n_base + n_dyn
+
+    L: list[str] = [f"# Study: {study.name}", ""]
+    if study.question:
+        L += [f"**Question.** {study.question}", ""]
+    steps = sorted({r["train"]["steps"] for r in results})
+    n_planned = len(planned) if planned is not None else len(results)
+    L += [f"**Setup.** {len(results)} runs ({_count(len(groups), 'grid point')} x {_count(len(study.seeds), 'seed')}: "
+          f"{', '.join(map(str, study.seeds))}), trained {'/'.join(map(str, steps))} steps each"
+          f" (base: {', '.join(f'{k} = {v}' for k, v in study.base.items()) or 'defaults'}). "
+          f"Every run is evaluated on the same {study.eval_scenes} held-out scenes (split 'test', seed "
+          f"{study.eval_seed}): matching accuracy against a one-attribute hard negative, and per-head "
+          f"grounding (pointing game, energy inside the referent). Per-head metrics, JS redundancy and head "
+          f"importance (zero-ablation, gradient, Shapley with {study.shapley_permutations} permutations; task "
+          f"metric: mean margin of the true caption over its hard negative) use the first "
+          f"{study.analysis_scenes} of those scenes.", ""]
+    if n_planned > len(results):
+        missing = sorted(set(planned or []) - {r["run_id"] for r in results})
+        L += [f"**Incomplete:** {len(results)} of {n_planned} runs finished; missing: {', '.join(missing)}. "
+              "Numbers below cover the finished runs only.", ""]
+    latents = sorted({r["query"] for r in results if r["grounding"] is None})
+    if latents:
+        L += [f"**No grounding for query = {', '.join(latents)}.** The grounding evaluation scores the rows of a "
+              "referring phrase's text-token queries; these runs have no such queries, so they are compared on "
+              "matching accuracy, entropy, redundancy and importance only (n/a in the grounding columns).", ""]
+
+    # main table
+    metric_cols = [(k, t, f) for k, t, f in METRICS if any(_value(r, k) is not None for r in results)]
+    header = grid_keys + ["fusion params", "seeds"] + [t for _, t, _ in metric_cols] + [t for _, t, _ in TIMING]
+    rows = [[_fmt_level(g.point.get(k)) for k in grid_keys] + [f"{g.fusion_params:,}", str(len(g.runs))] +
+            [fmt_ms(g.values(k), f) for k, _, f in metric_cols] + [fmt_ms(g.values(k), f) for k, _, f in TIMING]
+            for g in groups]
+    L += ["## Results per grid point (mean ± std over seeds)", ""] + _md_table(header, rows) + [""]
+    L += ["Matching accuracy: the true caption outscores a one-attribute hard negative. Pointing: the best head's "
+          "pointing-game accuracy for the phrases' referents. Energy gain: mass inside the referent / the uniform "
+          "map's, mean over heads. Entropy: normalised to [0, 1] (1 = uniform), mean over heads. sqrt-JS: mean "
+          "distance between every pair of heads' maps (small = redundant heads). Top-head Shapley share: the "
+          "largest |Shapley value| / the sum over heads (large = one head carries the task). Timings are "
+          "wall-clock on the machine that ran the study.", ""]
+    base_cols = [(f"{src}_pointing_{mod}_best", f"{src.replace('_', ' ')} pointing ({mod})")
+                 for mod in ("image", "audio") for src in ("uniform", "random_init")]
+    base_cols = [(k, t) for k, t in base_cols if any(_value(r, k) is not None for r in results)]
+    if base_cols:
+        L += ["### Grounding baselines (best 'head' of each baseline, same scenes)", ""]
+        L += _md_table(grid_keys + [t for _, t in base_cols],
+                       [[_fmt_level(g.point.get(k)) for k in grid_keys] + [fmt_ms(g.values(k), ".3f")
+                                                                          for k, _ in base_cols] for g in groups])
+        L += [""]
+
+    L += ["## Conclusions", ""]
+    if len(study.seeds) < 2:
+        L += ["- One seed per grid point: there is no estimate of seed noise, so no difference below can be called "
+              "real.", ""]
+    if factor:
+        L += factor + [""]
+    if size:
+        L += ["### Model size", ""] + size + [""]
+    if base:
+        L += ["### Grounding against chance", ""] + base + [""]
+    if dyn:
+        L += ["### Over training", ""] + dyn + [""]
+    if not (factor or base or dyn):
+        L += ["- Nothing varies between the runs except the seed: there is nothing to compare.", ""]
+    L += ["### How to read these", "",
+          "- A difference is called real only when the seed-matched paired t-test passes at 95% (two-sided, n - 1 "
+          "degrees of freedom)" + (f"; with {len(study.seeds)} seeds that needs a large, consistent effect"
+                                   if len(study.seeds) > 1 else "") +
+          ". 'No difference beyond seed noise' means these runs do not show a difference, not that there is none.",
+          f"- This report makes {n_tests} such tests; at 95% about {n_tests / 20:.1f} of them could pass by chance.",
+          f"- The numbers hold for this training budget ({'/'.join(map(str, steps))} steps); longer training can "
+          "change them.", ""]
+
+    if paths:
+        L += ["## Plots", ""]
+        captions = {"summary": "Every metric per grid point (bars: mean ± std over seeds; dots: seeds).",
+                    "grounding_vs_size": "Grounding and matching against the fusion block's parameter count.",
+                    "training_dynamics": "Metrics at the training snapshots (mean ± std over seeds).",
+                    "dense_vs_sparse": "Attention kinds: grounding, entropy and evaluation cost (pooled over seeds "
+                                       "and any other grid value)."}
+        for name, p in paths.items():
+            L += [f"**{name}.** {captions[name]}", "", f"![{name}]({p.relative_to(out).as_posix()})", ""]
+
+    if dyn:
+        L += ["## Training snapshots (mean ± std over seeds)", ""]
+        keys = [(k, t) for k, t in DYNAMICS if any(s["summary"].get(k) is not None
+                                                   for r in results for s in r.get("snapshots", []))]
+        for g in groups:
+            by_step = defaultdict(lambda: defaultdict(list))
+            for r in g.runs:
+                for s in r.get("snapshots", []):
+                    for k, _ in keys:
+                        by_step[s["step"]][k].append(s["summary"].get(k))
+            L += [f"**{g.label}**", ""]
+            L += _md_table(["step"] + [t for _, t in keys],
+                           [[str(step)] + [fmt_ms(by_step[step][k], ".3f") for k, _ in keys]
+                            for step in sorted(by_step)]) + [""]
+
+    L += ["## Per-head tables", "",
+          "One table per run: per-head metrics over the analysis scenes, grounding over the evaluation scenes, "
+          "importance for the matching margin (ablation: margin lost when the head is zeroed; gradient: "
+          "Michel et al., normalised; Shapley ± standard error). Heatmaps: `plots/heads/`.", ""]
+    for r in results:
+        cols = [(k, t, f) for k, t, f in HEAD_COLUMNS if any(h.get(k) is not None for h in r["heads"])]
+        has_shap = any(h.get("shapley") is not None for h in r["heads"])
+        header = ["L", "H"] + [t for _, t, _ in cols] + (["Shapley ± SE"] if has_shap else [])
+        rows = []
+        for h in r["heads"]:
+            row = [str(h["layer"]), str(h["head"])]
+            row += ["n/a" if h.get(k) is None else f"{h[k]:{f}}" for k, _, f in cols]
+            if has_shap:
+                se = h.get("shapley_stderr")
+                row.append(f"{h['shapley']:+.3f} ± {se:.3f}" if se is not None and math.isfinite(se)
+                           else f"{h['shapley']:+.3f}")
+            rows.append(row)
+        red = r["redundancy"]
+        clusters = [c for c in red["clusters"] if len(c) > 1]
+        imp = r.get("importance") or {}
+        L += [f"<details><summary>{r['run_id']}</summary>", "",
+              f"![heads]({head_plots[r['run_id']].relative_to(out).as_posix()})", ""]
+        L += _md_table(header, rows) + [""]
+        pair = " and ".join(red["most_similar_pair"] or []) or "n/a"
+        groups_text = ", ".join("{" + ", ".join(c) + "}" for c in clusters) or "none (every head distinct)"
+        L += [f"Redundancy: mean sqrt-JS distance {red['mean_distance']:.3f}; most similar heads {pair}; "
+              f"clusters of heads closer than {red['threshold']}: {groups_text}."
+              + (f" Margin with all heads {imp['margin_all_heads']:+.3f}, with none {imp['margin_no_heads']:+.3f}."
+                 if imp else ""), "", "</details>", ""]
+
+    L += ["## Files", "", "- `results.csv`: one row per run (the summary numbers and timings).",
+          "- `results.json`: the study, every run's full results, the tests behind the conclusions.",
+          "- `runs/<run id>/`: the checkpoint (`model/`) and `done.json` of each run.", ""]
+
+    report = out / "report.md"
+    report.write_text("\n".join(L))
+    paths["report"] = report
+    paths["csv"] = write_csv(results, grid_keys, out / "results.csv")
+    data = {"study": study.to_dict(), "planned_runs": list(planned or []), "runs": results,
+            "groups": [{"group": g.label, "point": g.point, "fusion_params": g.fusion_params,
+                        "runs": [r["run_id"] for r in g.runs],
+                        "mean": {k: mean_std(g.values(k))[0] for k, _, _ in METRICS + TIMING},
+                        "std": {k: mean_std(g.values(k))[1] for k, _, _ in METRICS + TIMING}} for g in groups],
+            "tests": {"factors": factor_records, "training": dyn_records},
+            "conclusions": [line for line in factor + size + base + dyn if line.startswith("- ")]}
+    (out / "results.json").write_text(json.dumps(_json_safe(data), indent=1))
+    paths["json"] = out / "results.json"
+    return paths

@@ -1,0 +1,213 @@
+"""The compare command on tiny studies: report files, skipping, determinism, refusals, workers."""
+
+import copy
+import json
+import shutil
+import time
+
+import pytest
+
+from multimodal.cli import main
+from multimodal.compare import (DONE, load_study, plan_runs, run_study, shipped_studies, study_from_dict,
+                                without_timing)
+from multimodal.report import write_report
+from multimodal.types import InputError
+
+TINY_BASE = {"preset": "smoke", "steps": 2, "fusion.dim": 32, "fusion.heads": 2, "fusion.layers": 1}
+
+
+def tiny_study(**over):
+    d = {"name": "tiny", "question": "Do text queries and latent queries differ?", "seeds": [0],
+         "eval_scenes": 4, "analysis_scenes": 4, "shapley_permutations": 2, "snapshots": [0, 1, 2],
+         "base": dict(TINY_BASE), "grid": {"fusion.query": ["text", "latents"]}}
+    d.update(over)
+    return d
+
+
+STUDY_TOML = """
+name = "tiny"
+question = "Do text queries and latent queries differ?"
+seeds = [0]
+eval_scenes = 4
+analysis_scenes = 4
+shapley_permutations = 2
+snapshots = [0, 1, 2]
+
+[base]
+preset = "smoke"
+steps = 2
+fusion.dim = 32          # bare dotted keys work as well as quoted ones
+"fusion.heads" = 2
+"fusion.layers" = 1
+
+[grid]
+"fusion.query" = ["text", "latents"]
+"""
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """The tiny study run once through the CLI (2 runs): (study file, report folder)."""
+    root = tmp_path_factory.mktemp("compare")
+    toml = root / "tiny.toml"
+    toml.write_text(STUDY_TOML)
+    out = root / "report"
+    assert main(["compare", str(toml), "--out", str(out), "--quiet"]) == 0
+    return toml, out
+
+
+def done(out, run_id):
+    return json.loads((out / "runs" / run_id / DONE).read_text())
+
+
+def test_report_files_and_contents(finished):
+    _, out = finished
+    text = (out / "report.md").read_text()
+    for part in ("# Study: tiny", "## Results per grid point", "## Conclusions", "## Per-head tables",
+                 "fusion.query", "No grounding for query = latents", "## Training snapshots"):
+        assert part in text, part
+    assert (out / "plots" / "summary.png").stat().st_size > 0
+    assert (out / "plots" / "training_dynamics.png").stat().st_size > 0
+    for run_id in ("fusion.query=text,seed=0", "fusion.query=latents,seed=0"):
+        assert (out / "plots" / "heads" / f"{run_id}.png").stat().st_size > 0
+    rows = (out / "results.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("run_id,group,seed,fusion.query")
+    data = json.loads((out / "results.json").read_text())
+    assert [r["run_id"] for r in data["runs"]] == ["fusion.query=text,seed=0", "fusion.query=latents,seed=0"]
+
+    text_run, latent_run = data["runs"]
+    assert text_run["grounding"] is not None and latent_run["grounding"] is None
+    assert latent_run["summary"]["pointing_image_best"] is None
+    assert 0.0 <= text_run["summary"]["matching_accuracy"] <= 1.0
+    head = text_run["heads"][0]
+    for key in ("entropy", "confidence", "share_image", "share_audio", "spread_px", "spread_s", "pointing_image",
+                "pointing_audio", "ablation", "gradient", "shapley", "shapley_stderr"):
+        assert key in head, key
+    assert len(text_run["heads"]) == 2  # 1 layer x 2 heads
+    assert [s["step"] for s in text_run["snapshots"]] == [0, 1, 2]
+    assert (out / "runs" / "fusion.query=text,seed=0" / "model" / "snapshots" / "step_1" / "config.json").is_file()
+
+
+def test_rerun_skips_finished_runs(finished):
+    toml, out = finished
+    ids = ["fusion.query=text,seed=0", "fusion.query=latents,seed=0"]
+    stamps = {i: (out / "runs" / i / DONE).stat().st_mtime_ns for i in ids}
+    t0 = time.perf_counter()
+    result = run_study(toml, out, progress=False)
+    assert result["skipped"] == ids and result["ran"] == [] and not result["failed"]
+    assert {i: (out / "runs" / i / DONE).stat().st_mtime_ns for i in ids} == stamps
+    assert time.perf_counter() - t0 < 30  # only the model checks and the report
+
+
+def test_same_config_and_seed_give_the_same_numbers(finished, tmp_path):
+    _, out = finished
+    study = study_from_dict(tiny_study(grid={"fusion.query": ["text"]}))
+    again = run_study(study, tmp_path / "again", progress=False, report=False)
+    assert again["ran"] == ["fusion.query=text,seed=0"]
+    assert without_timing(again["runs"][0]) == without_timing(done(out, "fusion.query=text,seed=0"))
+
+
+def test_changed_settings_rerun_the_analysis_but_reuse_the_training(finished, tmp_path):
+    _, out = finished
+    run_id = "fusion.query=latents,seed=0"
+    shutil.copytree(out / "runs" / run_id, tmp_path / "runs" / run_id)
+    changed = study_from_dict(tiny_study(grid={"fusion.query": ["latents"]}, shapley_permutations=3))
+    result = run_study(changed, tmp_path, progress=False, report=False)
+    assert result["ran"] == [run_id]  # stale: the study's settings changed, so it is not skipped
+    again = result["runs"][0]
+    assert again["train"]["loaded"] is True  # the same training config: the checkpoint is reused
+    before = done(out, run_id)
+    assert again["matching"] == before["matching"] and again["train"]["history"] == before["train"]["history"]
+    assert again["fingerprint"] != before["fingerprint"]
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"grid": {"fusion.hedas": [2, 4]}}, "fusion.hedas"),
+    ({"grid": {"stepz": [2]}}, "stepz"),
+    ({"grid": {"fusion.attention": ["softmax", "sparsest"]}}, "attention"),
+    ({"grid": {"fusion.heads": [2, 3]}}, "fusion.heads=3"),
+    ({"grid": {"steps": ["two"]}}, "steps"),
+    ({"grid": {"steps": 2}}, "steps"),
+    ({"base": {**TINY_BASE, "lr": "fast"}}, "lr"),
+    ({"base": {**TINY_BASE, "preset": "huge"}}, "preset"),
+    ({"seedz": [0]}, "seedz"),
+    ({"eval_scenes": 0}, "eval_scenes"),
+    ({"snapshots": [5]}, "snapshots"),
+    ({"grid": {"seed": [0, 1]}}, "seed"),
+])
+def test_bad_keys_and_values_are_refused_before_anything_runs(tmp_path, change, named):
+    out = tmp_path / "report"
+    with pytest.raises(InputError, match=named.replace(".", r"\.")):
+        run_study(study_from_dict(tiny_study(**change)), out, progress=False)
+    assert not out.exists()
+
+
+def test_bad_study_file_is_refused_by_the_cli(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(STUDY_TOML.replace('"fusion.query" = ["text", "latents"]', '"fusion.qurey" = ["text"]'))
+    assert main(["compare", str(bad), "--out", str(tmp_path / "out")]) == 2
+    assert "fusion.qurey" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_lists_runs_and_runs_nothing(finished, tmp_path, capsys):
+    toml, out = finished
+    assert main(["compare", str(toml), "--out", str(tmp_path / "fresh"), "--dry-run"]) == 0
+    listing = capsys.readouterr().out
+    assert "[pending] fusion.query=text,seed=0" in listing and "[pending] fusion.query=latents,seed=0" in listing
+    assert not (tmp_path / "fresh").exists()
+    assert main(["compare", str(toml), "--out", str(out), "--dry-run"]) == 0
+    assert "[done   ] fusion.query=text,seed=0" in capsys.readouterr().out
+
+
+def test_help_and_shipped_studies_are_valid(capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    assert "--workers" in capsys.readouterr().out
+    names = shipped_studies()
+    assert {"size", "training_dynamics", "attention_kind", "positional", "queries"} <= set(names)
+    for name in names:
+        study = load_study(name)
+        runs = plan_runs(study, check_models=False)
+        assert len(study.seeds) == 3 and len(runs) >= 3
+        assert len({r.run_id for r in runs}) == len(runs)
+
+
+def fabricate(run, seed, point, **summary):
+    r = copy.deepcopy(run)
+    r.update(seed=seed, point=point, group=",".join(f"{k}={v}" for k, v in point.items()))
+    r["run_id"] = f"{r['group']},seed={seed}"
+    r["summary"].update(summary)
+    return r
+
+
+def test_conclusions_claim_only_what_the_numbers_show(finished, tmp_path):
+    _, out = finished
+    base = done(out, "fusion.query=text,seed=0")
+    study = study_from_dict(tiny_study(seeds=[0, 1, 2], grid={"fusion.dim": [32, 64]}, snapshots=[]))
+    runs = []
+    # pointing: consistently +0.10 for the larger block; entropy: noise around the same mean
+    for seed, (p, e_small, e_large) in enumerate([(0.50, 0.80, 0.70), (0.55, 0.70, 0.80), (0.52, 0.75, 0.76)]):
+        runs.append(fabricate(base, seed, {"fusion.dim": 32}, pointing_image_best=p, entropy_mean=e_small))
+        large = fabricate(base, seed, {"fusion.dim": 64}, pointing_image_best=p + 0.10, entropy_mean=e_large)
+        large["fusion_params"] = 4 * base["fusion_params"]
+        large["attention"] = "entmax15"
+        runs.append(large)
+    paths = write_report(study, runs, tmp_path)
+    text = paths["report"].read_text()
+    assert "**Best-head pointing (image) was higher with fusion.dim=64 than with fusion.dim=32**" in text
+    assert "0.623 ± 0.025 vs 0.523 ± 0.025" in text
+    assert "Mean normalised entropy: no difference beyond seed noise" in text
+    assert paths["grounding_vs_size"].stat().st_size > 0 and paths["dense_vs_sparse"].stat().st_size > 0
+    one_seed = [r for r in runs if r["seed"] == 0]
+    text = write_report(study_from_dict(tiny_study(grid={"fusion.dim": [32, 64]})), one_seed,
+                        tmp_path / "one")["report"].read_text()
+    assert "no estimate of seed noise, so no conclusion" in text and "was higher with fusion.dim" not in text
+
+
+def test_workers_2_gives_the_same_results_as_workers_1(finished, tmp_path):
+    toml, out = finished
+    result = run_study(toml, tmp_path / "parallel", workers=2, progress=False)
+    assert not result["failed"] and len(result["ran"]) == 2
+    for r in result["runs"]:
+        assert without_timing(r) == without_timing(done(out, r["run_id"]))
