@@ -205,9 +205,27 @@ def test_conclusions_claim_only_what_the_numbers_show(finished, tmp_path):
     assert "no estimate of seed noise, so no conclusion" in text and "was higher with fusion.dim" not in text
 
 
+def assert_same_numbers(a, b, path="result"):
+    """Equal structure and strings; floats to 1e-3: thread counts change summation order, and the
+    tiny test model's margins (~0.01) magnify that in derived ratios such as Shapley shares."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), path
+        for k in a:
+            assert_same_numbers(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_numbers(x, y, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, rel=1e-3, abs=1e-4, nan_ok=True), path
+    else:
+        assert a == b, path
+
+
 def test_workers_2_gives_the_same_results_as_workers_1(finished, tmp_path):
     toml, out = finished
     result = run_study(toml, tmp_path / "parallel", workers=2, progress=False)
     assert not result["failed"] and len(result["ran"]) == 2
     for r in result["runs"]:
-        assert without_timing(r) == without_timing(done(out, r["run_id"]))
+        # one thread per worker vs two in one process: float sums may differ in the last bits
+        assert_same_numbers(without_timing(r), without_timing(done(out, r["run_id"])))
