@@ -838,8 +838,8 @@ def add_parser(sub) -> None:
     p.add_argument("study", help="study TOML file, or the name of a shipped study (e.g. size)")
     p.add_argument("--out", default=None, help="report folder (default: reports/<study name>)")
     p.add_argument("--workers", type=int, default=1,
-                   help="independent runs in parallel processes (default 1); each gets cores/N torch threads "
-                        "outside training. The numbers do not depend on N")
+                   help="independent runs in parallel processes (default 1); each gets cores/N torch threads. "
+                        "The numbers do not depend on N beyond float rounding (summation order)")
     p.add_argument("--dry-run", action="store_true",
                    help="check the study and list its runs (done / pending / stale) without running anything")
     p.add_argument("--report-only", action="store_true",
