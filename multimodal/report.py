@@ -231,21 +231,24 @@ def size_lines(results: list[dict]) -> list[str]:
 
 def baseline_lines(results: list[dict]) -> tuple[list[str], int]:
     lines, tests = [], 0
+    baselines = (("uniform", "a uniform map (chance)", "the uniform map"),
+                 ("random_init", "the same architecture with random weights", "the random-weight model"))
     for mod in ("image", "audio"):
-        xa, xb = [], []
-        for r in results:
-            model, uniform = _value(r, f"pointing_{mod}_best"), _value(r, f"uniform_pointing_{mod}_best")
-            if model is not None and uniform is not None:
-                xa.append(uniform)
-                xb.append(model)
-        if not xa:
-            continue
-        test = paired_test(xa, xb)
-        tests += test["n"] > 1
-        above = sum(b > a for a, b in zip(xa, xb))
-        s = _sentence(f"Best-head pointing ({mod})", ".3f", test, "the trained heads", "a uniform map (chance)",
-                      prep="for", pairs="runs")
-        lines.append(f"- {s} The best head beat the uniform map in {above} of {len(xa)} runs.")
+        for source, long_name, short_name in baselines:
+            xa, xb = [], []
+            for r in results:
+                model, base = _value(r, f"pointing_{mod}_best"), _value(r, f"{source}_pointing_{mod}_best")
+                if model is not None and base is not None:
+                    xa.append(base)
+                    xb.append(model)
+            if not xa:
+                continue
+            test = paired_test(xa, xb)
+            tests += test["n"] > 1
+            above = sum(b > a for a, b in zip(xa, xb))
+            s = _sentence(f"Best-head pointing ({mod})", ".3f", test, "the trained heads", long_name,
+                          prep="for", pairs="runs")
+            lines.append(f"- {s} The best head beat {short_name} in {above} of {len(xa)} runs.")
     if lines:
         lines.append("- The best head is picked on the same scenes it is scored on, out of layers x heads "
                      "candidates, so best-head pointing is optimistic; the per-head tables give every head.")
@@ -561,7 +564,7 @@ def write_report(study, results: list[dict], out: str | Path, planned: Sequence[
     if size:
         L += ["### Model size", ""] + size + [""]
     if base:
-        L += ["### Grounding against chance", ""] + base + [""]
+        L += ["### Grounding against chance and against untrained heads", ""] + base + [""]
     if dyn:
         L += ["### Over training", ""] + dyn + [""]
     if not (factor or base or dyn):
