@@ -263,6 +263,7 @@ class FusionOutput:
     query_mask: Tensor  # (B, Nq) bool
     pooled: Tensor  # (B, D) mean over valid queries
     maps: AttentionMaps | None = None
+    query_inputs: Tensor | None = None  # (B, Nq, D) the queries as they entered the first layer
 
 
 class CrossAttentionFusion(nn.Module):
@@ -294,14 +295,6 @@ class CrossAttentionFusion(nn.Module):
         if self.cfg.positional:
             x = x + sinusoidal(x.shape[1], self.cfg.dim, x.device).to(x.dtype)
         return x
-
-    def embed_queries(self, inputs: Sequence[ModalityTokens] | Mapping[str, ModalityTokens]) -> Tensor:
-        """The queries as they enter the first layer, (B, Nq, D) (latents expanded to the batch)."""
-        given = {t.modality: t for t in (inputs.values() if isinstance(inputs, Mapping) else inputs)}
-        if self.cfg.query == "latents":
-            B = next(iter(given.values())).tokens.shape[0]
-            return self.latents.expand(B, -1, -1)
-        return self._embed(given[self.cfg.query])
 
     def forward(self, inputs: Sequence[ModalityTokens] | Mapping[str, ModalityTokens],
                 head_mask: Tensor | None = None,
@@ -345,6 +338,7 @@ class CrossAttentionFusion(nn.Module):
             x = self._embed(given[cfg.query])  # (B, Nq, D)
             q_tokens = given[cfg.query]
             query_mask, query_geometry, query_special = q_tokens.mask, q_tokens.geometry, q_tokens.special
+        query_inputs = x
 
         request = MapRequest() if return_maps is True else (return_maps or None)
         want_layers = set(range(cfg.layers)) if request is None or request.layers is None else set(request.layers)
@@ -371,4 +365,4 @@ class CrossAttentionFusion(nn.Module):
                 query_source=cfg.query, query_mask=query_mask,
                 key_geometry={m: given[m].geometry for m in key_mods},
                 query_geometry=query_geometry, num_heads=cfg.heads, query_special=query_special)
-        return FusionOutput(queries=x, query_mask=query_mask, pooled=pooled, maps=maps)
+        return FusionOutput(queries=x, query_mask=query_mask, pooled=pooled, maps=maps, query_inputs=query_inputs)

@@ -118,7 +118,7 @@ class MultimodalModel(nn.Module):
             score = self.match_head(fused.pooled).squeeze(-1)  # (B,)
         else:  # every content query must find its match: a soft minimum over per-query scores
             if self.match == "bilinear":
-                asked = self.match_asked(self.fusion.embed_queries(tokens))  # (B, Nq, D)
+                asked = self.match_asked(fused.query_inputs)  # (B, Nq, D)
                 gathered = self.match_gathered(fused.queries)  # (B, Nq, D)
                 per_query = (asked * gathered).sum(-1) / asked.shape[-1] ** 0.5 + self.match_head[-1].bias
             else:

@@ -138,14 +138,14 @@ def _pairs(results: list[dict], key: str, a: Any, b: Any, metric: str) -> tuple[
         return json.dumps({k: v for k, v in r["point"].items() if k != key}, sort_keys=True), r["seed"]
 
     at_b = {other(r): r for r in results if r["point"].get(key) == b}
-    xa, xb = [], []
-    for r in results:
-        if r["point"].get(key) == a and other(r) in at_b:
-            va, vb = _value(r, metric), _value(at_b[other(r)], metric)
-            if va is not None and vb is not None:
-                xa.append(va)
-                xb.append(vb)
-    return xa, xb
+    return _both_present((_value(r, metric), _value(at_b[other(r)], metric))
+                         for r in results if r["point"].get(key) == a and other(r) in at_b)
+
+
+def _both_present(pairs) -> tuple[list[float], list[float]]:
+    """The (a, b) pairs where both values exist, as two lists."""
+    kept = [(a, b) for a, b in pairs if a is not None and b is not None]
+    return [a for a, _ in kept], [b for _, b in kept]
 
 
 def _sentence(label: str, fmt: str, test: dict, what_b: str, what_a: str, prep: str = "with",
@@ -235,12 +235,8 @@ def baseline_lines(results: list[dict]) -> tuple[list[str], int]:
                  ("random_init", "the same architecture with random weights", "the random-weight model"))
     for mod in ("image", "audio"):
         for source, long_name, short_name in baselines:
-            xa, xb = [], []
-            for r in results:
-                model, base = _value(r, f"pointing_{mod}_best"), _value(r, f"{source}_pointing_{mod}_best")
-                if model is not None and base is not None:
-                    xa.append(base)
-                    xb.append(model)
+            xa, xb = _both_present((_value(r, f"{source}_pointing_{mod}_best"), _value(r, f"pointing_{mod}_best"))
+                            for r in results)
             if not xa:
                 continue
             test = paired_test(xa, xb)
@@ -265,12 +261,8 @@ def dynamics_lines(groups: list[Group]) -> tuple[list[str], list[dict], int]:
         first, last = runs[0]["snapshots"][0]["step"], runs[0]["snapshots"][-1]["step"]
         prefix = f"[{g.label}] " if len(groups) > 1 else ""
         for key, label in DYNAMICS:
-            xa, xb = [], []
-            for r in runs:
-                a, b = r["snapshots"][0]["summary"].get(key), r["snapshots"][-1]["summary"].get(key)
-                if a is not None and b is not None:
-                    xa.append(a)
-                    xb.append(b)
+            xa, xb = _both_present((r["snapshots"][0]["summary"].get(key), r["snapshots"][-1]["summary"].get(key))
+                            for r in runs)
             if not xa:
                 continue
             test = paired_test(xa, xb)

@@ -349,7 +349,7 @@ def build_model(tc: TrainConfig, modalities: tuple[str, ...] = ("text", "image",
                                       **{m: (s if m in modalities else None) for m, s in specs.items()})
 
 
-def manifest_pools(model_modalities: list[str], tc: TrainConfig) -> tuple[list, list, tuple[str, ...]]:
+def manifest_pools(tc: TrainConfig) -> tuple[list, list, tuple[str, ...]]:
     """Training and validation rows of a manifest, and the modalities every usable row has.
 
     Bad rows are reported by row number and skipped; the last `val_scenes` rows (at most a
@@ -361,8 +361,7 @@ def manifest_pools(model_modalities: list[str], tc: TrainConfig) -> tuple[list, 
     rows, errors = load_manifest(tc.manifest)
     for e in errors:
         print(f"skipped: {e}")
-    have = ["text"] + [m for m in ("image", "audio") if m in model_modalities
-                       and all(getattr(r, m) is not None for r in rows)]
+    have = ["text"] + [m for m in ("image", "audio") if all(getattr(r, m) is not None for r in rows)]
     if len(have) < 2:
         raise InputError(f"{tc.manifest}: no modality besides text is present in every usable row; "
                          "give every row an image or every row an audio clip")
@@ -391,16 +390,16 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
     scfg = scene_config(tc)
     modalities = ("text", "image", "audio")
     if tc.manifest:
-        train_rows, val_rows, modalities = manifest_pools(["image", "audio"], tc)
+        train_rows, val_rows, modalities = manifest_pools(tc)
     model = build_model(tc, modalities).to(tc.device)
     if tc.freeze_encoders:
         for p in model.encoders.parameters():
             p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = []
-    for scale, named in ((tc.encoder_lr_scale, model.encoders.named_parameters()),
-                         (1.0, (np for np in model.named_parameters() if not np[0].startswith("encoders.")))):
-        ps = [p for _, p in named if p.requires_grad]
+    encoder_ids = {id(p) for p in model.encoders.parameters()}
+    for scale, in_encoders in ((tc.encoder_lr_scale, True), (1.0, False)):
+        ps = [p for p in params if (id(p) in encoder_ids) == in_encoders]
         groups += [{"params": [p for p in ps if p.dim() >= 2], "weight_decay": tc.weight_decay, "lr_scale": scale},
                    {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=tc.lr)
