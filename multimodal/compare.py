@@ -390,26 +390,11 @@ def _cpu_maps(maps: AttentionMaps) -> AttentionMaps:
 
 @torch.no_grad()
 def matching_only(model: MultimodalModel, scenes: int, seed: int, scene_cfg: SceneConfig,
-                      batch_size: int = BATCH) -> dict:
+                  batch_size: int = BATCH) -> dict:
     """`evaluate`'s matching numbers (same scenes, same negatives) without the grounding: for
     models whose queries are not text tokens, which the grounding evaluation cannot score."""
-    model.eval()
-    pool = ScenePool.build(model, split_seeds("test", scenes, seed), scene_cfg, 1, "generating test scenes")
-    rng = np.random.default_rng(seed)
-    wins = defaultdict(lambda: [0, 0])
-    for start in range(0, scenes, batch_size):
-        idx = list(range(start, min(start + batch_size, scenes)))
-        caps, kinds = [], []
-        for i in idx:
-            neg, _, change = hard_negative(pool.scenes[i], rng)
-            caps += [pool.scenes[i].caption, neg]
-            kinds.append(change["type"])
-        scores, _ = score_candidates(model, pool.batch(model, idx), caps, 2)
-        for k, (p, n) in zip(kinds, scores.tolist()):
-            for key in (k, "all"):
-                wins[key][0] += int(p > n)
-                wins[key][1] += 1
-    return {k: {"accuracy": w / max(n, 1), "pairs": n} for k, (w, n) in sorted(wins.items())}
+    return evaluate(model, scenes=scenes, seed=seed, batch_size=batch_size, scene_cfg=scene_cfg,
+                    baselines=False, progress=False, grounding=False)["matching"]
 
 
 @dataclass

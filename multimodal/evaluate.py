@@ -139,9 +139,13 @@ def _relevance_maps(model: MultimodalModel, batch, captions) -> tuple[AttentionM
 
 
 def evaluate(model: MultimodalModel, scenes: int = 500, seed: int = 0, batch_size: int = 32,
-             scene_cfg: SceneConfig | None = None, baselines: bool = True, progress: bool = True) -> dict:
-    if model.cfg.query != "text":
-        raise InputError("grounding evaluation scores text-phrase queries: it needs a model with query='text'")
+             scene_cfg: SceneConfig | None = None, baselines: bool = True, progress: bool = True,
+             grounding: bool = True) -> dict:
+    """Matching accuracy by negative type and, with `grounding`, per-head grounding (+ baselines)."""
+    if grounding and model.cfg.query != "text":
+        raise InputError("grounding evaluation scores text-phrase queries: it needs a model with query='text' "
+                         "(grounding=False measures matching only)")
+    baselines = baselines and grounding
     t0 = time.perf_counter()
     model.eval()
     cfg = scene_cfg or SceneConfig(**model.meta.get("train_config", {}).get("scene", {}))
@@ -162,12 +166,14 @@ def evaluate(model: MultimodalModel, scenes: int = 500, seed: int = 0, batch_siz
             kinds.append(change["type"])
         with torch.no_grad():
             scores, _ = score_candidates(model, batch, caps, 2)
-            _, out = score_candidates(model, batch, [s.caption for s in group], 1, return_maps=True)
         for k, (p, n) in zip(kinds, scores.tolist()):
-            wins[k][0] += int(p > n)
-            wins[k][1] += 1
-            wins["all"][0] += int(p > n)
-            wins["all"][1] += 1
+            for key in (k, "all"):
+                wins[key][0] += int(p > n)
+                wins[key][1] += 1
+        if not grounding:
+            continue
+        with torch.no_grad():
+            _, out = score_candidates(model, batch, [s.caption for s in group], 1, return_maps=True)
         maps = out.maps
         per_layer = {l: _modality_maps(maps, l) for l in maps.layers}
         ground_batch(tally, "model", per_layer, group, maps, gen)
