@@ -29,6 +29,8 @@ METRICS = [
     ("energy_gain_audio_mean", "mean energy gain (audio)", ".2f"),
     ("entropy_mean", "mean normalised entropy", ".3f"),
     ("js_distance_mean", "mean sqrt-JS distance between heads", ".3f"),
+    ("modality_focus_mean", "mean image-vs-audio focus per head", ".3f"),
+    ("image_led_fraction", "fraction of heads led by image", ".2f"),
     ("shapley_top_share", "top head's share of Shapley mass", ".2f"),
 ]
 TIMING = [("train_s", "train s", ".0f"), ("eval_s", "eval s", ".1f"), ("fusion_pass_s", "fusion pass s", ".3f")]
@@ -56,8 +58,36 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
 # ---------------------------------------------------------------------------------------
 
 
+SIZE_SPREAD = 1.5  # the model-size section needs the largest fusion block at least this many times the smallest
+
+
+def _perceptual_shares(heads: list[dict]) -> list[tuple[float, float]]:
+    """(image, audio) share of every head that has both, renormalised to sum to 1 (text keys left out,
+    so text-token queries, which see no text keys, and latents, which do, compare on the same scale)."""
+    pairs = [(h.get("share_image"), h.get("share_audio")) for h in heads]
+    return [(i / (i + a), a / (i + a)) for i, a in pairs if i is not None and a is not None and i + a > 0]
+
+
+def modality_focus(heads: list[dict]) -> float | None:
+    """Mean over heads of |image share - audio share| (renormalised): 0 = every head splits its
+    perceptual mass evenly, 1 = every head looks at one modality only."""
+    shares = _perceptual_shares(heads)
+    return float(np.mean([abs(i - a) for i, a in shares])) if shares else None
+
+
+def image_led_fraction(heads: list[dict]) -> float | None:
+    """Fraction of heads with more mass on image keys than on audio keys (0.5 = an even split of heads)."""
+    shares = _perceptual_shares(heads)
+    return float(np.mean([i > a for i, a in shares])) if shares else None
+
+
+DERIVED = {"modality_focus_mean": modality_focus, "image_led_fraction": image_led_fraction}  # from the head tables
+
+
 def _value(run: dict, key: str) -> float | None:
-    if key in run["summary"]:
+    if key in DERIVED:
+        v = DERIVED[key](run.get("heads") or [])
+    elif key in run["summary"]:
         v = run["summary"][key]
     else:
         v = run.get("timing", {}).get(key)
@@ -210,8 +240,8 @@ def factor_conclusions(results: list[dict], grid: dict[str, Sequence[Any]]) -> t
 def size_lines(results: list[dict]) -> list[str]:
     """Descriptive: correlation of log fusion parameter count with grounding and matching."""
     params = {r["fusion_params"] for r in results}
-    if len(params) < 2:
-        return []
+    if not params or max(params) < SIZE_SPREAD * min(params):
+        return []  # e.g. 2,048 latent parameters on a 200k block: not a size comparison
     lines = []
     for metric, label, _ in METRICS[:3] + [METRICS[5]]:
         xs, ys = [], []
@@ -352,7 +382,8 @@ def plot_summary(groups: list[Group], path: Path) -> Path | None:
 
 def plot_size(groups: list[Group], path: Path) -> Path | None:
     """Grounding and matching against fusion parameter count (log x)."""
-    if len({g.fusion_params for g in groups}) < 2:
+    params = {g.fusion_params for g in groups}
+    if not params or max(params) < SIZE_SPREAD * min(params):
         return None
     metrics = [(k, t) for k, t, _ in METRICS[:3] if any(v is not None for g in groups for v in g.values(k))]
     fig = Figure(figsize=(4 * len(metrics), 3.3))
@@ -534,7 +565,10 @@ def write_report(study, results: list[dict], out: str | Path, planned: Sequence[
     L += ["Matching accuracy: the true caption outscores a one-attribute hard negative. Pointing: the best head's "
           "pointing-game accuracy for the phrases' referents. Energy gain: mass inside the referent / the uniform "
           "map's, mean over heads. Entropy: normalised to [0, 1] (1 = uniform), mean over heads. sqrt-JS: mean "
-          "distance between every pair of heads' maps (small = redundant heads). Top-head Shapley share: the "
+          "distance between every pair of heads' maps (small = redundant heads). Image-vs-audio focus: per head, "
+          "|image share - audio share| with the two renormalised to sum to 1 (text keys left out), mean over heads "
+          "(0 = every head splits evenly, 1 = every head attends to one modality). Heads led by image: the fraction "
+          "of heads with more mass on image than on audio keys. Top-head Shapley share: the "
           "largest |Shapley value| / the sum over heads (large = one head carries the task). Timings are "
           "wall-clock on the machine that ran the study.", ""]
     base_cols = [(f"{src}_pointing_{mod}_best", f"{src.replace('_', ' ')} pointing ({mod})")

@@ -205,6 +205,37 @@ def test_conclusions_claim_only_what_the_numbers_show(finished, tmp_path):
     assert "no estimate of seed noise, so no conclusion" in text and "was higher with fusion.dim" not in text
 
 
+def with_shares(run, shares):
+    """The run with its head table replaced by heads of the given (text, image, audio) shares."""
+    run["heads"] = [{"layer": 0, "head": h, "share_text": t, "share_image": i, "share_audio": a}
+                    for h, (t, i, a) in enumerate(shares)]
+    return run
+
+
+def test_modality_specialisation_is_summarised_and_tested(finished, tmp_path):
+    _, out = finished
+    base = done(out, "fusion.query=text,seed=0")
+    study = study_from_dict(tiny_study(seeds=[0, 1, 2], snapshots=[]))
+    runs = []
+    for seed in range(3):
+        # text queries: both heads split image/audio 40/60 -> focus |0.4 - 0.6| = 0.2, no head led by image
+        runs.append(with_shares(fabricate(base, seed, {"fusion.query": "text"}), [(0, 0.4, 0.6), (0, 0.4, 0.6)]))
+        # latents: one image head, one audio head; text keys are left out before renormalising:
+        # (0.5, 0.45, 0.05) -> image 0.9, audio 0.1 -> focus 0.8; (0.2, 0, 0.8) -> focus 1.0; mean 0.9
+        latents = fabricate(base, seed, {"fusion.query": "latents"})
+        latents["fusion_params"] = base["fusion_params"] + 64  # latent parameters: not a model-size comparison
+        runs.append(with_shares(latents, [(0.5, 0.45 - 0.01 * seed, 0.05 + 0.01 * seed), (0.2, 0.0, 0.8)]))
+    paths = write_report(study, runs, tmp_path)
+    text = paths["report"].read_text()
+    assert "**Mean image-vs-audio focus per head was higher with fusion.query=latents than with " \
+           "fusion.query=text**" in text
+    assert "(0.880 ± 0.020 vs 0.200 ± 0.000" in text
+    assert "**Fraction of heads led by image was higher with fusion.query=latents" in text
+    assert "### Model size" not in text and "grounding_vs_size" not in paths
+    focus = json.loads(paths["json"].read_text())["groups"]
+    assert [round(g["mean"]["modality_focus_mean"], 3) for g in focus] == [0.2, 0.88]
+
+
 def assert_same_numbers(a, b, path="result"):
     """Equal structure and strings; floats to 1e-3: thread counts change summation order, and the
     tiny test model's margins (~0.01) magnify that in derived ratios such as Shapley shares."""
