@@ -76,6 +76,9 @@ ERROR = "error.txt"
 MODEL = "model"  # checkpoint folder inside a run folder
 BATCH = 32  # scenes per forward pass in the analysis
 RUN_ONLY_KEYS = ("device", "workers")  # how a run executes, not what it computes: not in its fingerprint
+# TrainConfig fields added after runs were published, at the value that reproduces those runs: left out of
+# the fingerprint at that value, so adding a field does not make every finished run stale
+NEUTRAL_KEYS = {"contrastive_hard_weight": 0.0}
 
 
 # ---------------------------------------------------------------------------------------
@@ -333,6 +336,9 @@ def _comparable(config: Mapping) -> dict:
     d = json.loads(json.dumps(dict(config)))
     for key in RUN_ONLY_KEYS:
         d.pop(key, None)
+    for key, neutral in NEUTRAL_KEYS.items():
+        if d.get(key) == neutral:
+            d.pop(key)
     return d
 
 

@@ -60,6 +60,7 @@ class TrainConfig:
     scene: Mapping[str, Any] = field(default_factory=dict)
     contrastive_weight: float = 1.0  # in-batch token-level (FILIP-style) contrastive term on the encoders
     contrastive_temperature: float = 0.1
+    contrastive_hard_weight: float = 0.0  # the same term over each scene's own candidates (its hard negatives)
     manifest: str = ""  # a JSONL manifest of your own pairs (multimodal.data.manifest) instead of scenes
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     workers: int = 2  # processes generating the scene pool
@@ -239,32 +240,47 @@ Tensor = torch.Tensor
 
 
 def contrastive_loss(model: MultimodalModel, tokens: dict[str, ModalityTokens], per_scene: int,
-                     temperature: float) -> Tensor:
+                     temperature: float, hard_weight: float = 0.0) -> Tensor:
     """In-batch late-interaction contrastive term (FILIP, Yao et al. 2021) on the encoder tokens.
 
     Each scene's true caption against every scene in the batch: a caption's content tokens,
     projected by the fusion block's input projections and L2-normalised, each take their best
     cosine match among the scene's image/audio tokens; the mean is the pair's similarity.
-    Cross-entropy both ways over the batch. Only encoder tokens enter: no attention map does.
+    Cross-entropy both ways over the batch. With `hard_weight`, also cross-entropy of each
+    scene's own candidates (true caption first, then its negatives) against that scene: a
+    one-attribute negative ("a red star" for a red circle) must find a worse match among the
+    scene's tokens, which the batch's other scenes rarely demand. Only encoder tokens enter:
+    no attention map does.
     """
     fusion = model.fusion
     text = tokens["text"]
+    t = F.normalize(fusion.input_proj["text"](text.tokens), dim=-1)  # (B*P, Nt, D), P = per_scene
+    t_mask = text.mask & ~text.special  # (B*P, Nt)
     keep = slice(None, None, per_scene)  # the true captions and one copy of each scene
-    t = F.normalize(fusion.input_proj["text"](text.tokens[keep]), dim=-1)  # (B, Nt, D)
-    t_mask = (text.mask & ~text.special)[keep]  # (B, Nt)
     keys, k_mask = [], []
     for m in ("image", "audio"):
         if m in tokens:
             keys.append(F.normalize(fusion.input_proj[m](tokens[m].tokens[keep]), dim=-1))
             k_mask.append(tokens[m].mask[keep] & ~tokens[m].special[keep])
     k, k_mask = torch.cat(keys, 1), torch.cat(k_mask, 1)  # (B, Nk, D), (B, Nk)
-    sim = torch.einsum("itd,jkd->ijtk", t, k).masked_fill(~k_mask[None, :, None, :], -2.0)
-    best = sim.amax(-1)  # (B_text, B_scene, Nt)
-    tm = t_mask[:, None, :].to(best.dtype)
-    pair = (best * tm).sum(-1) / tm.sum(-1).clamp_min(1)  # (B_text, B_scene)
+
+    def pair_similarity(sim: Tensor, tm: Tensor) -> Tensor:
+        """(..., Nt, Nk) token cosines -> (...,) mean over content tokens of the best key."""
+        tm = tm.to(sim.dtype)
+        return (sim.amax(-1) * tm).sum(-1) / tm.sum(-1).clamp_min(1)
+
+    sim = torch.einsum("itd,jkd->ijtk", t[keep], k).masked_fill(~k_mask[None, :, None, :], -2.0)
+    pair = pair_similarity(sim, t_mask[keep][:, None, :])  # (B_text, B_scene)
     target = torch.arange(pair.shape[0], device=pair.device)
     logits = pair / temperature
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    if hard_weight and per_scene > 1:
+        B = k.shape[0]
+        t_own = t.view(B, per_scene, *t.shape[1:])  # (B, P, Nt, D)
+        sim = torch.einsum("bptd,bkd->bptk", t_own, k).masked_fill(~k_mask[:, None, None, :], -2.0)
+        own = pair_similarity(sim, t_mask.view(B, per_scene, -1))  # (B, P): candidate p against scene b
+        loss = loss + hard_weight * F.cross_entropy(own / temperature, torch.zeros_like(target))
+    return loss
 
 
 @torch.no_grad()
@@ -445,7 +461,8 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
         loss = matching_loss(scores)
         if tc.contrastive_weight:
             loss = loss + tc.contrastive_weight * contrastive_loss(model, out.tokens, per_scene,
-                                                                   tc.contrastive_temperature)
+                                                                   tc.contrastive_temperature,
+                                                                   tc.contrastive_hard_weight)
         for g in opt.param_groups:
             g["lr"] = lr_at(step) * g["lr_scale"]
         opt.zero_grad(set_to_none=True)

@@ -104,6 +104,25 @@ def test_image_tokens_and_grid(encoders):
     assert out.mask.all() and out.special[:, :1].all() and not out.special[:, 1:].any()
 
 
+def test_conv_stem_vit_tokens_geometry_and_round_trips(tmp_path):
+    """vit-conv-scenes: timm's VisionTransformer with a HybridEmbed over a 4-conv stem. Its
+    embed's own patch size counts feature cells (1); the geometry must say 16 pixels."""
+    torch.manual_seed(0)
+    enc = build_encoder("image", "vit-conv-scenes")
+    batch = enc.preprocess(sample_inputs("image"))
+    with torch.no_grad():
+        out = enc(batch)
+        g = out.geometry
+        assert g.grid == (8, 8) and g.patch_size == (16, 16) and g.num_prefix == 1
+        assert out.tokens.shape == (2, 1 + 64, 128)
+        again = encoder_from_config("image", enc.config_dict())
+        again.load_state_dict(enc.state_dict())
+        torch.testing.assert_close(again(batch).tokens, out.tokens)
+        enc.save_pretrained(tmp_path / "conv")
+        assert not list(tmp_path.glob("conv/*.bin")) and (tmp_path / "conv" / "model.safetensors").is_file()
+        torch.testing.assert_close(ImageEncoder.from_directory(tmp_path / "conv")(batch).tokens, out.tokens)
+
+
 def test_audio_batch_padding_and_times(encoders):
     enc = encoders["audio"]
     with torch.no_grad():

@@ -1,6 +1,7 @@
 """The train and eval commands on tiny budgets: checkpoints, resume, config errors, manifests."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -10,8 +11,8 @@ from multimodal.data.manifest import scene_to_manifest_row, write_manifest
 from multimodal.data.scenes import generate_scene
 from multimodal.evaluate import evaluate, write_report
 from multimodal.model import MultimodalModel
-from multimodal.train import load_config, train
-from multimodal.types import InputError
+from multimodal.train import build_model, contrastive_loss, load_config, train
+from multimodal.types import InputError, ModalityTokens
 
 TINY = {"fusion.dim": 32, "fusion.heads": 2}
 
@@ -110,3 +111,40 @@ def test_scenes_command_writes_samples_and_a_loadable_manifest(tmp_path):
     assert main(["scenes", "--out", str(tmp_path / "many"), "--count", "3", "--manifest"]) == 0
     rows, errors = load_manifest(tmp_path / "many" / "manifest.jsonl", progress=False)
     assert len(rows) == 3 and not errors
+
+
+def test_hard_contrastive_term_prefers_the_candidate_that_matches_its_scene():
+    """Hand-computed: identity projections, 2 scenes x 2 candidates, one-hot tokens in 4 dims.
+
+    Scene b's image keys are e(2b), e(2b+1). A matching caption's tokens are those keys (best
+    cosine 1 each); the other caption's single token is -e0, whose best cosine is 0 (an
+    orthogonal key) in either scene. At temperature 0.1 the hard term over [first, second] is
+    log(1 + e^-10) when the matching caption comes first, and 10 + log(1 + e^-10) when it comes
+    second. The in-batch term only sees the first caption of each scene, so it is unchanged by
+    hard_weight and is subtracted out.
+    """
+    model = build_model(smoke(**{"fusion.dim": 4}), ("text", "image"))
+    for m in ("text", "image"):
+        model.fusion.input_proj[m] = torch.nn.Identity()
+    e = torch.eye(4)
+    keys = torch.stack([e[0:2], e[2:4]])  # (B=2, 2 keys, 4)
+    image = ModalityTokens(keys.repeat_interleave(2, 0), torch.ones(4, 2, dtype=torch.bool), "image",
+                           torch.zeros(4, 2, dtype=torch.bool), None)
+    mismatch = torch.stack([-e[0], torch.zeros(4)])  # one content token, one padding row
+    one_token = torch.tensor([True, False])
+
+    def loss(matching_first: bool, hard_weight: float) -> float:
+        rows, masks = [], []
+        for b in range(2):
+            pair = [(keys[b], torch.tensor([True, True])), (mismatch, one_token)]
+            for tokens, mask in (pair if matching_first else pair[::-1]):
+                rows.append(tokens)
+                masks.append(mask)
+        text = ModalityTokens(torch.stack(rows), torch.stack(masks), "text", torch.zeros(4, 2, dtype=torch.bool), None)
+        with torch.no_grad():
+            return float(contrastive_loss(model, {"text": text, "image": image}, 2, 0.1, hard_weight))
+
+    small = math.log1p(math.exp(-10))
+    assert loss(True, 1.0) - loss(True, 0.0) == pytest.approx(small, abs=1e-5)
+    assert loss(False, 1.0) - loss(False, 0.0) == pytest.approx(10 + small, abs=1e-4)
+    assert loss(False, 2.0) - loss(False, 0.0) == pytest.approx(2 * (10 + small), abs=1e-4)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -18,7 +19,9 @@ import timm
 import torch
 from PIL import Image
 from timm.data import resolve_input_data_config
-from timm.models import get_model_args, save_for_hf
+from timm.layers import HybridEmbed
+from timm.models import (VisionTransformer, build_model_with_cfg, generate_default_cfgs, get_model_args, register_model,
+                         save_for_hf)
 from torch import Tensor, nn
 
 from multimodal.encoders.registry import register_builtin, register_encoder
@@ -134,12 +137,14 @@ class ImageEncoder(nn.Module):
         else:
             tokens = self.model.forward_features(x)  # (B, P + gh*gw, D)
         pe = self.model.patch_embed
-        geometry = ImageGeometry(grid=tuple(int(g) for g in pe.grid_size), image_size=self.input_size,
-                                 patch_size=tuple(int(s) for s in pe.patch_size),
+        grid = tuple(int(g) for g in pe.grid_size)
+        # pixels per token: a hybrid (conv-stem) embed's own patch_size counts feature-map cells, not pixels
+        geometry = ImageGeometry(grid=grid, image_size=self.input_size,
+                                 patch_size=(self.input_size[0] // grid[0], self.input_size[1] // grid[1]),
                                  num_prefix=int(self.model.num_prefix_tokens),
                                  original_sizes=list(batch["original_sizes"]))
         B, N, _ = tokens.shape
-        gh, gw = geometry.grid
+        gh, gw = grid
         assert N == geometry.num_prefix + gh * gw, (N, geometry)
         mask = torch.ones(B, N, dtype=torch.bool, device=tokens.device)  # (B, N)
         special = torch.zeros_like(mask)
@@ -158,3 +163,40 @@ def vit_tiny_scenes(**overrides) -> ImageEncoder:
             "num_classes": 0, **overrides}
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **args)
     return ImageEncoder(model, "vit-tiny-scenes").eval()
+
+
+def conv_stem(in_chans: int = 3, widths: Sequence[int] = (24, 48, 96, 192)) -> nn.Sequential:
+    """Stride-2 3x3 conv + BatchNorm + ReLU per width (4 widths: 16x downsampling).
+
+    Xiao et al. 2021, "Early convolutions help transformers see better": a few small convs in
+    place of the 16x16 linear patch embedding make a ViT learn shape from far fewer images.
+    """
+    layers: list[nn.Module] = []
+    for w in widths:
+        layers += [nn.Conv2d(in_chans, w, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+        in_chans = w
+    return nn.Sequential(*layers)
+
+
+# timm reads this module's `default_cfgs` when `register_model` runs: no pretrained weights, [-1, 1] inputs
+default_cfgs = generate_default_cfgs({"vit_convstem_scenes": {
+    "url": "", "num_classes": 0, "input_size": (3, 128, 128), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}})
+
+
+@register_model
+def vit_convstem_scenes(pretrained: bool = False, stem_widths: Sequence[int] = (24, 48, 96, 192),
+                        **kwargs) -> VisionTransformer:
+    """timm's VisionTransformer whose patch embedding is timm's HybridEmbed over `conv_stem`:
+    one token per 2**len(stem_widths) pixels square, projected 1x1 to `embed_dim`."""
+    stem = conv_stem(kwargs.get("in_chans", 3), stem_widths)
+    kwargs.setdefault("patch_size", 1)  # HybridEmbed's patch size is in feature-map cells
+    return build_model_with_cfg(VisionTransformer, "vit_convstem_scenes", pretrained,  # pretrained: a local-dir: folder
+                                embed_layer=partial(HybridEmbed, backbone=stem), **kwargs)
+
+
+@register_builtin("image", "vit-conv-scenes")
+def vit_conv_scenes(**overrides) -> ImageEncoder:
+    """2-block, 128-wide ViT on 128x128 inputs whose tokens come from a 4-conv stem (16 px per token)."""
+    args = {"img_size": 128, "embed_dim": 128, "depth": 2, "num_heads": 4, "num_classes": 0, **overrides}
+    model = timm.create_model("vit_convstem_scenes", pretrained=False, **args)
+    return ImageEncoder(model, "vit-conv-scenes").eval()
