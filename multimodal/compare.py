@@ -78,7 +78,7 @@ BATCH = 32  # scenes per forward pass in the analysis
 RUN_ONLY_KEYS = ("device", "workers")  # how a run executes, not what it computes: not in its fingerprint
 # TrainConfig fields added after runs were published, at the value that reproduces those runs: left out of
 # the fingerprint at that value, so adding a field does not make every finished run stale
-NEUTRAL_KEYS = {"contrastive_hard_weight": 0.0}
+NEUTRAL_KEYS = {"contrastive_hard_weight": 0.0, "negative_mining": 0.0}
 
 
 # ---------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from multimodal.io import AudioClip
 from multimodal.model import MultimodalModel
 from multimodal.types import InputError, ModalityTokens
 
+Tensor = torch.Tensor
 TRAIN_STATE = "train_state"  # train_state.safetensors (optimizer tensors) + train_state.json
 
 
@@ -61,6 +62,7 @@ class TrainConfig:
     contrastive_weight: float = 1.0  # in-batch token-level (FILIP-style) contrastive term on the encoders
     contrastive_temperature: float = 0.1
     contrastive_hard_weight: float = 0.0  # the same term over each scene's own candidates (its hard negatives)
+    negative_mining: float = 0.0  # > 0: draw the kinds of hard negative still got wrong more often (NegativeMining)
     manifest: str = ""  # a JSONL manifest of your own pairs (multimodal.data.manifest) instead of scenes
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     workers: int = 2  # processes generating the scene pool
@@ -193,19 +195,48 @@ def repeat_tokens(t: ModalityTokens, n: int) -> ModalityTokens:
                           t.special.repeat_interleave(n, 0), geom)
 
 
-def candidate_captions(pool: ScenePool, idx: list[int], tc: TrainConfig, rng: np.random.Generator
-                       ) -> list[str]:
-    """Per scene: [caption, hard negatives..., easy negatives...] flattened in that order."""
-    captions = []
+def candidate_captions(pool: ScenePool, idx: list[int], tc: TrainConfig, rng: np.random.Generator,
+                       type_weights: Mapping[str, float] | None = None) -> tuple[list[str], list[str | None]]:
+    """Per scene: [caption, hard negatives..., easy negatives...] flattened in that order, and per
+    scene its negatives' kinds of change (None for an easy negative)."""
+    captions, kinds = [], []
     for i in idx:
         s = pool.scenes[i]
         captions.append(s.caption)
         hard = tc.hard_negatives if pool.hard_negatives else 0
         for _ in range(hard):
-            captions.append(hard_negative(s, rng)[0])
+            caption, _, change = hard_negative(s, rng, type_weights=type_weights)
+            captions.append(caption)
+            kinds.append(change["type"])
         for _ in range(tc.hard_negatives + tc.easy_negatives - hard):
             captions.append(other_caption(pool, i, rng))
-    return captions
+            kinds.append(None)
+    return captions, kinds
+
+
+class NegativeMining:
+    """Running error rate per kind of hard negative; draw weights favour the kinds still got wrong.
+
+    A kind's weight is (error + 0.02) ** strength: strength 0 draws kinds uniformly (and draws
+    no differently from plain `hard_negative`), 1 in proportion to the error. Errors are
+    exponential moving averages (factor 0.98 per negative seen) starting at 0.5 (chance).
+    """
+
+    def __init__(self, strength: float):
+        self.strength = strength
+        self.error: dict[str, float] = {}
+
+    def weights(self) -> dict[str, float] | None:
+        if not self.strength:
+            return None
+        return {k: (e + 0.02) ** self.strength for k, e in self.error.items()}
+
+    def update(self, scores: Tensor, kinds: list[str | None]) -> None:
+        """scores (B, per_scene), true caption first; kinds: per scene its negatives' kinds, flattened."""
+        wrong = (scores[:, 1:] >= scores[:, :1]).flatten().tolist()
+        for kind, w in zip(kinds, wrong):
+            if kind is not None:
+                self.error[kind] = 0.98 * self.error.get(kind, 0.5) + 0.02 * float(w)
 
 
 def other_caption(pool: ScenePool, i: int, rng: np.random.Generator) -> str:
@@ -235,8 +266,6 @@ def matching_loss(scores: Tensor) -> Tensor:
     labels[:, 0] = 1
     return F.cross_entropy(scores, target) + F.binary_cross_entropy_with_logits(scores, labels)
 
-
-Tensor = torch.Tensor
 
 
 def contrastive_loss(model: MultimodalModel, tokens: dict[str, ModalityTokens], per_scene: int,
@@ -450,14 +479,16 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
     cursor = (step * tc.batch_size) % len(order)
     bar = tqdm(total=tc.steps, initial=step, desc="training", disable=not progress)
     ema_loss = ema_acc = None
+    mining = NegativeMining(tc.negative_mining)
     while step < tc.steps:
         model.train()
         if cursor + tc.batch_size > len(order):
             order, cursor = np_rng.permutation(len(train_pool.scenes)), 0
         idx = order[cursor:cursor + tc.batch_size].tolist()
         cursor += tc.batch_size
-        captions = candidate_captions(train_pool, idx, tc, np_rng)
+        captions, kinds = candidate_captions(train_pool, idx, tc, np_rng, mining.weights())
         scores, out = score_candidates(model, train_pool.batch(model, idx), captions, per_scene)
+        mining.update(scores.detach(), kinds)
         loss = matching_loss(scores)
         if tc.contrastive_weight:
             loss = loss + tc.contrastive_weight * contrastive_loss(model, out.tokens, per_scene,
@@ -479,6 +510,7 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
         if step % tc.eval_every == 0 or step == tc.steps:
             val = matching_accuracy(model, val_pool, seed=tc.seed + 1)
             history.append({"step": step, "loss": ema_loss, "train_acc": ema_acc, **val,
+                            "train_error_by_negative": dict(sorted(mining.error.items())),
                             "elapsed_s": time.perf_counter() - t_start})
             bar.write(f"step {step}: val pairwise accuracy {val['pairwise_accuracy']:.3f}, "
                       f"threshold accuracy {val['threshold_accuracy']:.3f}")

@@ -218,6 +218,18 @@ def test_requested_change_type_is_honoured_or_refused(scenes):
             assert [d[0] for d in _differences(true, parse_caption(caption))] == [kind]
 
 
+def test_type_weights_steer_the_kind_of_change(scenes):
+    """A kind weighted 0 is never drawn; a heavily weighted kind dominates."""
+    counts = {k: 0 for k in CHANGE_TYPES}
+    for s in scenes[:60]:
+        rng = np.random.default_rng(s.seed)
+        for _ in range(5):
+            _, _, change = hard_negative(s, rng, type_weights={"shape": 50.0, "colour": 0.0, "pitch": 0.0})
+            counts[change["type"]] += 1
+    assert counts["colour"] == counts["pitch"] == 0
+    assert counts["shape"] > 0.8 * sum(counts.values())  # every scene can change a shape
+
+
 def test_impossible_change_type_raises():
     s = generate_scene(0)
     rng = np.random.default_rng(0)

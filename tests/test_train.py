@@ -11,7 +11,7 @@ from multimodal.data.manifest import scene_to_manifest_row, write_manifest
 from multimodal.data.scenes import generate_scene
 from multimodal.evaluate import evaluate, write_report
 from multimodal.model import MultimodalModel
-from multimodal.train import build_model, contrastive_loss, load_config, train
+from multimodal.train import NegativeMining, build_model, contrastive_loss, load_config, train
 from multimodal.types import InputError, ModalityTokens
 
 TINY = {"fusion.dim": 32, "fusion.heads": 2}
@@ -148,3 +148,17 @@ def test_hard_contrastive_term_prefers_the_candidate_that_matches_its_scene():
     assert loss(True, 1.0) - loss(True, 0.0) == pytest.approx(small, abs=1e-5)
     assert loss(False, 1.0) - loss(False, 0.0) == pytest.approx(10 + small, abs=1e-4)
     assert loss(False, 2.0) - loss(False, 0.0) == pytest.approx(2 * (10 + small), abs=1e-4)
+
+
+def test_negative_mining_tracks_errors_per_kind_and_weights_by_them():
+    mining = NegativeMining(1.0)
+    assert mining.weights() == {}  # nothing seen yet: every kind weighs 1 in hard_negative
+    # 2 scenes x [true, hard, hard, easy]: scene 0 gets its colour negative wrong (tie counts as wrong)
+    scores = torch.tensor([[1.0, 1.0, 0.0, -1.0], [2.0, 0.0, 3.0, 0.0]])
+    mining.update(scores, ["colour", "shape", None, "shape", "pitch", None])
+    assert mining.error["colour"] == pytest.approx(0.98 * 0.5 + 0.02)
+    assert mining.error["shape"] == pytest.approx(0.98 * (0.98 * 0.5))  # right twice
+    assert mining.error["pitch"] == pytest.approx(0.98 * 0.5 + 0.02)
+    w = mining.weights()
+    assert w["colour"] == pytest.approx(0.51 + 0.02) and w["shape"] == pytest.approx(0.98 ** 2 * 0.5 + 0.02)
+    assert NegativeMining(0.0).weights() is None  # off: hard_negative draws uniformly, as before

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 from PIL import Image
@@ -283,12 +284,14 @@ def _candidate_changes(scene: Scene, objs: list[dict], evs: list[dict]) -> dict[
     return {t: c for t, c in out.items() if c}
 
 
-def hard_negative(scene: Scene, rng: np.random.Generator, change_type: str | None = None
-                  ) -> tuple[str, list[dict], dict]:
+def hard_negative(scene: Scene, rng: np.random.Generator, change_type: str | None = None,
+                  type_weights: Mapping[str, float] | None = None) -> tuple[str, list[dict], dict]:
     """(caption, phrases, change): the scene's caption with exactly one attribute changed so it is false.
 
-    Phrases of the negative point at the scene's referents where they still exist; a changed
-    phrase keeps the index of the object/event it was made from.
+    The kind of change is `change_type`, or drawn among the kinds this scene allows: uniformly,
+    or in proportion to `type_weights` (kinds it does not name weigh 1). Phrases of the negative
+    point at the scene's referents where they still exist; a changed phrase keeps the index of
+    the object/event it was made from.
     """
     objs, evs = _parts(scene)
     options = _candidate_changes(scene, objs, evs)
@@ -296,6 +299,9 @@ def hard_negative(scene: Scene, rng: np.random.Generator, change_type: str | Non
         if change_type not in options:
             raise ValueError(f"no {change_type!r} change possible for this scene")
         kind = change_type
+    elif type_weights:
+        w = np.array([float(type_weights.get(k, 1.0)) for k in options])
+        kind = list(options)[int(rng.choice(len(options), p=w / w.sum()))]
     else:
         kind = list(options)[int(rng.integers(len(options)))]
     i, value = options[kind][int(rng.integers(len(options[kind])))]
