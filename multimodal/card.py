@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+IMAGE_ENCODERS = {"vit-tiny-scenes": "timm ViT, 128 px, 16 px patches",
+                  "vit-conv-scenes": "timm ViT, 128 px, a 4-conv stem giving one token per 16 px"}
 TARGETS = {"matching": 0.95, "pointing": 0.90, "energy_gain": 3.0, "train_minutes": 20.0}
 
 
@@ -33,7 +35,8 @@ def model_card(checkpoint: str | Path) -> str:
         "pitches, rising/falling chirps, noise bursts and click trains, and nothing else.", "",
         "## Architecture", "",
         f"- encoders (random init, trained here): text `{tc['text_encoder']}` (BERT), image "
-        f"`{tc['image_encoder']}` (timm ViT, 128 px, 16 px patches), audio `{tc['audio_encoder']}` (AST, 64 mel bins)",
+        f"`{tc['image_encoder']}` ({IMAGE_ENCODERS.get(tc['image_encoder'], 'timm ViT')}), audio "
+        f"`{tc['audio_encoder']}` (AST, 64 mel bins)",
         f"- fusion: {fusion['layers']} layers x {fusion['heads']} heads, width {fusion['dim']}, "
         f"`{fusion['attention']}` attention, queries = `{fusion['query']}` tokens"
         f"{' with query self-attention' if fusion.get('query_self_attention') else ''}, "
@@ -47,7 +50,12 @@ def model_card(checkpoint: str | Path) -> str:
         f"{tc['hard_negatives']} one-attribute hard negatives and {tc['easy_negatives']} other scene's caption; "
         f"AdamW lr {tc['lr']:g} (encoders x{tc['encoder_lr_scale']:g}), {tc['warmup']} warm-up steps, cosine decay",
         f"- loss: softmax cross-entropy over the candidates + binary match/no-match, plus an in-batch "
-        f"token-level contrastive term (weight {tc['contrastive_weight']:g}) on the encoder tokens",
+        f"token-level contrastive term (weight {tc['contrastive_weight']:g}) on the encoder tokens"
+        + (f", and the same term over each scene's own candidates (weight {tc['contrastive_hard_weight']:g})"
+           if tc.get("contrastive_hard_weight") else ""),
+        *([f"- negative mining (strength {tc['negative_mining']:g}): each hard negative's kind of change is drawn "
+           "in proportion to that kind's running training error, so kinds already solved (the audio ones, within "
+           "a few hundred steps) give way to those still got wrong"] if tc.get("negative_mining") else []),
         "- **no loss term sees an attention map or any ground truth** (boxes, masks, intervals, phrase "
         "links are for evaluation only)",
         f"- pool of {tc['pool_scenes']} training scenes; validation and test scenes come from disjoint seed ranges",

@@ -51,7 +51,7 @@ class TrainConfig:
     eval_every: int = 500
     checkpoint_every: int = 500
     text_encoder: str = "bert-tiny-scenes"
-    image_encoder: str = "vit-tiny-scenes"
+    image_encoder: str = "vit-tiny-scenes"  # vit-conv-scenes (conv stem) was tried: worse here, see MODEL_CARD.md
     audio_encoder: str = "ast-tiny-scenes"
     freeze_encoders: bool = False
     match: str = "bilinear"
