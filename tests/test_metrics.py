@@ -2,6 +2,8 @@
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -228,3 +230,46 @@ def test_redundancy_summary_hand_computed():
     assert s["mean_divergence"] == pytest.approx(1.195 / 6)
     single = redundancy_summary(torch.zeros(1, 1), 0.2)
     assert single["clusters"] == [[0]] and single["most_similar_pair"] is None
+
+
+# -- linear probes of encoder tokens --------------------------------------------------------
+
+
+def test_linear_probe_reads_a_label_that_is_in_the_features_and_not_one_that_is_not():
+    from multimodal.analysis.probe import linear_probe
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    coded = np.eye(3)[y] * 3 + 0.1 * rng.standard_normal((300, 3))  # the label, one-hot, plus noise
+    r = linear_probe(np.concatenate([coded, rng.standard_normal((300, 5))], 1), y)
+    assert r["accuracy"] == 1.0 and r["train"] == 210 and r["test"] == 90
+    noise = linear_probe(rng.standard_normal((300, 8)), y)
+    assert noise["accuracy"] < 0.5 and abs(noise["chance"] - 1 / 3) < 0.1  # 3 balanced classes: ~1/3
+
+
+def test_object_features_weight_patches_by_mask_cover():
+    """A stub encoder whose patch tokens are their own (row, col): an object's feature must be the
+    mean over its mask's pixels of the (row, col) of the patch each pixel falls in."""
+    from multimodal.analysis.probe import ATTRIBUTES, object_features
+    from multimodal.data.scenes import generate_scene
+    from multimodal.types import ImageGeometry, ModalityTokens
+
+    class Grid:
+        def encode(self, images):
+            rows, cols = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+            pos = torch.stack([rows, cols], -1).reshape(1, 64, 2).repeat(len(images), 1, 1)
+            tokens = torch.cat([torch.full((len(images), 1, 2), -99.0), pos], 1)  # a CLS token first
+            mask = torch.ones(len(images), 65, dtype=torch.bool)
+            geometry = ImageGeometry(grid=(8, 8), image_size=(128, 128), patch_size=(16, 16), num_prefix=1,
+                                     original_sizes=[(128, 128)] * len(images))
+            return ModalityTokens(tokens, mask, "image", ~mask, geometry)
+
+    scenes = [generate_scene(s) for s in range(3)]
+    X, labels = object_features(Grid(), scenes)
+    objects = [o for s in scenes for o in s.objects]
+    masks = [m for s in scenes for m in s.masks]
+    assert X.shape == (len(objects), 2)
+    for (row, col), obj, mask, shape, size in zip(X, objects, masks, labels["shape"], labels["size"]):
+        ys, xs = np.nonzero(mask)
+        assert row == pytest.approx((ys // 16).mean(), abs=1e-4) and col == pytest.approx((xs // 16).mean(), abs=1e-4)
+        assert ATTRIBUTES["shape"][shape] == obj["shape"] and ATTRIBUTES["size"][size] == obj["size"]
