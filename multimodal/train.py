@@ -267,7 +267,6 @@ def matching_loss(scores: Tensor) -> Tensor:
     return F.cross_entropy(scores, target) + F.binary_cross_entropy_with_logits(scores, labels)
 
 
-
 def contrastive_loss(model: MultimodalModel, tokens: dict[str, ModalityTokens], per_scene: int,
                      temperature: float, hard_weight: float = 0.0) -> Tensor:
     """In-batch late-interaction contrastive term (FILIP, Yao et al. 2021) on the encoder tokens.
