@@ -523,6 +523,8 @@ def write_report(study, results: list[dict], out: str | Path, planned: Sequence[
                     ("dense_vs_sparse", plot_attention_kinds(results, plots / "dense_vs_sparse.png"))):
         if p is not None:
             paths[name] = p
+        else:  # not drawn for these runs: a file left by an earlier report would be stale
+            (plots / f"{name}.png").unlink(missing_ok=True)
 
     # conclusions
     factor, factor_records, n_tests = factor_conclusions(results, grid)

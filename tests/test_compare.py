@@ -225,7 +225,11 @@ def test_modality_specialisation_is_summarised_and_tested(finished, tmp_path):
         latents = fabricate(base, seed, {"fusion.query": "latents"})
         latents["fusion_params"] = base["fusion_params"] + 64  # latent parameters: not a model-size comparison
         runs.append(with_shares(latents, [(0.5, 0.45 - 0.01 * seed, 0.05 + 0.01 * seed), (0.2, 0.0, 0.8)]))
+    stale = tmp_path / "plots" / "grounding_vs_size.png"  # left by an earlier report of other runs
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"png")
     paths = write_report(study, runs, tmp_path)
+    assert not stale.exists()
     text = paths["report"].read_text()
     assert "**Mean image-vs-audio focus per head was higher with fusion.query=latents than with " \
            "fusion.query=text**" in text
