@@ -282,9 +282,13 @@ def contrastive_loss(model: MultimodalModel, tokens: dict[str, ModalityTokens], 
     """
     fusion = model.fusion
     text = tokens["text"]
-    t = F.normalize(fusion.input_proj["text"](text.tokens), dim=-1)  # (B*P, Nt, D), P = per_scene
-    t_mask = text.mask & ~text.special  # (B*P, Nt)
     keep = slice(None, None, per_scene)  # the true captions and one copy of each scene
+
+    def captions(rows: slice) -> tuple[Tensor, Tensor]:
+        """Projected, L2-normalised caption tokens (N, Nt, D) and their content mask (N, Nt)."""
+        t = F.normalize(fusion.input_proj["text"](text.tokens[rows]), dim=-1)
+        return t, (text.mask & ~text.special)[rows]
+
     keys, k_mask = [], []
     for m in ("image", "audio"):
         if m in tokens:
@@ -297,16 +301,18 @@ def contrastive_loss(model: MultimodalModel, tokens: dict[str, ModalityTokens], 
         tm = tm.to(sim.dtype)
         return (sim.amax(-1) * tm).sum(-1) / tm.sum(-1).clamp_min(1)
 
-    sim = torch.einsum("itd,jkd->ijtk", t[keep], k).masked_fill(~k_mask[None, :, None, :], -2.0)
-    pair = pair_similarity(sim, t_mask[keep][:, None, :])  # (B_text, B_scene)
+    t, t_mask = captions(keep)  # (B, Nt, D), (B, Nt)
+    sim = torch.einsum("itd,jkd->ijtk", t, k).masked_fill(~k_mask[None, :, None, :], -2.0)
+    pair = pair_similarity(sim, t_mask[:, None, :])  # (B_text, B_scene)
     target = torch.arange(pair.shape[0], device=pair.device)
     logits = pair / temperature
     loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
     if hard_weight and per_scene > 1:
         B = k.shape[0]
-        t_own = t.view(B, per_scene, *t.shape[1:])  # (B, P, Nt, D)
+        t_all, m_all = captions(slice(None))  # every candidate: (B*P, Nt, D), P = per_scene
+        t_own = t_all.view(B, per_scene, *t_all.shape[1:])  # (B, P, Nt, D)
         sim = torch.einsum("bptd,bkd->bptk", t_own, k).masked_fill(~k_mask[:, None, None, :], -2.0)
-        own = pair_similarity(sim, t_mask.view(B, per_scene, -1))  # (B, P): candidate p against scene b
+        own = pair_similarity(sim, m_all.view(B, per_scene, -1))  # (B, P): candidate p against scene b
         loss = loss + hard_weight * F.cross_entropy(own / temperature, torch.zeros_like(target))
     return loss
 
