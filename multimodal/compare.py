@@ -107,8 +107,6 @@ class Study:
         return d
 
 
-
-
 STUDY_KEYS = tuple(f.name for f in fields(Study))
 
 
@@ -606,12 +604,10 @@ def _finished_training(model_dir: Path, tc: TrainConfig) -> dict | None:
     return summary
 
 
-def execute_run(run: Run, study: Study, runs_dir: str | Path, progress: bool = True,
-                threads: int | None = None) -> dict:
+def execute_run(run: Run, study: Study, runs_dir: str | Path, progress: bool = True) -> dict:
     """Train (or load), evaluate and analyse one run; write and return its done.json results.
 
-    `threads`: torch threads for the evaluation and analysis (training sets its own).
-    """
+    Runs with the process's torch threads (a worker process's are set when it starts)."""
     folder = Path(runs_dir) / run.run_id
     if run_status(run, study, Path(runs_dir)) == "done":
         return json.loads((folder / DONE).read_text())
@@ -628,8 +624,6 @@ def execute_run(run: Run, study: Study, runs_dir: str | Path, progress: bool = T
     else:
         (folder / ERROR).unlink(missing_ok=True)
         loaded = True
-    if threads:
-        torch.set_num_threads(threads)
     threads = torch.get_num_threads()
     model = MultimodalModel.from_pretrained(model_dir, map_location=tc.device)
     final = analyse_model(model, tc, study, progress=progress)
@@ -678,18 +672,22 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def _record_failure(runs_dir: str | Path, run_id: str) -> str:
+    """The current exception's traceback, written to the run's error.txt and returned."""
+    text = traceback.format_exc()
+    folder = Path(runs_dir) / run_id
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ERROR).write_text(text)
+    return text
+
+
 def _worker_job(job: tuple) -> tuple[str, str | None]:
-    run, study, runs_dir, threads = job
+    run, study, runs_dir = job
     try:
-        torch.set_num_threads(threads)
-        execute_run(run, study, runs_dir, progress=False, threads=threads)
+        execute_run(run, study, runs_dir, progress=False)
         return run.run_id, None
     except Exception:  # one broken run must not take the others down: recorded, reported, exit code 1
-        text = traceback.format_exc()
-        folder = Path(runs_dir) / run.run_id
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / ERROR).write_text(text)
-        return run.run_id, text
+        return run.run_id, _record_failure(runs_dir, run.run_id)
 
 
 # ---------------------------------------------------------------------------------------
@@ -731,15 +729,13 @@ def run_study(study: Study | str | Path, out: str | Path | None = None, workers:
             try:
                 execute_run(run, study, runs_dir, progress=progress)
             except Exception:
-                failed[run.run_id] = traceback.format_exc()
-                (runs_dir / run.run_id).mkdir(parents=True, exist_ok=True)
-                (runs_dir / run.run_id / ERROR).write_text(failed[run.run_id])
+                failed[run.run_id] = _record_failure(runs_dir, run.run_id)
                 bar.write(f"run {run.run_id} FAILED (traceback in {runs_dir / run.run_id / ERROR})")
             bar.update(1)
     else:
         n = min(workers, len(pending))
         threads = max(1, cores // n)
-        jobs = [(replace(r, config=replace(r.config, workers=min(r.config.workers, threads))), study, runs_dir, threads)
+        jobs = [(replace(r, config=replace(r.config, workers=min(r.config.workers, threads))), study, runs_dir)
                 for r in pending]
         with ProcessPoolExecutor(n, mp_context=get_context("spawn"), initializer=_worker_init,
                                  initargs=(threads,)) as pool:
@@ -752,15 +748,22 @@ def run_study(study: Study | str | Path, out: str | Path | None = None, workers:
                     bar.write(f"run {run_id} done")
                 bar.update(1)
     bar.close()
-    results = [json.loads((runs_dir / r.run_id / DONE).read_text()) for r in runs
-               if run_status(r, study, runs_dir) == "done"]
-    paths = {}
-    if report:
-        from multimodal.report import write_report
-
-        paths = write_report(study, results, out, planned=[r.run_id for r in runs])
+    results = finished_results(study, runs, runs_dir)
+    paths = report_from(study, results, runs, out) if report else {}
     return {"runs": results, "ran": [r.run_id for r in pending if r.run_id not in failed], "skipped": skipped,
             "failed": failed, "report": paths}
+
+
+def finished_results(study: Study, runs: list[Run], runs_dir: Path) -> list[dict]:
+    """The done.json results of the runs that are done (current fingerprint), in plan order."""
+    return [json.loads((runs_dir / r.run_id / DONE).read_text()) for r in runs
+            if run_status(r, study, runs_dir) == "done"]
+
+
+def report_from(study: Study, results: list[dict], runs: list[Run], out: Path) -> dict[str, Path]:
+    from multimodal.report import write_report  # matplotlib: only when a report is written
+
+    return write_report(study, results, out, planned=[r.run_id for r in runs])
 
 
 def describe_runs(study: Study, out: str | Path) -> str:
@@ -773,15 +776,14 @@ def describe_runs(study: Study, out: str | Path) -> str:
              f"{len(study.seeds)} seed{'s' * (len(study.seeds) > 1)}) -> {out}"]
     if study.question:
         lines.append(f"question: {study.question}")
+    counts = defaultdict(int)
     for r in runs:
         arch = json.dumps(_architecture(r.config), sort_keys=True)
         if arch not in params:
             params[arch] = sum(p.numel() for p in build_model(r.config).fusion.parameters())
-        lines.append(f"  [{run_status(r, study, runs_dir):7s}] {r.run_id}  (steps {r.config.steps}, fusion params "
-                     f"{params[arch]:,})")
-    counts = defaultdict(int)
-    for r in runs:
-        counts[run_status(r, study, runs_dir)] += 1
+        status = run_status(r, study, runs_dir)
+        counts[status] += 1
+        lines.append(f"  [{status:7s}] {r.run_id}  (steps {r.config.steps}, fusion params {params[arch]:,})")
     lines.append("to run: " + str(sum(v for k, v in counts.items() if k != "done")) +
                  f"; done: {counts['done']}" + (f"; stale (config changed, will rerun): {counts['stale']}"
                                                 if counts["stale"] else ""))
@@ -846,14 +848,11 @@ def cmd_compare(args) -> int:
         print(describe_runs(study, out))
         return 0
     if args.report_only:
-        from multimodal.report import write_report
-
         runs = plan_runs(study, check_models=False)
-        results = [json.loads((out / "runs" / r.run_id / DONE).read_text()) for r in runs
-                   if run_status(r, study, out / "runs") == "done"]
+        results = finished_results(study, runs, out / "runs")
         if not results:
             raise InputError(f"no finished runs of study {study.name} in {out / 'runs'}: run it first")
-        paths = write_report(study, results, out, planned=[r.run_id for r in runs])
+        paths = report_from(study, results, runs, out)
         print(f"report from {len(results)} of {len(runs)} runs: {paths['report']}")
         return 0
     result = run_study(study, out, workers=args.workers, progress=not args.quiet)
