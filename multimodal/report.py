@@ -61,6 +61,11 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
 SIZE_SPREAD = 1.5  # the model-size section needs the largest fusion block at least this many times the smallest
 
 
+def sizes_differ(params: set[int]) -> bool:
+    """Do these fusion parameter counts span a real size range (e.g. not 2,048 latent parameters on 530k)?"""
+    return bool(params) and max(params) >= SIZE_SPREAD * min(params)
+
+
 def _perceptual_shares(heads: list[dict]) -> list[tuple[float, float]]:
     """(image, audio) share of every head that has both, renormalised to sum to 1 (text keys left out,
     so text-token queries, which see no text keys, and latents, which do, compare on the same scale)."""
@@ -240,8 +245,8 @@ def factor_conclusions(results: list[dict], grid: dict[str, Sequence[Any]]) -> t
 def size_lines(results: list[dict]) -> list[str]:
     """Descriptive: correlation of log fusion parameter count with grounding and matching."""
     params = {r["fusion_params"] for r in results}
-    if not params or max(params) < SIZE_SPREAD * min(params):
-        return []  # e.g. 2,048 latent parameters on a 200k block: not a size comparison
+    if not sizes_differ(params):
+        return []
     lines = []
     for metric, label, _ in METRICS[:3] + [METRICS[5]]:
         xs, ys = [], []
@@ -349,6 +354,16 @@ def plot_heads(run: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def snapshot_series(runs: list[dict], key: str) -> dict[int, list[float]]:
+    """Training step -> the runs' values of one summary metric at that snapshot (missing ones left out)."""
+    by_step = defaultdict(list)
+    for r in runs:
+        for s in r.get("snapshots", []):
+            if s["summary"].get(key) is not None:
+                by_step[s["step"]].append(s["summary"][key])
+    return by_step
+
+
 def _short(label: str) -> str:
     return label.replace("fusion.", "").replace("scene.", "").replace(",", ", ")
 
@@ -382,8 +397,7 @@ def plot_summary(groups: list[Group], path: Path) -> Path | None:
 
 def plot_size(groups: list[Group], path: Path) -> Path | None:
     """Grounding and matching against fusion parameter count (log x)."""
-    params = {g.fusion_params for g in groups}
-    if not params or max(params) < SIZE_SPREAD * min(params):
+    if not sizes_differ({g.fusion_params for g in groups}):
         return None
     metrics = [(k, t) for k, t, _ in METRICS[:3] if any(v is not None for g in groups for v in g.values(k))]
     fig = Figure(figsize=(4 * len(metrics), 3.3))
@@ -418,11 +432,7 @@ def plot_dynamics(groups: list[Group], path: Path) -> Path | None:
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, (key, title) in zip(axes, metrics):
         for g in groups:
-            by_step = defaultdict(list)
-            for r in g.runs:
-                for s in r["snapshots"]:
-                    if s["summary"].get(key) is not None:
-                        by_step[s["step"]].append(s["summary"][key])
+            by_step = snapshot_series(g.runs, key)
             steps = sorted(by_step)
             if not steps:
                 continue
@@ -621,15 +631,12 @@ def write_report(study, results: list[dict], out: str | Path, planned: Sequence[
         keys = [(k, t) for k, t in DYNAMICS if any(s["summary"].get(k) is not None
                                                    for r in results for s in r.get("snapshots", []))]
         for g in groups:
-            by_step = defaultdict(lambda: defaultdict(list))
-            for r in g.runs:
-                for s in r.get("snapshots", []):
-                    for k, _ in keys:
-                        by_step[s["step"]][k].append(s["summary"].get(k))
+            series = {k: snapshot_series(g.runs, k) for k, _ in keys}
+            steps = sorted({s["step"] for r in g.runs for s in r.get("snapshots", [])})
             L += [f"**{g.label}**", ""]
             L += _md_table(["step"] + [t for _, t in keys],
-                           [[str(step)] + [fmt_ms(by_step[step][k], ".3f") for k, _ in keys]
-                            for step in sorted(by_step)]) + [""]
+                           [[str(step)] + [fmt_ms(series[k].get(step, []), ".3f") for k, _ in keys]
+                            for step in steps]) + [""]
 
     L += ["## Per-head tables", "",
           "One table per run: per-head metrics over the analysis scenes, grounding over the evaluation scenes, "
