@@ -65,7 +65,7 @@ from multimodal.data.scenes import SceneConfig, hard_negative
 from multimodal.evaluate import evaluate
 from multimodal.fusion import FusionConfig
 from multimodal.model import MultimodalModel
-from multimodal.train import (PRESETS, ScenePool, TrainConfig, build_model, load_config, matching_loss,
+from multimodal.train import (ONE_OBJECT, PRESETS, ScenePool, TrainConfig, build_model, load_config, matching_loss,
                               repeat_tokens, scene_config, score_candidates, split_seeds, train)
 from multimodal.types import AttentionMaps, AudioGeometry, ImageGeometry, InputError, ModalityTokens, TextGeometry
 
@@ -78,7 +78,8 @@ BATCH = 32  # scenes per forward pass in the analysis
 RUN_ONLY_KEYS = ("device", "workers")  # how a run executes, not what it computes: not in its fingerprint
 # TrainConfig fields added after runs were published, at the value that reproduces those runs: left out of
 # the fingerprint at that value, so adding a field does not make every finished run stale
-NEUTRAL_KEYS = {"contrastive_hard_weight": 0.0, "negative_mining": 0.0}
+NEUTRAL_KEYS = {"contrastive_hard_weight": 0.0, "negative_mining": 0.0, "curriculum_steps": 0,
+                "curriculum_scene": dict(ONE_OBJECT)}
 
 
 # ---------------------------------------------------------------------------------------

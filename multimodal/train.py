@@ -32,6 +32,9 @@ from multimodal.model import MultimodalModel
 from multimodal.types import InputError, ModalityTokens
 
 Tensor = torch.Tensor
+# The curriculum's scenes by default: one object, named in the caption, so shape words can only
+# be learned from that object's shape (with 2-3 objects the default never learned shape).
+ONE_OBJECT = {"min_objects": 1, "max_objects": 1, "max_mentioned_objects": 1}
 TRAIN_STATE = "train_state"  # train_state.safetensors (optimizer tensors) + train_state.json
 
 
@@ -63,6 +66,8 @@ class TrainConfig:
     contrastive_temperature: float = 0.1
     contrastive_hard_weight: float = 0.0  # the same term over each scene's own candidates (its hard negatives)
     negative_mining: float = 0.0  # > 0: draw the kinds of hard negative still got wrong more often (NegativeMining)
+    curriculum_steps: int = 0  # the first N steps train on scenes with `curriculum_scene` applied over `scene`
+    curriculum_scene: Mapping[str, Any] = field(default_factory=lambda: dict(ONE_OBJECT))
     manifest: str = ""  # a JSONL manifest of your own pairs (multimodal.data.manifest) instead of scenes
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     workers: int = 2  # processes generating the scene pool
@@ -74,12 +79,18 @@ class TrainConfig:
             raise InputError("steps and batch_size must be >= 1")
         if self.pool_scenes < self.batch_size:
             raise InputError(f"pool_scenes={self.pool_scenes} must be >= batch_size={self.batch_size}")
+        if self.curriculum_steps < 0:
+            raise InputError(f"curriculum_steps={self.curriculum_steps} must be >= 0")
+        if self.curriculum_steps and self.manifest:
+            raise InputError("curriculum_steps works on procedural scenes only, not with a manifest")
         FusionConfig.from_dict(dict(self.fusion))  # refuse bad fusion keys before anything runs
         scene_config(self)
+        curriculum_scene_config(self)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["fusion"], d["scene"] = dict(self.fusion), dict(self.scene)
+        d["curriculum_scene"] = dict(self.curriculum_scene)
         return d
 
 
@@ -90,12 +101,21 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def scene_config(tc: TrainConfig) -> SceneConfig:
+def _scene_config(values: Mapping[str, Any], where: str) -> SceneConfig:
     known = {f.name for f in fields(SceneConfig)}
-    unknown = sorted(set(tc.scene) - known)
+    unknown = sorted(set(values) - known)
     if unknown:
-        raise InputError(f"unknown scene config key(s) {unknown}; valid keys: {sorted(known)}")
-    return SceneConfig(**tc.scene)
+        raise InputError(f"unknown {where} key(s) {unknown}; valid keys: {sorted(known)}")
+    return SceneConfig(**values)
+
+
+def scene_config(tc: TrainConfig) -> SceneConfig:
+    return _scene_config(tc.scene, "scene config")
+
+
+def curriculum_scene_config(tc: TrainConfig) -> SceneConfig:
+    """The scenes of the first `curriculum_steps` steps: `scene` with `curriculum_scene` over it."""
+    return _scene_config({**dict(tc.scene), **dict(tc.curriculum_scene)}, "curriculum_scene")
 
 
 def load_config(preset: str | None = None, path: str | Path | None = None,
@@ -115,8 +135,9 @@ def load_config(preset: str | None = None, path: str | Path | None = None,
     for key, value in (overrides or {}).items():
         top, _, sub = key.partition(".")
         if sub:
-            if top not in ("fusion", "scene"):
-                raise InputError(f"unknown config key {key!r}: only fusion.* and scene.* take dotted keys")
+            if top not in ("fusion", "scene", "curriculum_scene"):
+                raise InputError(f"unknown config key {key!r}: only fusion.*, scene.* and curriculum_scene.* "
+                                 "take dotted keys")
             d[top] = {**dict(getattr(base, top) if top not in d else d[top]), sub: value}
         else:
             d[key] = value
@@ -124,8 +145,9 @@ def load_config(preset: str | None = None, path: str | Path | None = None,
     unknown = sorted(set(d) - known)
     if unknown:
         raise InputError(f"unknown config key(s) {unknown}; valid keys: {sorted(known)}")
-    if "fusion" in d:
-        d["fusion"] = {**dict(base.fusion), **dict(d["fusion"])}
+    for table in ("fusion", "curriculum_scene"):  # a table names changes to the default, not all of it
+        if table in d:
+            d[table] = {**dict(getattr(base, table)), **dict(d[table])}
     return TrainConfig(**d)
 
 
@@ -424,7 +446,7 @@ def manifest_pools(tc: TrainConfig) -> tuple[list, list, tuple[str, ...]]:
     return rows[:len(rows) - n_val], rows[len(rows) - n_val:], tuple(have)
 
 
-SPLIT_OFFSETS = {"train": 0, "val": 10_000_000, "test": 20_000_000}
+SPLIT_OFFSETS = {"train": 0, "val": 10_000_000, "test": 20_000_000, "curriculum": 30_000_000}
 
 
 def split_seeds(split: str, n: int, seed: int) -> list[int]:
@@ -473,6 +495,11 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
                                      "generating training scenes")
         val_pool = ScenePool.build(model, split_seeds("val", tc.val_scenes, tc.seed), scfg, 1,
                                    "generating validation scenes")
+    first_pool = train_pool
+    if tc.curriculum_steps and step < tc.curriculum_steps:
+        n = min(tc.pool_scenes, tc.curriculum_steps * tc.batch_size)  # at most one pass over them
+        first_pool = ScenePool.build(model, split_seeds("curriculum", n, tc.seed), curriculum_scene_config(tc),
+                                     tc.workers, "generating curriculum scenes")
     per_scene = 1 + tc.hard_negatives + tc.easy_negatives
 
     def lr_at(s):
@@ -480,19 +507,23 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
             return tc.lr * (s + 1) / tc.warmup
         return tc.lr * 0.5 * (1 + math.cos(math.pi * (s - tc.warmup) / max(1, tc.steps - tc.warmup)))
 
-    order = np_rng.permutation(len(train_pool.scenes))
+    pool = first_pool
+    order = np_rng.permutation(len(pool.scenes))
     cursor = (step * tc.batch_size) % len(order)
     bar = tqdm(total=tc.steps, initial=step, desc="training", disable=not progress)
     ema_loss = ema_acc = None
     mining = NegativeMining(tc.negative_mining)
     while step < tc.steps:
         model.train()
+        if pool is not train_pool and step >= tc.curriculum_steps:  # the curriculum is over: full scenes
+            pool, order, cursor = train_pool, np_rng.permutation(len(train_pool.scenes)), 0
+            bar.write(f"step {step}: curriculum done, training on the full scene config")
         if cursor + tc.batch_size > len(order):
-            order, cursor = np_rng.permutation(len(train_pool.scenes)), 0
+            order, cursor = np_rng.permutation(len(pool.scenes)), 0
         idx = order[cursor:cursor + tc.batch_size].tolist()
         cursor += tc.batch_size
-        captions, kinds = candidate_captions(train_pool, idx, tc, np_rng, mining.weights())
-        scores, out = score_candidates(model, train_pool.batch(model, idx), captions, per_scene)
+        captions, kinds = candidate_captions(pool, idx, tc, np_rng, mining.weights())
+        scores, out = score_candidates(model, pool.batch(model, idx), captions, per_scene)
         mining.update(scores.detach(), kinds)
         loss = matching_loss(scores)
         if tc.contrastive_weight:

@@ -162,3 +162,33 @@ def test_negative_mining_tracks_errors_per_kind_and_weights_by_them():
     w = mining.weights()
     assert w["colour"] == pytest.approx(0.51 + 0.02) and w["shape"] == pytest.approx(0.98 ** 2 * 0.5 + 0.02)
     assert NegativeMining(0.0).weights() is None  # off: hard_negative draws uniformly, as before
+
+
+def test_curriculum_trains_on_one_object_scenes_first_then_the_full_config(tmp_path, monkeypatch):
+    import multimodal.train as train_module
+
+    seen = []  # per training step: the number of objects in each scene of the batch
+    original = train_module.candidate_captions
+
+    def recording(pool, idx, *args, **kwargs):
+        seen.append({len(pool.scenes[i].objects) for i in idx})
+        return original(pool, idx, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "candidate_captions", recording)
+    train(smoke(steps=5, curriculum_steps=3), tmp_path / "run", progress=False)
+    assert seen[:3] == [{1}] * 3  # the default curriculum scene: one object
+    assert all(min(s) >= 2 for s in seen[3:]) and len(seen) == 5  # then the default 2-3 objects
+
+    seen.clear()  # resuming after the curriculum goes straight on with full scenes
+    train(smoke(steps=7, curriculum_steps=3), tmp_path / "run", resume=True, progress=False)
+    assert len(seen) == 2 and all(min(s) >= 2 for s in seen)
+
+    # dotted keys and a TOML table change the curriculum's scenes on top of the one-object default
+    tc = load_config("smoke", overrides={"curriculum_scene.max_objects": 2, "curriculum_scene.max_mentioned_objects": 2})
+    assert dict(tc.curriculum_scene) == {"min_objects": 1, "max_objects": 2, "max_mentioned_objects": 2}
+    with pytest.raises(InputError, match="curriculum_scene.*'objects'"):
+        load_config("smoke", overrides={"curriculum_scene.objects": 2})
+    with pytest.raises(InputError, match="curriculum_steps"):
+        load_config("smoke", overrides={"curriculum_steps": -1})
+    with pytest.raises(InputError, match="manifest"):
+        load_config("smoke", overrides={"curriculum_steps": 2, "manifest": "rows.jsonl"})
