@@ -56,6 +56,10 @@ def model_card(checkpoint: str | Path) -> str:
         *([f"- negative mining (strength {tc['negative_mining']:g}): each hard negative's kind of change is drawn "
            "in proportion to that kind's running training error, so kinds already solved (the audio ones, within "
            "a few hundred steps) give way to those still got wrong"] if tc.get("negative_mining") else []),
+        *([f"- curriculum: the first {tc['curriculum_steps']} steps train on scenes with "
+           + ", ".join(f"`{k} = {v}`" for k, v in tc["curriculum_scene"].items())
+           + " (one object, so a shape word can only be learned from that object's shape), the rest on the "
+           "full 2-3-object scenes"] if tc.get("curriculum_steps") else []),
         "- **no loss term sees an attention map or any ground truth** (boxes, masks, intervals, phrase "
         "links are for evaluation only)",
         f"- pool of {tc['pool_scenes']} training scenes; validation and test scenes come from disjoint seed ranges",

@@ -79,6 +79,7 @@ RUN_ONLY_KEYS = ("device", "workers")  # how a run executes, not what it compute
 # TrainConfig fields added after runs were published, at the value that reproduces those runs: left out of
 # the fingerprint at that value, so adding a field does not make every finished run stale
 NEUTRAL_KEYS = {"contrastive_hard_weight": 0.0, "negative_mining": 0.0, "curriculum_steps": 0,
+                "masked_word_weight": 0.0, "freeze": [], "masked_word_rate": 0.3,
                 "curriculum_scene": dict(ONE_OBJECT)}
 
 

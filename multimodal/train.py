@@ -57,6 +57,7 @@ class TrainConfig:
     image_encoder: str = "vit-tiny-scenes"  # vit-conv-scenes (conv stem) was tried: worse here, see MODEL_CARD.md
     audio_encoder: str = "ast-tiny-scenes"
     freeze_encoders: bool = False
+    freeze: tuple[str, ...] = ()  # modalities whose encoders keep their initial weights, e.g. ["text"]
     match: str = "bilinear"
     fusion: Mapping[str, Any] = field(default_factory=lambda: dict(
         dim=128, heads=4, layers=2, query="text", query_self_attention=True, attention="softmax",
@@ -66,7 +67,9 @@ class TrainConfig:
     contrastive_temperature: float = 0.1
     contrastive_hard_weight: float = 0.0  # the same term over each scene's own candidates (its hard negatives)
     negative_mining: float = 0.0  # > 0: draw the kinds of hard negative still got wrong more often (NegativeMining)
-    curriculum_steps: int = 0  # the first N steps train on scenes with `curriculum_scene` applied over `scene`
+    masked_word_weight: float = 0.0  # masked caption words predicted from the fused scene (masked_word_loss)
+    masked_word_rate: float = 0.3  # share of each true caption's content tokens masked for that term
+    curriculum_steps: int = 1000  # first N steps: scenes with `curriculum_scene` over `scene` (not for a manifest)
     curriculum_scene: Mapping[str, Any] = field(default_factory=lambda: dict(ONE_OBJECT))
     manifest: str = ""  # a JSONL manifest of your own pairs (multimodal.data.manifest) instead of scenes
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
@@ -75,14 +78,19 @@ class TrainConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "snapshots", tuple(self.snapshots))  # a TOML list is fine
+        object.__setattr__(self, "freeze", (self.freeze,) if isinstance(self.freeze, str) else tuple(self.freeze))
+        if set(self.freeze) - {"text", "image", "audio"}:
+            raise InputError(f"freeze={list(self.freeze)}: name modalities among text, image, audio")
         if self.steps < 1 or self.batch_size < 1:
             raise InputError("steps and batch_size must be >= 1")
         if self.pool_scenes < self.batch_size:
             raise InputError(f"pool_scenes={self.pool_scenes} must be >= batch_size={self.batch_size}")
         if self.curriculum_steps < 0:
             raise InputError(f"curriculum_steps={self.curriculum_steps} must be >= 0")
-        if self.curriculum_steps and self.manifest:
-            raise InputError("curriculum_steps works on procedural scenes only, not with a manifest")
+        if self.masked_word_weight and self.match != "bilinear":
+            raise InputError("masked_word_weight scores words with the bilinear match head: set match = \"bilinear\"")
+        if not 0 < self.masked_word_rate <= 1:
+            raise InputError(f"masked_word_rate={self.masked_word_rate} must be in (0, 1]")
         FusionConfig.from_dict(dict(self.fusion))  # refuse bad fusion keys before anything runs
         scene_config(self)
         curriculum_scene_config(self)
@@ -339,6 +347,44 @@ def contrastive_loss(model: MultimodalModel, tokens: dict[str, ModalityTokens], 
     return loss
 
 
+def every_nth(t: ModalityTokens, n: int) -> ModalityTokens:
+    """Items 0, n, 2n, ... (undoes `repeat_tokens`)."""
+    return ModalityTokens(t.tokens[::n], t.mask[::n], t.modality, t.special[::n], t.geometry)
+
+
+def masked_word_loss(model: MultimodalModel, tokens: dict[str, ModalityTokens], captions: list[str],
+                     per_scene: int, rate: float, rng: np.random.Generator) -> Tensor:
+    """Masked words of each scene's true caption, predicted from what their queries gather.
+
+    A share `rate` of each caption's content tokens (at least one) become [MASK]; the caption
+    runs through the text encoder and the fusion block against its own scene, and each masked
+    position's fused query scores every vocabulary word with the match head's own bilinear form:
+    <match_gathered(fused query), match_asked(input_proj(word embedding))>, so no parameter is
+    added. "a red [MASK]" can only be completed from the scene: the query must find the red
+    object and read its shape (the masked-language-modelling term of ALBEF, Li et al. 2021). The
+    loss sees words, never an attention map or any ground truth.
+    """
+    text = model.encoders["text"]
+    mask_id = text.tokenizer.mask_token_id
+    if mask_id is None:
+        raise InputError(f"masked_word_weight needs a tokenizer with a mask token; {text.spec} has none")
+    batch = text.preprocess(captions[::per_scene])
+    ids = batch["input_ids"]
+    content = batch["attention_mask"].bool() & ~batch["special"]  # (B, N)
+    chosen = torch.from_numpy(rng.random(ids.shape) < rate) & content
+    for b in torch.nonzero(~chosen.any(1) & content.any(1)).flatten().tolist():  # none drawn: mask one
+        options = torch.nonzero(content[b]).flatten()
+        chosen[b, options[int(rng.integers(len(options)))]] = True
+    targets = ids[chosen].to(model.device)  # (M,)
+    batch = {**batch, "input_ids": ids.masked_fill(chosen, mask_id)}
+    fused_in = {m: every_nth(t, per_scene) for m, t in tokens.items() if m != "text"}
+    fused_in["text"] = text(batch)
+    fused = model.fusion(fused_in)
+    words = model.match_asked(model.fusion.input_proj["text"](text.model.get_input_embeddings().weight))  # (V, D)
+    gathered = model.match_gathered(fused.queries[chosen.to(fused.queries.device)])  # (M, D)
+    return F.cross_entropy(gathered @ words.T / words.shape[-1] ** 0.5, targets)
+
+
 @torch.no_grad()
 def matching_accuracy(model: MultimodalModel, pool: ScenePool, seed: int, batch_size: int = 64) -> dict:
     """Pairwise accuracy: the true caption outscores a one-attribute hard negative (for manifest
@@ -464,8 +510,8 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
     if tc.manifest:
         train_rows, val_rows, modalities = manifest_pools(tc)
     model = build_model(tc, modalities).to(tc.device)
-    if tc.freeze_encoders:
-        for p in model.encoders.parameters():
+    for m in (model.encoders if tc.freeze_encoders else [m for m in tc.freeze if m in model.encoders]):
+        for p in model.encoders[m].parameters():
             p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = []
@@ -496,7 +542,7 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
         val_pool = ScenePool.build(model, split_seeds("val", tc.val_scenes, tc.seed), scfg, 1,
                                    "generating validation scenes")
     first_pool = train_pool
-    if tc.curriculum_steps and step < tc.curriculum_steps:
+    if tc.curriculum_steps and step < tc.curriculum_steps and not tc.manifest:  # a manifest has no curriculum
         n = min(tc.pool_scenes, tc.curriculum_steps * tc.batch_size)  # at most one pass over them
         first_pool = ScenePool.build(model, split_seeds("curriculum", n, tc.seed), curriculum_scene_config(tc),
                                      tc.workers, "generating curriculum scenes")
@@ -530,6 +576,9 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
             loss = loss + tc.contrastive_weight * contrastive_loss(model, out.tokens, per_scene,
                                                                    tc.contrastive_temperature,
                                                                    tc.contrastive_hard_weight)
+        if tc.masked_word_weight:
+            loss = loss + tc.masked_word_weight * masked_word_loss(model, out.tokens, captions, per_scene,
+                                                                   tc.masked_word_rate, np_rng)
         for g in opt.param_groups:
             g["lr"] = lr_at(step) * g["lr_scale"]
         opt.zero_grad(set_to_none=True)

@@ -273,3 +273,32 @@ def test_object_features_weight_patches_by_mask_cover():
         ys, xs = np.nonzero(mask)
         assert row == pytest.approx((ys // 16).mean(), abs=1e-4) and col == pytest.approx((xs // 16).mean(), abs=1e-4)
         assert ATTRIBUTES["shape"][shape] == obj["shape"] and ATTRIBUTES["size"][size] == obj["size"]
+
+
+def test_learnability_trains_a_fresh_encoder_on_one_attribute_and_reports_held_out_accuracy():
+    from multimodal.analysis.probe import learnability
+
+    curve = learnability("vit-tiny-scenes", "colour", steps=40, batch_size=16, train_scenes=160,
+                         test_scenes=100, every=20)
+    assert [r["step"] for r in curve] == [20, 40]
+    assert 0.1 < curve[0]["chance"] < 0.4  # 6 colours
+    assert curve[-1]["accuracy"] > curve[0]["chance"] + 0.3, curve  # colour is in the pixels: learned fast
+    with pytest.raises(ValueError, match="attribute"):
+        learnability("vit-tiny-scenes", "texture", steps=1)
+
+
+def test_word_separation_is_one_when_the_text_side_cannot_tell_the_words_apart():
+    from multimodal.analysis.probe import word_separation
+    from multimodal.data.scenes import SHAPES
+    from multimodal.train import build_model, load_config
+
+    model = build_model(load_config("smoke", overrides={"fusion.dim": 32, "fusion.heads": 2}))
+    before = word_separation(model)
+    assert all(-1 <= c < 0.999 for c in before.values()), before
+    text = model.encoders["text"]
+    ids = text.tokenizer.convert_tokens_to_ids(list(SHAPES))
+    with torch.no_grad():  # every shape word gets the word embedding of "circle"
+        emb = text.model.get_input_embeddings().weight
+        emb[ids] = emb[ids[0]].clone()
+    after = word_separation(model)
+    assert after["shape"] == pytest.approx(1.0, abs=1e-5) and after["colour"] == pytest.approx(before["colour"])

@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -184,11 +185,46 @@ def test_curriculum_trains_on_one_object_scenes_first_then_the_full_config(tmp_p
     assert len(seen) == 2 and all(min(s) >= 2 for s in seen)
 
     # dotted keys and a TOML table change the curriculum's scenes on top of the one-object default
-    tc = load_config("smoke", overrides={"curriculum_scene.max_objects": 2, "curriculum_scene.max_mentioned_objects": 2})
+    tc = load_config("smoke", overrides={"curriculum_scene.max_objects": 2,
+                                         "curriculum_scene.max_mentioned_objects": 2})
     assert dict(tc.curriculum_scene) == {"min_objects": 1, "max_objects": 2, "max_mentioned_objects": 2}
     with pytest.raises(InputError, match="curriculum_scene.*'objects'"):
         load_config("smoke", overrides={"curriculum_scene.objects": 2})
     with pytest.raises(InputError, match="curriculum_steps"):
         load_config("smoke", overrides={"curriculum_steps": -1})
-    with pytest.raises(InputError, match="manifest"):
-        load_config("smoke", overrides={"curriculum_steps": 2, "manifest": "rows.jsonl"})
+
+
+def test_freeze_keeps_the_named_encoders_at_their_initial_weights(tmp_path):
+    tc = smoke(steps=2, freeze="text")
+    assert tc.freeze == ("text",)
+    before = build_model(tc).state_dict()
+    train(tc, tmp_path / "run", progress=False)
+    after = MultimodalModel.from_pretrained(tmp_path / "run").state_dict()
+    same = {k.split(".")[1]: torch.equal(before[k], after[k]) for k in before if k.startswith("encoders.")
+            and before[k].is_floating_point() and "running" not in k and "batches" not in k}
+    assert same["text"] is True and same["image"] is False and same["audio"] is False
+    with pytest.raises(InputError, match="freeze"):
+        smoke(freeze=["video"])
+
+
+def test_masked_word_loss_reads_the_masked_words_from_the_scene():
+    from multimodal.train import masked_word_loss, repeat_tokens
+
+    torch.manual_seed(0)
+    tc = smoke(masked_word_weight=1.0)
+    model = build_model(tc)
+    scenes = [generate_scene(s) for s in (1, 2)]
+    captions = [c for s in scenes for c in (s.caption, "a red star")]  # 2 candidates per scene, true first
+    image = model.encoders["image"].encode([s.image for s in scenes])
+    tokens = {"image": repeat_tokens(image, 2)}
+    loss = masked_word_loss(model, tokens, captions, 2, rate=0.3, rng=np.random.default_rng(0))
+    assert loss.ndim == 0 and math.isfinite(float(loss)) and float(loss) > 0
+    loss.backward()
+    grads = [p.grad for p in model.encoders["image"].parameters() if p.grad is not None]
+    assert grads and any(float(g.abs().sum()) > 0 for g in grads)  # the words are read from the image
+    other = {"image": repeat_tokens(model.encoders["image"].encode([s.image[::-1] for s in scenes]), 2)}
+    with torch.no_grad():  # same masked positions (same rng seed), another image: another loss
+        flipped = masked_word_loss(model, other, captions, 2, rate=0.3, rng=np.random.default_rng(0))
+    assert float(flipped) != pytest.approx(float(loss), abs=1e-6)
+    with pytest.raises(InputError, match="bilinear"):
+        smoke(masked_word_weight=1.0, match="mean")
