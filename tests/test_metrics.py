@@ -302,3 +302,13 @@ def test_word_separation_is_one_when_the_text_side_cannot_tell_the_words_apart()
         emb[ids] = emb[ids[0]].clone()
     after = word_separation(model)
     assert after["shape"] == pytest.approx(1.0, abs=1e-5) and after["colour"] == pytest.approx(before["colour"])
+
+
+def test_probe_scenes_are_none_of_the_training_or_evaluation_scenes():
+    from multimodal.analysis.probe import PROBE_SEED_BASE
+    from multimodal.train import SPLIT_OFFSETS, split_seeds
+
+    used = {s for split in SPLIT_OFFSETS for seed in range(5) for s in split_seeds(split, 20_000, seed)}
+    probe = set(range(PROBE_SEED_BASE, PROBE_SEED_BASE + 5 * 100_000)) | set(
+        range(PROBE_SEED_BASE + 5_000_000, PROBE_SEED_BASE + 5_000_000 + 5 * 100_000))  # probe and --learn
+    assert not used & probe

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from multimodal.data.scenes import COLOURS, SHAPES, SIZES, Scene, generate_scene
 
 ATTRIBUTES = {"shape": list(SHAPES), "colour": list(COLOURS), "size": list(SIZES)}
-PROBE_SEED_BASE = 30_000_000  # scene seeds of the probe set: disjoint from train/val/test ranges
+PROBE_SEED_BASE = 50_000_000  # probe scene seeds: clear of the train/val/test/curriculum ranges (SPLIT_OFFSETS)
 
 
 @torch.no_grad()
@@ -171,7 +171,7 @@ def learnability(spec: str, attribute: str = "shape", steps: int = 600, batch_si
             with torch.no_grad():
                 hits = sum(int((logits(test_x[i:i + 100]).argmax(-1) == test_y[i:i + 100]).sum())
                            for i in range(0, test_scenes, 100))
-            curve.append({"step": step, "loss": float(loss), "accuracy": hits / test_scenes, "chance": chance})
+            curve.append({"step": step, "loss": loss.item(), "accuracy": hits / test_scenes, "chance": chance})
     return curve
 
 
