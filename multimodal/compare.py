@@ -61,11 +61,11 @@ from tqdm import tqdm
 from multimodal.analysis.importance import (ablation_importance, gradient_importance, importance_table,
                                             shapley_importance)
 from multimodal.analysis.metrics import head_metric_table, js_divergence_matrix, maps_query_mask, redundancy_summary
-from multimodal.data.scenes import SceneConfig, hard_negative
+from multimodal.data.scenes import ONE_OBJECT, SceneConfig, hard_negative
 from multimodal.evaluate import evaluate
 from multimodal.fusion import FusionConfig
 from multimodal.model import MultimodalModel
-from multimodal.train import (ONE_OBJECT, PRESETS, ScenePool, TrainConfig, build_model, load_config, matching_loss,
+from multimodal.train import (PRESETS, ScenePool, TrainConfig, build_model, load_config, matching_loss,
                               repeat_tokens, scene_config, score_candidates, split_seeds, train)
 from multimodal.types import AttentionMaps, AudioGeometry, ImageGeometry, InputError, ModalityTokens, TextGeometry
 

@@ -25,16 +25,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from multimodal.data.scenes import SceneConfig, generate_scene, hard_negative
+from multimodal.data.scenes import ONE_OBJECT, SceneConfig, generate_scene, hard_negative
 from multimodal.fusion import FusionConfig
 from multimodal.io import AudioClip
 from multimodal.model import MultimodalModel
 from multimodal.types import InputError, ModalityTokens
 
 Tensor = torch.Tensor
-# The curriculum's scenes by default: one object, named in the caption, so shape words can only
-# be learned from that object's shape (with 2-3 objects the default never learned shape).
-ONE_OBJECT = {"min_objects": 1, "max_objects": 1, "max_mentioned_objects": 1}
 TRAIN_STATE = "train_state"  # train_state.safetensors (optimizer tensors) + train_state.json
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from multimodal.data.scenes import COLOURS, SHAPES, SIZES, Scene, generate_scene
+from multimodal.data.scenes import COLOURS, ONE_OBJECT, SHAPES, SIZES, Scene, SceneConfig, generate_scene
 
 ATTRIBUTES = {"shape": list(SHAPES), "colour": list(COLOURS), "size": list(SIZES)}
 PROBE_SEED_BASE = 50_000_000  # probe scene seeds: clear of the train/val/test/curriculum ranges (SPLIT_OFFSETS)
@@ -131,12 +131,11 @@ def learnability(spec: str, attribute: str = "shape", steps: int = 600, batch_si
     may be anywhere). Returns held-out accuracy every `every` steps (and at the end) with the
     chance level (the most frequent training label's held-out share).
     """
-    from multimodal.data.scenes import SceneConfig
     from multimodal.encoders import build_encoder
 
     if attribute not in ATTRIBUTES:
         raise ValueError(f"attribute {attribute!r}: use one of {sorted(ATTRIBUTES)}")
-    cfg = SceneConfig(min_objects=1, max_objects=1, max_mentioned_objects=1)
+    cfg = SceneConfig(**ONE_OBJECT)
     values = ATTRIBUTES[attribute]
 
     def scenes(base: int, n: int) -> tuple[list[np.ndarray], torch.Tensor]:

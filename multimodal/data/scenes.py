@@ -45,6 +45,11 @@ class SceneConfig:
     size_word_probability: float = 0.5  # chance an object phrase names its size
 
 
+# One object, and the caption names it: a shape or colour word can only refer to that object
+# (the training curriculum's scenes, and the probe's `--learn` images)
+ONE_OBJECT = {"min_objects": 1, "max_objects": 1, "max_mentioned_objects": 1}
+
+
 @dataclass
 class Scene:
     image: np.ndarray  # (S, S, 3) uint8
