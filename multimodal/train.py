@@ -29,7 +29,7 @@ from multimodal.data.scenes import ONE_OBJECT, SceneConfig, generate_scene, hard
 from multimodal.fusion import FusionConfig
 from multimodal.io import AudioClip
 from multimodal.model import MultimodalModel
-from multimodal.types import InputError, ModalityTokens
+from multimodal.types import MODALITIES, InputError, ModalityTokens
 
 Tensor = torch.Tensor
 TRAIN_STATE = "train_state"  # train_state.safetensors (optimizer tensors) + train_state.json
@@ -53,7 +53,7 @@ class TrainConfig:
     text_encoder: str = "bert-tiny-scenes"
     image_encoder: str = "vit-tiny-scenes"  # vit-conv-scenes (conv stem) was tried: worse here, see MODEL_CARD.md
     audio_encoder: str = "ast-tiny-scenes"
-    freeze_encoders: bool = False
+    freeze_encoders: bool = False  # all of them: the same as freeze = ["text", "image", "audio"]
     freeze: tuple[str, ...] = ()  # modalities whose encoders keep their initial weights, e.g. ["text"]
     match: str = "bilinear"
     fusion: Mapping[str, Any] = field(default_factory=lambda: dict(
@@ -75,9 +75,10 @@ class TrainConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "snapshots", tuple(self.snapshots))  # a TOML list is fine
-        object.__setattr__(self, "freeze", (self.freeze,) if isinstance(self.freeze, str) else tuple(self.freeze))
-        if set(self.freeze) - {"text", "image", "audio"}:
-            raise InputError(f"freeze={list(self.freeze)}: name modalities among text, image, audio")
+        freeze = (self.freeze,) if isinstance(self.freeze, str) else tuple(self.freeze)
+        if set(freeze) - set(MODALITIES):
+            raise InputError(f"freeze={list(freeze)}: name modalities among {', '.join(MODALITIES)}")
+        object.__setattr__(self, "freeze", MODALITIES if self.freeze_encoders else freeze)  # one mechanism
         if self.steps < 1 or self.batch_size < 1:
             raise InputError("steps and batch_size must be >= 1")
         if self.pool_scenes < self.batch_size:
@@ -507,7 +508,7 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
     if tc.manifest:
         train_rows, val_rows, modalities = manifest_pools(tc)
     model = build_model(tc, modalities).to(tc.device)
-    for m in (model.encoders if tc.freeze_encoders else [m for m in tc.freeze if m in model.encoders]):
+    for m in set(tc.freeze) & set(model.encoders):
         for p in model.encoders[m].parameters():
             p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]

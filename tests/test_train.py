@@ -203,6 +203,7 @@ def test_freeze_keeps_the_named_encoders_at_their_initial_weights(tmp_path):
     same = {k.split(".")[1]: torch.equal(before[k], after[k]) for k in before if k.startswith("encoders.")
             and before[k].is_floating_point() and "running" not in k and "batches" not in k}
     assert same["text"] is True and same["image"] is False and same["audio"] is False
+    assert smoke(freeze_encoders=True).freeze == ("text", "image", "audio")  # the older switch: all of them
     with pytest.raises(InputError, match="freeze"):
         smoke(freeze=["video"])
 
