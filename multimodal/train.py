@@ -539,10 +539,10 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
                                      "generating training scenes")
         val_pool = ScenePool.build(model, split_seeds("val", tc.val_scenes, tc.seed), scfg, 1,
                                    "generating validation scenes")
-    first_pool = train_pool
+    pool = train_pool  # the curriculum's own pool until its last step
     if tc.curriculum_steps and step < tc.curriculum_steps and not tc.manifest:  # a manifest has no curriculum
         n = min(tc.pool_scenes, tc.curriculum_steps * tc.batch_size)  # at most one pass over them
-        first_pool = ScenePool.build(model, split_seeds("curriculum", n, tc.seed), curriculum_scene_config(tc),
+        pool = ScenePool.build(model, split_seeds("curriculum", n, tc.seed), curriculum_scene_config(tc),
                                      tc.workers, "generating curriculum scenes")
     per_scene = 1 + tc.hard_negatives + tc.easy_negatives
 
@@ -551,7 +551,6 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
             return tc.lr * (s + 1) / tc.warmup
         return tc.lr * 0.5 * (1 + math.cos(math.pi * (s - tc.warmup) / max(1, tc.steps - tc.warmup)))
 
-    pool = first_pool
     order = np_rng.permutation(len(pool.scenes))
     cursor = (step * tc.batch_size) % len(order)
     bar = tqdm(total=tc.steps, initial=step, desc="training", disable=not progress)
