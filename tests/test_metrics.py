@@ -305,10 +305,10 @@ def test_word_separation_is_one_when_the_text_side_cannot_tell_the_words_apart()
 
 
 def test_probe_scenes_are_none_of_the_training_or_evaluation_scenes():
-    from multimodal.analysis.probe import PROBE_SEED_BASE
+    from multimodal.analysis.probe import PROBE_SEED_STRIDE, probe_seed_base
     from multimodal.train import SPLIT_OFFSETS, split_seeds
 
     used = {s for split in SPLIT_OFFSETS for seed in range(5) for s in split_seeds(split, 20_000, seed)}
-    probe = set(range(PROBE_SEED_BASE, PROBE_SEED_BASE + 5 * 100_000)) | set(
-        range(PROBE_SEED_BASE + 5_000_000, PROBE_SEED_BASE + 5_000_000 + 5 * 100_000))  # probe and --learn
+    probe = {probe_seed_base(seed, learn) + i for seed in range(5) for learn in (False, True)
+             for i in range(PROBE_SEED_STRIDE)}  # the probe's and --learn's scenes
     assert not used & probe

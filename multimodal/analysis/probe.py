@@ -35,6 +35,13 @@ from multimodal.data.scenes import COLOURS, ONE_OBJECT, SHAPES, SIZES, Scene, Sc
 
 ATTRIBUTES = {"shape": list(SHAPES), "colour": list(COLOURS), "size": list(SIZES)}
 PROBE_SEED_BASE = 50_000_000  # probe scene seeds: clear of the train/val/test/curriculum ranges (SPLIT_OFFSETS)
+PROBE_SEED_STRIDE = 100_000  # scene seeds per probe seed
+LEARN_SEED_OFFSET = 5_000_000  # `--learn` scenes come after the probe's
+
+
+def probe_seed_base(seed: int, learn: bool = False) -> int:
+    """First scene seed of probe seed `seed` (of `--learn` when `learn`); it owns PROBE_SEED_STRIDE seeds."""
+    return PROBE_SEED_BASE + (LEARN_SEED_OFFSET if learn else 0) + seed * PROBE_SEED_STRIDE
 
 
 @torch.no_grad()
@@ -92,7 +99,7 @@ def linear_probe(X: np.ndarray, y: np.ndarray, train_fraction: float = 0.7, step
 def probe_image_attributes(encoder, scenes: int = 600, seed: int = 0, progress: bool = False) -> dict:
     """Probe results per attribute for an image encoder on `scenes` fresh procedural scenes."""
     encoder.eval()
-    sc = [generate_scene(PROBE_SEED_BASE + seed * 100_000 + i) for i in range(scenes)]
+    sc = [generate_scene(probe_seed_base(seed) + i) for i in range(scenes)]
     X, labels = object_features(encoder, sc, progress=progress)
     return {a: linear_probe(X, y, seed=seed) for a, y in labels.items()}
 
@@ -142,7 +149,7 @@ def learnability(spec: str, attribute: str = "shape", steps: int = 600, batch_si
         sc = [generate_scene(base + i, cfg) for i in tqdm(range(n), desc="generating scenes", disable=not progress)]
         return [s.image for s in sc], torch.tensor([values.index(s.objects[0][attribute]) for s in sc])
 
-    base = PROBE_SEED_BASE + 5_000_000 + seed * 100_000
+    base = probe_seed_base(seed, learn=True)
     train_x, train_y = scenes(base, train_scenes)
     test_x, test_y = scenes(base + 50_000, test_scenes)
     torch.manual_seed(seed)
