@@ -543,7 +543,7 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
     if tc.curriculum_steps and step < tc.curriculum_steps and not tc.manifest:  # a manifest has no curriculum
         n = min(tc.pool_scenes, tc.curriculum_steps * tc.batch_size)  # at most one pass over them
         pool = ScenePool.build(model, split_seeds("curriculum", n, tc.seed), curriculum_scene_config(tc),
-                                     tc.workers, "generating curriculum scenes")
+                               tc.workers, "generating curriculum scenes")
     per_scene = 1 + tc.hard_negatives + tc.easy_negatives
 
     def lr_at(s):
