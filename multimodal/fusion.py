@@ -244,7 +244,7 @@ class FusionLayer(nn.Module):
         a, w = self.attn(self.norm_q(x), self.norm_kv(kv), key_mask, head_mask, need_weights)
         x = x + a
         x = x + self.ffn(self.norm_ff(x))
-        return x, w
+        return x, w, a
 
 
 def sinusoidal(n: int, dim: int, device=None) -> Tensor:
@@ -264,6 +264,7 @@ class FusionOutput:
     pooled: Tensor  # (B, D) mean over valid queries
     maps: AttentionMaps | None = None
     query_inputs: Tensor | None = None  # (B, Nq, D) the queries as they entered the first layer
+    attended: Tensor | None = None  # (B, Nq, D) what the cross-attention brought in, summed over layers
 
 
 class CrossAttentionFusion(nn.Module):
@@ -348,9 +349,11 @@ class CrossAttentionFusion(nn.Module):
             raise InputError(f"map request {request} is outside layers 0..{cfg.layers - 1} / heads 0..{cfg.heads - 1}")
 
         weights: dict[int, Tensor] = {}
+        attended = torch.zeros_like(x)
         for l, layer in enumerate(self.layers):
             need = request is not None and l in want_layers
-            x, w = layer(x, kv, key_mask, query_mask, None if head_mask is None else head_mask[l], need)
+            x, w, a = layer(x, kv, key_mask, query_mask, None if head_mask is None else head_mask[l], need)
+            attended = attended + a
             if need:
                 weights[l] = w[:, want_heads] if len(want_heads) < cfg.heads else w  # (B, h, Nq, Nk)
         x = self.norm_out(x)
@@ -365,4 +368,5 @@ class CrossAttentionFusion(nn.Module):
                 query_source=cfg.query, query_mask=query_mask,
                 key_geometry={m: given[m].geometry for m in key_mods},
                 query_geometry=query_geometry, num_heads=cfg.heads, query_special=query_special)
-        return FusionOutput(queries=x, query_mask=query_mask, pooled=pooled, maps=maps, query_inputs=query_inputs)
+        return FusionOutput(queries=x, query_mask=query_mask, pooled=pooled, maps=maps, query_inputs=query_inputs,
+                            attended=attended)

@@ -24,7 +24,9 @@ CHECKPOINT_FORMAT = "multimodal-sandbox-checkpoint/1"
 # "mean": an MLP scores the pooled query; "softmin": the MLP scores every content query and a soft
 # minimum combines them; "bilinear": every content query is scored by how well what it gathered
 # (its fused output) agrees with what it asked for (its own input embedding), then a soft minimum.
-MATCH_POOLS = ("mean", "softmin", "bilinear")
+# "attended": the same, but what a query gathered is only what its cross-attention brought in (summed over
+# layers, no residual copy of the query): a query scores well only by attending where its answer is.
+MATCH_POOLS = ("mean", "softmin", "bilinear", "attended")
 SOFTMIN_TEMPERATURE = 0.5
 DEFAULT_SPECS = {"text": "bert-tiny-scenes", "image": "vit-tiny-scenes", "audio": "ast-tiny-scenes"}
 
@@ -57,7 +59,7 @@ class MultimodalModel(nn.Module):
             raise InputError(f"match={match!r}: use one of {MATCH_POOLS}")
         self.match = match
         self.match_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
-        if match == "bilinear":  # <asked(input query), gathered(fused query)> + bias
+        if match in ("bilinear", "attended"):  # <asked(input query), gathered(fused query)> + bias
             self.match_asked = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d))
             self.match_gathered = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d))
         self.meta = dict(meta or {})
@@ -117,9 +119,9 @@ class MultimodalModel(nn.Module):
         if self.match == "mean":
             score = self.match_head(fused.pooled).squeeze(-1)  # (B,)
         else:  # every content query must find its match: a soft minimum over per-query scores
-            if self.match == "bilinear":
+            if self.match in ("bilinear", "attended"):
                 asked = self.match_asked(fused.query_inputs)  # (B, Nq, D)
-                gathered = self.match_gathered(fused.queries)  # (B, Nq, D)
+                gathered = self.match_gathered(fused.queries if self.match == "bilinear" else fused.attended)
                 per_query = (asked * gathered).sum(-1) / asked.shape[-1] ** 0.5 + self.match_head[-1].bias
             else:
                 per_query = self.match_head(fused.queries).squeeze(-1)  # (B, Nq)

@@ -56,6 +56,7 @@ class TrainConfig:
     freeze_encoders: bool = False  # all of them: the same as freeze = ["text", "image", "audio"]
     freeze: tuple[str, ...] = ()  # modalities whose encoders keep their initial weights, e.g. ["text"]
     match: str = "bilinear"
+    phrase_queries: bool = False  # the text encoder pools each caption phrase into one query (TextEncoder.phrase_pooling)
     fusion: Mapping[str, Any] = field(default_factory=lambda: dict(
         dim=128, heads=4, layers=2, query="text", query_self_attention=True, attention="softmax",
         positional=False))  # the encoders carry their own positions; sinusoids over text x key indices mislead
@@ -63,6 +64,7 @@ class TrainConfig:
     contrastive_weight: float = 1.0  # in-batch token-level (FILIP-style) contrastive term on the encoders
     contrastive_temperature: float = 0.1
     contrastive_hard_weight: float = 0.0  # the same term over each scene's own candidates (its hard negatives)
+    binding_negatives: float = 0.0  # share of colour/shape negatives whose new value another object has
     negative_mining: float = 0.0  # > 0: draw the kinds of hard negative still got wrong more often (NegativeMining)
     masked_word_weight: float = 0.0  # masked caption words predicted from the fused scene (masked_word_loss)
     masked_word_rate: float = 0.3  # share of each true caption's content tokens masked for that term
@@ -83,6 +85,8 @@ class TrainConfig:
             raise InputError("steps and batch_size must be >= 1")
         if self.pool_scenes < self.batch_size:
             raise InputError(f"pool_scenes={self.pool_scenes} must be >= batch_size={self.batch_size}")
+        if not 0.0 <= self.binding_negatives <= 1.0:
+            raise InputError(f"binding_negatives={self.binding_negatives} is a share: use a value in [0, 1]")
         if self.curriculum_steps < 0:
             raise InputError(f"curriculum_steps={self.curriculum_steps} must be >= 0")
         if self.masked_word_weight and self.match != "bilinear":
@@ -233,7 +237,7 @@ def candidate_captions(pool: ScenePool, idx: list[int], tc: TrainConfig, rng: np
         captions.append(s.caption)
         hard = tc.hard_negatives if pool.hard_negatives else 0
         for _ in range(hard):
-            caption, _, change = hard_negative(s, rng, type_weights=type_weights)
+            caption, _, change = hard_negative(s, rng, type_weights=type_weights, binding=tc.binding_negatives)
             captions.append(caption)
             kinds.append(change["type"])
         for _ in range(tc.hard_negatives + tc.easy_negatives - hard):
@@ -461,8 +465,11 @@ def load_train_state(opt, out_dir: Path) -> tuple[int, list]:
 def build_model(tc: TrainConfig, modalities: tuple[str, ...] = ("text", "image", "audio")) -> MultimodalModel:
     torch.manual_seed(tc.seed)
     specs = {"text": tc.text_encoder, "image": tc.image_encoder, "audio": tc.audio_encoder}
-    return MultimodalModel.from_specs(fusion=FusionConfig.from_dict(dict(tc.fusion)), match=tc.match,
-                                      **{m: (s if m in modalities else None) for m, s in specs.items()})
+    model = MultimodalModel.from_specs(fusion=FusionConfig.from_dict(dict(tc.fusion)), match=tc.match,
+                                       **{m: (s if m in modalities else None) for m, s in specs.items()})
+    if tc.phrase_queries:
+        model.encoders["text"].phrase_pooling = True
+    return model
 
 
 def manifest_pools(tc: TrainConfig) -> tuple[list, list, tuple[str, ...]]:

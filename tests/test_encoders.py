@@ -15,6 +15,7 @@ from multimodal.encoders import (BUILTINS, AudioEncoder, ImageEncoder, TextEncod
                                  encoder_from_config)
 from multimodal.encoders.audio import AST_PREFIX, HOP_SECONDS, log_mel
 from multimodal.encoders.registry import register_builtin
+from multimodal.encoders.text import phrase_groups
 from multimodal.types import InputError
 
 BUILTIN = {"text": "bert-tiny-scenes", "image": "vit-tiny-scenes", "audio": "ast-tiny-scenes"}
@@ -80,6 +81,36 @@ def test_text_tokens_and_spans(encoders):
                 assert g.texts[i][a:b].lower() == tok.removeprefix("##")
     assert out.mask[0].all() and not out.mask[1].all()  # the shorter text is padded
     assert g.tokens[1][1:3] == ["blue", "square"] and g.tokens[1][3:6] == ["x", "##y", "##z"]
+
+
+def test_phrase_groups_split_at_joining_words_and_keep_word_pieces():
+    tokens = ["[CLS]", "a", "red", "circle", "and", "a", "sm", "##and", "with", "a", "rising", "chirp", ",",
+              "then", "a", "tone", "[SEP]", ""]
+    content = [t not in ("[CLS]", "[SEP]", "") for t in tokens]
+    assert phrase_groups(tokens, content) == [-1, 0, 0, 0, -1, 1, 1, 1, -1, 2, 2, 2, -1, -1, 3, 3, -1, -1]
+
+
+def test_phrase_pooling_gives_every_phrase_token_the_phrase_mean(encoders, tmp_path):
+    text = encoders["text"]
+    caps = ["a large white triangle and a blue cross with a low tone", "a red circle"]
+    batch = text.preprocess(caps)
+    with torch.no_grad():
+        plain = text(batch).tokens
+        text.phrase_pooling = True
+        try:
+            pooled = text(batch).tokens
+            rebuilt = encoder_from_config("text", text.config_dict(), tokenizer_dir=text.save_tokenizer(tmp_path))
+        finally:
+            text.phrase_pooling = False
+    assert rebuilt.phrase_pooling  # the option travels with the checkpoint's config
+    groups = batch["phrases"]
+    for b in range(2):
+        for g in range(int(groups[b].max()) + 1):
+            rows = groups[b] == g
+            torch.testing.assert_close(pooled[b, rows], plain[b, rows].mean(0).expand(int(rows.sum()), -1))
+        outside = groups[b] < 0
+        torch.testing.assert_close(pooled[b, outside], plain[b, outside])  # CLS, SEP, joining words, padding
+    assert groups[0].max() == 2 and groups[1].max() == 0
 
 
 def test_text_truncates_long_input(encoders):

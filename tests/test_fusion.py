@@ -132,6 +132,26 @@ def test_head_mask_removes_exactly_one_heads_contribution():
     assert gate.grad is not None and gate.grad.abs().sum() > 0
 
 
+def test_attended_is_the_sum_of_the_cross_attention_outputs():
+    fusion = make(query="text", query_self_attention=True)
+    inputs = [text_tokens(lengths=[6, 3]), image_tokens()]
+    outputs = []
+    hooks = [layer.attn.register_forward_hook(lambda mod, args, out: outputs.append(out[0])) for layer in fusion.layers]
+    try:
+        out = fusion(inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(outputs) == 2
+    torch.testing.assert_close(out.attended, outputs[0] + outputs[1])
+    # with every head masked nothing comes in from the keys: the image no longer changes `attended`
+    off = torch.zeros(2, 4)
+    other = image_tokens(seed=7)
+    torch.testing.assert_close(fusion(inputs, head_mask=off).attended,
+                               fusion([inputs[0], other], head_mask=off).attended)
+    assert (fusion([inputs[0], other]).attended - out.attended).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("kind", ["softmax", "topk", "sparsemax", "entmax15"])
 def test_attention_kinds_sum_to_one_and_respect_padding(kind):
     fusion = make(query="image", attention=kind, top_k=2)

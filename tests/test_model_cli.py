@@ -47,7 +47,7 @@ def test_checkpoint_round_trip_gives_identical_scores(model, inputs, tmp_path):
     assert back.match == "softmin" and back.cfg == model.cfg
 
 
-@pytest.mark.parametrize("match", ["mean", "bilinear"])
+@pytest.mark.parametrize("match", ["mean", "bilinear", "attended"])
 def test_every_match_head_round_trips_and_ignores_padding(match, inputs, tmp_path):
     torch.manual_seed(1)
     m = MultimodalModel.from_specs(fusion=FusionConfig(dim=32, heads=2, layers=1, query="text"), match=match).eval()

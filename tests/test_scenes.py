@@ -230,6 +230,24 @@ def test_type_weights_steer_the_kind_of_change(scenes):
     assert counts["shape"] > 0.8 * sum(counts.values())  # every scene can change a shape
 
 
+def test_binding_negatives_name_a_value_another_object_has(scenes):
+    """binding=1: a colour/shape change takes a value present in the scene whenever one is allowed;
+    the negative stays false and one attribute away."""
+    present = {0.0: 0, 1.0: 0}
+    total = 0
+    for s in scenes[:60]:
+        true = parse_caption(s.caption)
+        for kind in ("colour", "shape"):
+            for binding in (0.0, 1.0):
+                caption, _, change = hard_negative(s, np.random.default_rng(s.seed), change_type=kind,
+                                                   binding=binding)
+                assert not caption_is_true(s, *parse_caption(caption))
+                assert [d[0] for d in _differences(true, parse_caption(caption))] == [kind]
+                present[binding] += any(o[kind] == change["after"] for o in s.objects)
+            total += 1
+    assert present[1.0] > 0.6 * total and present[1.0] > 2 * present[0.0], (present, total)
+
+
 def test_impossible_change_type_raises():
     s = generate_scene(0)
     rng = np.random.default_rng(0)

@@ -290,13 +290,16 @@ def _candidate_changes(scene: Scene, objs: list[dict], evs: list[dict]) -> dict[
 
 
 def hard_negative(scene: Scene, rng: np.random.Generator, change_type: str | None = None,
-                  type_weights: Mapping[str, float] | None = None) -> tuple[str, list[dict], dict]:
+                  type_weights: Mapping[str, float] | None = None,
+                  binding: float = 0.0) -> tuple[str, list[dict], dict]:
     """(caption, phrases, change): the scene's caption with exactly one attribute changed so it is false.
 
     The kind of change is `change_type`, or drawn among the kinds this scene allows: uniformly,
     or in proportion to `type_weights` (kinds it does not name weigh 1). Phrases of the negative
     point at the scene's referents where they still exist; a changed phrase keeps the index of
-    the object/event it was made from.
+    the object/event it was made from. With probability `binding`, a colour or shape change takes
+    a value that another object in the scene has (when one allows it), so the negative names
+    only things that are present, and only where each attribute is tells it apart.
     """
     objs, evs = _parts(scene)
     options = _candidate_changes(scene, objs, evs)
@@ -309,7 +312,11 @@ def hard_negative(scene: Scene, rng: np.random.Generator, change_type: str | Non
         kind = list(options)[int(rng.choice(len(options), p=w / w.sum()))]
     else:
         kind = list(options)[int(rng.integers(len(options)))]
-    i, value = options[kind][int(rng.integers(len(options[kind])))]
+    choices = options[kind]
+    if binding and kind in ("colour", "shape") and rng.random() < binding:
+        present = [(i, v) for i, v in choices if any(o[kind] == v for o in scene.objects)]
+        choices = present or choices
+    i, value = choices[int(rng.integers(len(choices)))]
     change = {"type": kind}
     if kind in ("colour", "shape", "size"):
         change.update(phrase=i, before=objs[i][kind], after=value)

@@ -11,7 +11,8 @@ import string
 from pathlib import Path
 from typing import Any, Sequence
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, BertTokenizer
 
 from multimodal.encoders.registry import (
@@ -31,6 +32,41 @@ tone tones beep chirp rising falling noise burst click clicks train high low mid
 a an the and then with of on in left right top bottom above below followed by after before
 is there sound image picture shows plays first second
 """.split()
+
+
+# Words and marks that join phrases: with phrase pooling each stays a query of its own, and the
+# content tokens between two of them (a noun phrase such as "a large red circle") share one query.
+PHRASE_BREAKS = frozenset("and or then with followed by after before while , ; . : ! ?".split())
+
+
+def phrase_groups(tokens: Sequence[str], content: Sequence[bool]) -> list[int]:
+    """Per token, its phrase number (0, 1, ...), or -1 for special tokens, padding and joining words.
+
+    A phrase is a maximal run of content tokens between joining words (`PHRASE_BREAKS`); a
+    word-piece ("##...") always stays with the word it continues.
+    """
+    groups, current, open_phrase = [], -1, False
+    for i, (tok, c) in enumerate(zip(tokens, content)):
+        continues = tok.startswith("##")
+        next_continues = i + 1 < len(tokens) and tokens[i + 1].startswith("##")
+        if not c or (tok in PHRASE_BREAKS and not next_continues and not continues):
+            groups.append(-1)
+            open_phrase = False
+            continue
+        if not open_phrase:
+            current, open_phrase = current + 1, True
+        groups.append(current)
+    return groups
+
+
+def pool_phrases(hidden: Tensor, groups: Tensor) -> Tensor:
+    """(B, N, D) tokens, (B, N) phrase numbers -> each phrase's tokens replaced by the phrase mean."""
+    if not bool((groups >= 0).any()):
+        return hidden
+    member = torch.nn.functional.one_hot(groups.clamp_min(0), int(groups.max()) + 1).to(hidden.dtype)
+    member = member * (groups >= 0)[..., None].to(hidden.dtype)  # (B, N, G)
+    means = member.transpose(1, 2) @ hidden / member.sum(1)[..., None].clamp_min(1)  # (B, G, D)
+    return torch.where((groups >= 0)[..., None], member @ means, hidden)  # (B, N, D)
 
 
 def scenes_vocab() -> list[str]:
@@ -54,12 +90,17 @@ class TextEncoder(nn.Module):
 
     `self_attention` (when asked) is the model's per-layer `(B, heads, N, N)` weights, taken
     in eager mode; they are post-dropout, so capture in eval mode.
+
+    With `phrase_pooling`, every token of a phrase comes out as the phrase's mean (`phrase_groups`),
+    so one attention distribution per phrase has to find the thing with all its attributes.
     """
 
     modality = "text"
 
-    def __init__(self, model: nn.Module, tokenizer, spec: str, max_length: int | None = None):
+    def __init__(self, model: nn.Module, tokenizer, spec: str, max_length: int | None = None,
+                 phrase_pooling: bool = False):
         super().__init__()
+        self.phrase_pooling = bool(phrase_pooling)
         if not getattr(tokenizer, "is_fast", False):
             raise InputError(f"text encoder '{spec}' has a slow tokenizer; character spans need a fast "
                              "(tokenizers-backed) one: save the tokenizer with tokenizer.json")
@@ -94,12 +135,13 @@ class TextEncoder(nn.Module):
             except Exception as e:
                 raise InputError(f"the text encoder '{spec}' needs its tokenizer files: pass tokenizer_dir= "
                                  f"(written by save_tokenizer) ({e})") from None
-        return cls(model, tokenizer, spec, d["max_length"]).eval()
+        return cls(model, tokenizer, spec, d["max_length"], d.get("phrase_pooling", False)).eval()
 
     def config_dict(self) -> dict:
         """JSON-safe architecture (no weights); tokenizer files go through `save_tokenizer`."""
         return {"modality": "text", "spec": self.spec, "library": "transformers",
                 "model_config": json_config(self.model.config), "max_length": self.max_length,
+                "phrase_pooling": self.phrase_pooling,
                 "tokenizer": {"class": type(self.tokenizer).__name__, "files": "save_tokenizer(dir)"}}
 
     def save_tokenizer(self, directory: str | os.PathLike) -> Path:
@@ -141,6 +183,8 @@ class TextEncoder(nn.Module):
                           for (a, b), m in zip(enc["offset_mapping"][i].tolist(), mask[i].tolist())])
         batch = {k: enc[k] for k in MODEL_INPUTS if k in enc}
         batch["special"] = special
+        batch["phrases"] = torch.tensor([phrase_groups(t, c) for t, c in zip(tokens, content.tolist())],
+                                        dtype=torch.long).view(len(texts), -1)  # (B, N)
         batch["geometry"] = TextGeometry(texts=texts, tokens=tokens, spans=spans)
         return batch
 
@@ -156,7 +200,10 @@ class TextEncoder(nn.Module):
             attention = list(out.attentions)  # per layer (B, heads, N, N)
         else:
             out = self.model(**inputs)
-        return ModalityTokens(tokens=out.last_hidden_state,  # (B, N, D)
+        hidden = out.last_hidden_state  # (B, N, D)
+        if self.phrase_pooling:
+            hidden = pool_phrases(hidden, batch["phrases"].to(device))
+        return ModalityTokens(tokens=hidden,  # (B, N, D)
                               mask=inputs["attention_mask"].bool(), modality="text",
                               special=batch["special"].to(device), geometry=batch["geometry"],
                               self_attention=attention)
