@@ -39,6 +39,7 @@ class FusionConfig:
     attention: str = "softmax"  # one of ATTENTION_KINDS
     top_k: int = 8  # keys kept per query for attention="topk"
     query_self_attention: bool = False  # queries also attend to each other (decoder-style) in each layer
+    compete: bool = False  # queries compete for keys: softmax over queries first, then rows renormalised (Slot Attention)
     positional: bool = True  # sinusoidal position (index within each modality) added to tokens
     modality_embeddings: bool = True  # a learned vector per modality added to its tokens
     input_dims: Mapping[str, int] = field(default_factory=dict)  # encoder width per modality (default: dim)
@@ -145,6 +146,18 @@ def entmax15_attention(logits: Tensor, mask: Tensor) -> Tensor:
     return (p / p.sum(-1, keepdim=True)).to(logits.dtype)  # exact up to rounding; renormalise it away
 
 
+def competitive_attention(logits: Tensor, mask: Tensor, query_mask: Tensor, eps: float = 1e-8) -> Tensor:
+    """Slot-Attention normalisation (Locatello et al. 2020): each key shares itself out among the
+    queries (softmax over queries), then each query's row is renormalised over the keys.
+
+    `mask` (B, 1, 1, Nk) valid keys, `query_mask` (B, 1, Nq, 1) valid queries; padded queries take
+    no share (their rows come out uniform over the valid keys). Rows sum to 1 like every kind.
+    """
+    share = logits.masked_fill(~query_mask, float("-inf")).softmax(-2)  # (B, H, Nq, Nk), columns sum to 1
+    share = (share + eps).masked_fill(~query_mask, 1.0).masked_fill(~mask, 0.0)
+    return share / share.sum(-1, keepdim=True)
+
+
 def attention_function(cfg: FusionConfig) -> Callable[[Tensor, Tensor], Tensor]:
     if cfg.attention == "topk":
         return lambda logits, mask: topk_attention(logits, mask, cfg.top_k)
@@ -167,11 +180,12 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(cfg.dim, 2 * cfg.dim)
         self.out = nn.Linear(cfg.dim, cfg.dim)
         self.attend = attention_function(cfg)
-        self.fused = cfg.attention == "softmax"  # SDPA computes exactly softmax attention
+        self.compete = cfg.compete
+        self.fused = cfg.attention == "softmax" and not cfg.compete  # SDPA computes exactly softmax attention
         self.dropout = cfg.dropout
 
     def forward(self, x: Tensor, kv: Tensor, key_mask: Tensor, head_mask: Tensor | None = None,
-                need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+                need_weights: bool = False, query_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         B, Nq, D = x.shape
         Nk = kv.shape[1]
         H, hd = self.heads, self.head_dim
@@ -182,6 +196,11 @@ class CrossAttention(nn.Module):
         if self.fused and not need_weights:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, Nq, hd)
             w = None
+        elif self.compete:  # columns couple all queries: one pass over the whole (B, H, Nq, Nk)
+            qm = (torch.ones(B, Nq, dtype=torch.bool, device=x.device) if query_mask is None else query_mask)
+            logits = (q / math.sqrt(hd)) @ k.transpose(-2, -1)  # (B, H, Nq, Nk)
+            w = competitive_attention(logits, mask, qm[:, None, :, None])  # (B, H, Nq, Nk)
+            o = F.dropout(w, p, self.training) @ v  # (B, H, Nq, hd)
         elif torch.is_grad_enabled():  # explicit, differentiable (gradient relevance, importance)
             logits = (q / math.sqrt(hd)) @ k.transpose(-2, -1)  # (B, H, Nq, Nk)
             w = self.attend(logits, mask)  # (B, H, Nq, Nk)
@@ -241,7 +260,7 @@ class FusionLayer(nn.Module):
     def forward(self, x, kv, key_mask, query_mask, head_mask=None, need_weights=False):
         if self.self_attn is not None:
             x = x + self.self_attn(self.norm_sa(x), query_mask)
-        a, w = self.attn(self.norm_q(x), self.norm_kv(kv), key_mask, head_mask, need_weights)
+        a, w = self.attn(self.norm_q(x), self.norm_kv(kv), key_mask, head_mask, need_weights, query_mask)
         x = x + a
         x = x + self.ffn(self.norm_ff(x))
         return x, w, a

@@ -154,6 +154,31 @@ def test_conv_stem_vit_tokens_geometry_and_round_trips(tmp_path):
         torch.testing.assert_close(ImageEncoder.from_directory(tmp_path / "conv")(batch).tokens, out.tokens)
 
 
+def test_local_builtins_keep_tokens_local_and_centred():
+    """vit-local-scenes / ast-local-scenes: a change in one place moves only the tokens around it,
+    and the image token that moves most is the changed cell itself (the 4x4-kernel stem is centred)."""
+    torch.manual_seed(0)
+    img = build_encoder("image", "vit-local-scenes")
+    assert img.spec == "vit-local-scenes" and img.dim == 128
+    a = np.zeros((128, 128, 3), np.uint8)
+    b = a.copy()
+    b[48:64, 80:96] = 255  # cell (3, 5)
+    with torch.no_grad():
+        moved = (img.encode([a]).tokens - img.encode([b]).tokens).norm(dim=-1)[0, 1:].view(8, 8)
+    assert divmod(int(moved.argmax()), 8) == (3, 5)
+    assert moved[:2].max() == 0 and moved[:, :3].max() == 0 and moved[5:].max() == 0  # nothing far away
+    aud = build_encoder("audio", "ast-local-scenes")
+    assert aud.spec == "ast-local-scenes" and aud.model.config.num_hidden_layers == 0
+    quiet, rate = noise(3.0)
+    loud = quiet.copy()
+    loud[int(2.0 * rate):int(2.2 * rate)] += 0.5 * np.sin(np.arange(int(0.2 * rate)) * 0.3).astype(np.float32)
+    with torch.no_grad():
+        out = aud.encode([(quiet, rate)])
+        diff = (out.tokens - aud.encode([(loud, rate)]).tokens).norm(dim=-1)[0]  # (T * F,)
+    times = torch.tensor(out.geometry.times).repeat_interleave(out.geometry.freq_bins)
+    assert diff[times < 1.5].max() == 0 and diff[(times > 1.9) & (times < 2.3)].max() > 0
+
+
 def test_audio_batch_padding_and_times(encoders):
     enc = encoders["audio"]
     with torch.no_grad():

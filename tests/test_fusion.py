@@ -5,7 +5,7 @@ import torch
 
 from multimodal import (AttentionMaps, AudioGeometry, CrossAttentionFusion, FusionConfig, ImageGeometry,
                         InputError, MapRequest, ModalityTokens, TextGeometry)
-from multimodal.fusion import entmax15_attention, sparsemax_attention, topk_attention
+from multimodal.fusion import competitive_attention, entmax15_attention, sparsemax_attention, topk_attention
 
 
 def text_tokens(B=2, N=6, D=32, lengths=None, seed=0):
@@ -92,9 +92,9 @@ def test_padded_keys_get_zero_weight_and_padding_is_invisible():
         assert (alone.queries[0] - batched.queries[1]).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("self_attention", [False, True])
-def test_padded_text_queries_do_not_change_pooled_output(self_attention):
-    fusion = make(query="text", query_self_attention=self_attention)
+@pytest.mark.parametrize("self_attention,compete", [(False, False), (True, False), (True, True)])
+def test_padded_text_queries_do_not_change_pooled_output(self_attention, compete):
+    fusion = make(query="text", query_self_attention=self_attention, compete=compete)
     text = text_tokens(B=2, N=6, lengths=[6, 4])
     img = image_tokens()
     batched = fusion([text, img])
@@ -167,6 +167,29 @@ def test_attention_kinds_sum_to_one_and_respect_padding(kind):
     if kind == "topk":
         assert torch.all((w > 0).sum(-1) <= 2)
     # explicit path with and without maps gives the same output for every kind
+    torch.testing.assert_close(fusion([text_tokens(lengths=[6, 3]), image_tokens()]).queries, out.queries)
+
+
+def test_competitive_attention_shares_each_key_among_the_queries():
+    # two queries, three keys (the last one padded), one padded query
+    z = torch.tensor([[[[2.0, 0.0, 5.0], [0.0, 1.0, 5.0], [9.0, 9.0, 9.0]]]])  # (1, 1, 3, 3)
+    mask = torch.tensor([True, True, False]).view(1, 1, 1, 3)
+    qmask = torch.tensor([True, True, False]).view(1, 1, 3, 1)
+    w = competitive_attention(z, mask, qmask, eps=0.0)
+    s0 = torch.tensor([2.0, 0.0]).softmax(0)  # key 0 shared between queries 0 and 1
+    s1 = torch.tensor([0.0, 1.0]).softmax(0)
+    share = torch.stack([torch.stack([s0[0], s1[0]]), torch.stack([s0[1], s1[1]])])  # (query, key)
+    torch.testing.assert_close(w[0, 0, :2, :2], share / share.sum(1, keepdim=True))
+    assert torch.all(w[..., 2] == 0)  # the padded key
+    assert torch.isfinite(w).all()
+    # through the block: every row sums to 1, and the maps differ from plain softmax
+    fusion = make(query="text", compete=True)
+    out = fusion([text_tokens(lengths=[6, 3]), image_tokens()], return_maps=True)
+    w = out.maps.weights[0]
+    torch.testing.assert_close(w.sum(-1), torch.ones_like(w.sum(-1)))
+    plain = make(query="text")
+    plain.load_state_dict(fusion.state_dict())
+    assert (plain([text_tokens(lengths=[6, 3]), image_tokens()], return_maps=True).maps.weights[0] - w).abs().max() > 1e-3
     torch.testing.assert_close(fusion([text_tokens(lengths=[6, 3]), image_tokens()]).queries, out.queries)
 
 

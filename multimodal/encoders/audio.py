@@ -228,3 +228,11 @@ def ast_tiny_scenes(**overrides) -> AudioEncoder:
         "num_mel_bins": 64, "max_length": 300, "patch_size": 16, "frequency_stride": 16, "time_stride": 10,
         **overrides})
     return AudioEncoder(ASTModel(config), "ast-tiny-scenes").eval()
+
+
+@register_builtin("audio", "ast-local-scenes")
+def ast_local_scenes(**overrides) -> AudioEncoder:
+    """Local tokens: `ast-tiny-scenes`' patch embedding and positions with no transformer layers,
+    so each token holds only its own 16x16 spectrogram patch (0.16 s) and where it is."""
+    return AudioEncoder(ast_tiny_scenes(**{"num_hidden_layers": 0, **overrides}).model, "ast-local-scenes").eval()
+

@@ -165,8 +165,12 @@ def vit_tiny_scenes(**overrides) -> ImageEncoder:
     return ImageEncoder(model, "vit-tiny-scenes").eval()
 
 
-def conv_stem(in_chans: int = 3, widths: Sequence[int] = (24, 48, 96, 192)) -> nn.Sequential:
-    """Stride-2 3x3 conv + BatchNorm + ReLU per width (4 widths: 16x downsampling).
+def conv_stem(in_chans: int = 3, widths: Sequence[int] = (24, 48, 96, 192), kernel: int = 3) -> nn.Sequential:
+    """Stride-2 conv (padding 1) + BatchNorm + ReLU per width (4 widths: 16x downsampling).
+
+    With `kernel=3` a token's receptive field is centred on its cell's top-left pixel (half a cell,
+    7.5 px, up and left of the cell centre the maps are drawn at); `kernel=4` centres it exactly on
+    the cell (each layer shifts the centre by half an input pixel: 0.5 * (1 + 2 + 4 + 8) = 7.5).
 
     After Xiao et al. 2021, "Early convolutions help transformers see better", who report that a
     few small convs in place of the 16x16 linear patch embedding make a ViT train faster and more
@@ -175,7 +179,7 @@ def conv_stem(in_chans: int = 3, widths: Sequence[int] = (24, 48, 96, 192)) -> n
     """
     layers: list[nn.Module] = []
     for w in widths:
-        layers += [nn.Conv2d(in_chans, w, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+        layers += [nn.Conv2d(in_chans, w, kernel, stride=2, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
         in_chans = w
     return nn.Sequential(*layers)
 
@@ -187,10 +191,10 @@ default_cfgs = generate_default_cfgs({"vit_convstem_scenes": {
 
 @register_model
 def vit_convstem_scenes(pretrained: bool = False, stem_widths: Sequence[int] = (24, 48, 96, 192),
-                        **kwargs) -> VisionTransformer:
+                        stem_kernel: int = 3, **kwargs) -> VisionTransformer:
     """timm's VisionTransformer whose patch embedding is timm's HybridEmbed over `conv_stem`:
     one token per 2**len(stem_widths) pixels square, projected 1x1 to `embed_dim`."""
-    stem = conv_stem(kwargs.get("in_chans", 3), stem_widths)
+    stem = conv_stem(kwargs.get("in_chans", 3), stem_widths, stem_kernel)
     kwargs.setdefault("patch_size", 1)  # HybridEmbed's patch size is in feature-map cells
     return build_model_with_cfg(VisionTransformer, "vit_convstem_scenes", pretrained,  # pretrained: a local-dir: folder
                                 embed_layer=partial(HybridEmbed, backbone=stem), **kwargs)
@@ -202,3 +206,15 @@ def vit_conv_scenes(**overrides) -> ImageEncoder:
     args = {"img_size": 128, "embed_dim": 128, "depth": 2, "num_heads": 4, "num_classes": 0, **overrides}
     model = timm.create_model("vit_convstem_scenes", pretrained=False, **args)
     return ImageEncoder(model, "vit-conv-scenes").eval()
+
+
+@register_builtin("image", "vit-local-scenes")
+def vit_local_scenes(**overrides) -> ImageEncoder:
+    """Local tokens: the conv stem of `vit-conv-scenes` (4x4 kernels, so each token is centred on its
+    16-px cell) with no transformer blocks after it. A token sees about 46 px around its cell and
+    nothing else, so what a fusion query gathers is what is where it looks."""
+    args = {"img_size": 128, "embed_dim": 128, "depth": 0, "num_heads": 4, "num_classes": 0, "stem_kernel": 4,
+            **overrides}
+    model = timm.create_model("vit_convstem_scenes", pretrained=False, **args)
+    return ImageEncoder(model, "vit-local-scenes").eval()
+
