@@ -42,6 +42,7 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 1e-3  # fusion block and match head
     encoder_lr_scale: float = 0.3  # encoders train at lr * this (from-scratch encoders need the gentler rate)
+    encoder_lr_scales: Mapping[str, float] = field(default_factory=dict)  # per modality, e.g. {text = 0.1}: overrides it
     weight_decay: float = 0.05
     warmup: int = 100
     hard_negatives: int = 3  # one-attribute negatives per scene per step
@@ -81,6 +82,9 @@ class TrainConfig:
         if set(freeze) - set(MODALITIES):
             raise InputError(f"freeze={list(freeze)}: name modalities among {', '.join(MODALITIES)}")
         object.__setattr__(self, "freeze", MODALITIES if self.freeze_encoders else freeze)  # one mechanism
+        if set(self.encoder_lr_scales) - set(MODALITIES) or any(float(v) < 0 for v in self.encoder_lr_scales.values()):
+            raise InputError(f"encoder_lr_scales={dict(self.encoder_lr_scales)}: name modalities among "
+                             f"{', '.join(MODALITIES)} with scales >= 0")
         if self.steps < 1 or self.batch_size < 1:
             raise InputError("steps and batch_size must be >= 1")
         if self.pool_scenes < self.batch_size:
@@ -101,6 +105,7 @@ class TrainConfig:
         d = asdict(self)
         d["fusion"], d["scene"] = dict(self.fusion), dict(self.scene)
         d["curriculum_scene"] = dict(self.curriculum_scene)
+        d["encoder_lr_scales"] = dict(self.encoder_lr_scales)
         return d
 
 
@@ -520,9 +525,10 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
             p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = []
-    encoder_ids = {id(p) for p in model.encoders.parameters()}
-    for scale, in_encoders in ((tc.encoder_lr_scale, True), (1.0, False)):
-        ps = [p for p in params if (id(p) in encoder_ids) == in_encoders]
+    owner = {id(p): m for m, enc in model.encoders.items() for p in enc.parameters()}  # encoder params -> modality
+    scales = {m: float(tc.encoder_lr_scales.get(m, tc.encoder_lr_scale)) for m in model.encoders}
+    for name, scale in [*scales.items(), (None, 1.0)]:  # each encoder, then fusion + match head
+        ps = [p for p in params if owner.get(id(p)) == name]
         groups += [{"params": [p for p in ps if p.dim() >= 2], "weight_decay": tc.weight_decay, "lr_scale": scale},
                    {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=tc.lr)

@@ -208,6 +208,20 @@ def test_freeze_keeps_the_named_encoders_at_their_initial_weights(tmp_path):
         smoke(freeze=["video"])
 
 
+def test_per_modality_encoder_learning_rates(tmp_path):
+    """encoder_lr_scales overrides encoder_lr_scale per modality: at scale 0 the text encoder never moves."""
+    tc = smoke(steps=2, encoder_lr_scales={"text": 0.0}, encoder_lr_scale=1.0)
+    before = build_model(tc).state_dict()
+    train(tc, tmp_path / "run", progress=False)
+    after = MultimodalModel.from_pretrained(tmp_path / "run").state_dict()
+    same = {k.split(".")[1]: torch.equal(before[k], after[k]) for k in before if k.startswith("encoders.")
+            and before[k].is_floating_point() and "running" not in k and "batches" not in k}
+    assert same == {"text": True, "image": False, "audio": False}
+    for bad in ({"video": 0.1}, {"text": -1.0}):
+        with pytest.raises(InputError, match="encoder_lr_scales"):
+            smoke(encoder_lr_scales=bad)
+
+
 def test_masked_word_loss_reads_the_masked_words_from_the_scene():
     from multimodal.train import masked_word_loss, repeat_tokens
 
