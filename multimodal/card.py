@@ -11,7 +11,16 @@ import sys
 from pathlib import Path
 
 IMAGE_ENCODERS = {"vit-tiny-scenes": "timm ViT, 128 px, 16 px patches",
-                  "vit-conv-scenes": "timm ViT, 128 px, a 4-conv stem giving one token per 16 px"}
+                  "vit-conv-scenes": "timm ViT, 128 px, a 4-conv stem giving one token per 16 px",
+                  "vit-local-scenes": "timm ViT with no blocks over a 4-conv stem: one local token per 16 px cell"}
+AUDIO_ENCODERS = {"ast-tiny-scenes": "AST, 64 mel bins, 2 layers",
+                  "ast-local-scenes": "AST patch embedding with no layers: one local token per 16x16 patch"}
+MATCH_HEADS = {
+    "bilinear": "each caption token scores how well what it gathered (its fused query) agrees with what it "
+                "asked for; a soft minimum over tokens gives the caption/scene logit",
+    "attended": "each query scores how well what its cross-attention brought in (no residual copy of the "
+                "query) agrees with what it asked for; a soft minimum over queries gives the caption/scene logit",
+}
 TARGETS = {"matching": 0.95, "pointing": 0.90, "energy_gain": 3.0, "train_minutes": 20.0}
 
 
@@ -36,19 +45,27 @@ def model_card(checkpoint: str | Path) -> str:
         "## Architecture", "",
         f"- encoders (random init, trained here): text `{tc['text_encoder']}` (BERT), image "
         f"`{tc['image_encoder']}` ({IMAGE_ENCODERS.get(tc['image_encoder'], 'timm ViT')}), audio "
-        f"`{tc['audio_encoder']}` (AST, 64 mel bins)",
+        f"`{tc['audio_encoder']}` ({AUDIO_ENCODERS.get(tc['audio_encoder'], 'AST')})",
+        *(["- queries: each caption phrase (the words between 'and', 'with', 'then') is pooled into one query "
+           "(`phrase_queries`), so one attention distribution has to find the thing with all its attributes"]
+          if tc.get("phrase_queries") else []),
         f"- fusion: {fusion['layers']} layers x {fusion['heads']} heads, width {fusion['dim']}, "
         f"`{fusion['attention']}` attention, queries = `{fusion['query']}` tokens"
         f"{' with query self-attention' if fusion.get('query_self_attention') else ''}, "
-        f"positional codes {'on' if fusion.get('positional') else 'off'}",
-        f"- match head: `{config.get('match')}` (each caption token scores how well what it gathered "
-        "agrees with what it asked for; a soft minimum over tokens gives the caption/scene logit)", "",
+        f"positional codes {'on' if fusion.get('positional') else 'off'}"
+        + (", competitive normalisation (each key is shared out among the queries first, as in Slot Attention)"
+           if fusion.get("compete") else ""),
+        f"- match head: `{config.get('match')}` ({MATCH_HEADS.get(config.get('match'), 'an MLP on the pooled queries')})",
+        "",
         "## Training", "",
         "Reproduce: `multimodal train --preset default --out runs/default --eval-scenes 500` "
         f"(seed {tc['seed']}; the scenes are generated from that seed).", "",
         f"- {summary['steps']} steps, batch {tc['batch_size']} scenes, each scored against its caption, "
         f"{tc['hard_negatives']} one-attribute hard negatives and {tc['easy_negatives']} other scene's caption; "
-        f"AdamW lr {tc['lr']:g} (encoders x{tc['encoder_lr_scale']:g}), {tc['warmup']} warm-up steps, cosine decay",
+        f"AdamW lr {tc['lr']:g} (encoders x{tc['encoder_lr_scale']:g}"
+        + "".join(f", {m} x{v:g}" for m, v in (tc.get("encoder_lr_scales") or {}).items())
+        + (f"; frozen: {', '.join(tc['freeze'])}" if tc.get("freeze") else "")
+        + f"), {tc['warmup']} warm-up steps, cosine decay",
         f"- loss: softmax cross-entropy over the candidates + binary match/no-match, plus an in-batch "
         f"token-level contrastive term (weight {tc['contrastive_weight']:g}) on the encoder tokens"
         + (f", and the same term over each scene's own candidates (weight {tc['contrastive_hard_weight']:g})"

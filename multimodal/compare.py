@@ -80,7 +80,9 @@ RUN_ONLY_KEYS = ("device", "workers")  # how a run executes, not what it compute
 # the fingerprint at that value, so adding a field does not make every finished run stale
 NEUTRAL_KEYS = {"contrastive_hard_weight": 0.0, "negative_mining": 0.0, "curriculum_steps": 0,
                 "masked_word_weight": 0.0, "freeze": [], "masked_word_rate": 0.3,
-                "curriculum_scene": dict(ONE_OBJECT)}
+                "curriculum_scene": dict(ONE_OBJECT), "phrase_queries": False, "binding_negatives": 0.0,
+                "encoder_lr_scales": {}}
+NEUTRAL_FUSION_KEYS = {"compete": False}  # the same inside the fusion table
 
 
 # ---------------------------------------------------------------------------------------
@@ -339,6 +341,9 @@ def _comparable(config: Mapping) -> dict:
     for key, neutral in NEUTRAL_KEYS.items():
         if d.get(key) == neutral:
             d.pop(key)
+    for key, neutral in NEUTRAL_FUSION_KEYS.items():
+        if isinstance(d.get("fusion"), dict) and d["fusion"].get(key) == neutral:
+            d["fusion"].pop(key)
     return d
 
 

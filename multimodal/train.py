@@ -38,38 +38,38 @@ TRAIN_STATE = "train_state"  # train_state.safetensors (optimizer tensors) + tra
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
-    steps: int = 2600
+    steps: int = 2000
     batch_size: int = 32
     lr: float = 1e-3  # fusion block and match head
-    encoder_lr_scale: float = 0.3  # encoders train at lr * this (from-scratch encoders need the gentler rate)
+    encoder_lr_scale: float = 1.0  # encoders train at lr * this (0.3 suited the ViT/AST encoders with self-attention)
     encoder_lr_scales: Mapping[str, float] = field(default_factory=dict)  # per modality, e.g. {text = 0.1}: overrides it
     weight_decay: float = 0.05
     warmup: int = 100
     hard_negatives: int = 3  # one-attribute negatives per scene per step
     easy_negatives: int = 1  # other scenes' captions per scene per step
-    pool_scenes: int = 12000  # scenes generated once (features cached) and reused each epoch
+    pool_scenes: int = 8000  # scenes generated once (features cached) and reused each epoch
     val_scenes: int = 256  # held-out scenes for the periodic evaluation
     eval_every: int = 500
     checkpoint_every: int = 500
     text_encoder: str = "bert-tiny-scenes"
-    image_encoder: str = "vit-tiny-scenes"  # vit-conv-scenes (conv stem) was tried: worse here, see MODEL_CARD.md
-    audio_encoder: str = "ast-tiny-scenes"
+    image_encoder: str = "vit-local-scenes"  # local tokens: a query gathers only what is where it looks
+    audio_encoder: str = "ast-local-scenes"
     freeze_encoders: bool = False  # all of them: the same as freeze = ["text", "image", "audio"]
     freeze: tuple[str, ...] = ()  # modalities whose encoders keep their initial weights, e.g. ["text"]
-    match: str = "bilinear"
-    phrase_queries: bool = False  # the text encoder pools each caption phrase into one query (TextEncoder.phrase_pooling)
+    match: str = "attended"
+    phrase_queries: bool = True  # the text encoder pools each caption phrase into one query (TextEncoder.phrase_pooling)
     fusion: Mapping[str, Any] = field(default_factory=lambda: dict(
         dim=128, heads=4, layers=2, query="text", query_self_attention=True, attention="softmax",
-        positional=False))  # the encoders carry their own positions; sinusoids over text x key indices mislead
+        positional=False, compete=True))  # the encoders carry their own positions; sinusoids over text x key indices mislead
     scene: Mapping[str, Any] = field(default_factory=dict)
     contrastive_weight: float = 1.0  # in-batch token-level (FILIP-style) contrastive term on the encoders
     contrastive_temperature: float = 0.1
     contrastive_hard_weight: float = 0.0  # the same term over each scene's own candidates (its hard negatives)
     binding_negatives: float = 0.0  # share of colour/shape negatives whose new value another object has
-    negative_mining: float = 0.0  # > 0: draw the kinds of hard negative still got wrong more often (NegativeMining)
+    negative_mining: float = 2.0  # > 0: draw the kinds of hard negative still got wrong more often (NegativeMining)
     masked_word_weight: float = 0.0  # masked caption words predicted from the fused scene (masked_word_loss)
     masked_word_rate: float = 0.3  # share of each true caption's content tokens masked for that term
-    curriculum_steps: int = 1000  # first N steps: scenes with `curriculum_scene` over `scene` (not for a manifest)
+    curriculum_steps: int = 400  # first N steps: scenes with `curriculum_scene` over `scene` (not for a manifest)
     curriculum_scene: Mapping[str, Any] = field(default_factory=lambda: dict(ONE_OBJECT))
     manifest: str = ""  # a JSONL manifest of your own pairs (multimodal.data.manifest) instead of scenes
     device: str = "cuda" if torch.cuda.is_available() else "cpu"

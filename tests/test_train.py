@@ -226,7 +226,7 @@ def test_masked_word_loss_reads_the_masked_words_from_the_scene():
     from multimodal.train import masked_word_loss, repeat_tokens
 
     torch.manual_seed(0)
-    tc = smoke(masked_word_weight=1.0)
+    tc = smoke(masked_word_weight=1.0, match="bilinear")  # the term reads words through the bilinear head
     model = build_model(tc)
     scenes = [generate_scene(s) for s in (1, 2)]
     captions = [c for s in scenes for c in (s.caption, "a red star")]  # 2 candidates per scene, true first
