@@ -174,8 +174,8 @@ def conv_stem(in_chans: int = 3, widths: Sequence[int] = (24, 48, 96, 192), kern
 
     After Xiao et al. 2021, "Early convolutions help transformers see better", who report that a
     few small convs in place of the 16x16 linear patch embedding make a ViT train faster and more
-    stably. On the procedural scenes it did not teach shape within a 20-minute CPU budget
-    (assets/MODEL_CARD.md, "what was tried"); it is here for comparison runs.
+    stably. With no transformer blocks after it (`vit-local-scenes`) it is the embedded default's
+    image encoder: its tokens stay local (assets/MODEL_CARD.md).
     """
     layers: list[nn.Module] = []
     for w in widths:
