@@ -42,7 +42,7 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 1e-3  # fusion block and match head
     encoder_lr_scale: float = 1.0  # encoders train at lr * this (0.3 suited the ViT/AST encoders with self-attention)
-    encoder_lr_scales: Mapping[str, float] = field(default_factory=dict)  # per modality, e.g. {text = 0.1}: overrides it
+    encoder_lr_scales: Mapping[str, float] = field(default_factory=lambda: {"audio": 0.3})  # per modality: overrides it
     weight_decay: float = 0.05
     warmup: int = 100
     hard_negatives: int = 3  # one-attribute negatives per scene per step
