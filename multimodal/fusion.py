@@ -60,6 +60,9 @@ class FusionConfig:
             bad("num_latents", "must be >= 1 with latent queries")
         if self.attention not in ATTENTION_KINDS:
             bad("attention", f"must be one of {ATTENTION_KINDS}")
+        if self.compete and self.attention != "softmax":
+            bad("compete", f"shares keys out with a softmax over queries; it cannot combine with attention="
+                           f"{self.attention!r}: use attention='softmax'")
         if self.top_k <= 0:
             bad("top_k", "must be >= 1")
         if not 0.0 <= self.dropout < 1.0:

@@ -254,6 +254,8 @@ def test_bad_inputs_get_clear_errors():
         maps.audio_maps(0)
     with pytest.raises(InputError, match="FusionConfig.attention"):
         FusionConfig(attention="flash")
+    with pytest.raises(InputError, match="FusionConfig.compete"):
+        FusionConfig(compete=True, attention="entmax15")  # it would silently ignore the kind
     with pytest.raises(InputError, match="unknown fusion config key"):
         FusionConfig.from_dict({"dims": 3})
     with pytest.raises(InputError, match="head_mask"):
