@@ -59,7 +59,7 @@ class MultimodalModel(nn.Module):
             raise InputError(f"match={match!r}: use one of {MATCH_POOLS}")
         self.match = match
         self.match_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
-        if match in ("bilinear", "attended"):  # <asked(input query), gathered(fused query)> + bias
+        if match in ("bilinear", "attended"):  # <asked(input query), gathered(fused query or attended)> + bias
             self.match_asked = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d))
             self.match_gathered = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d))
         self.meta = dict(meta or {})

@@ -15,7 +15,7 @@ from multimodal.encoders import (BUILTINS, AudioEncoder, ImageEncoder, TextEncod
                                  encoder_from_config)
 from multimodal.encoders.audio import AST_PREFIX, HOP_SECONDS, log_mel
 from multimodal.encoders.registry import register_builtin
-from multimodal.encoders.text import phrase_groups
+from multimodal.encoders.text import batch_phrase_groups, phrase_groups
 from multimodal.types import InputError
 
 BUILTIN = {"text": "bert-tiny-scenes", "image": "vit-tiny-scenes", "audio": "ast-tiny-scenes"}
@@ -103,7 +103,7 @@ def test_phrase_pooling_gives_every_phrase_token_the_phrase_mean(encoders, tmp_p
         finally:
             text.phrase_pooling = False
     assert rebuilt.phrase_pooling  # the option travels with the checkpoint's config
-    groups = batch["phrases"]
+    groups = batch_phrase_groups(batch)
     for b in range(2):
         for g in range(int(groups[b].max()) + 1):
             rows = groups[b] == g

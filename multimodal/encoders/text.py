@@ -59,6 +59,13 @@ def phrase_groups(tokens: Sequence[str], content: Sequence[bool]) -> list[int]:
     return groups
 
 
+def batch_phrase_groups(batch: dict[str, Any]) -> Tensor:
+    """(B, N) `phrase_groups` of a preprocessed batch (its token strings and content mask)."""
+    content = (batch["attention_mask"].bool() & ~batch["special"]).tolist()
+    return torch.tensor([phrase_groups(t, c) for t, c in zip(batch["geometry"].tokens, content)],
+                        dtype=torch.long).view(len(content), -1)
+
+
 def pool_phrases(hidden: Tensor, groups: Tensor) -> Tensor:
     """(B, N, D) tokens, (B, N) phrase numbers -> each phrase's tokens replaced by the phrase mean."""
     if not bool((groups >= 0).any()):
@@ -183,8 +190,6 @@ class TextEncoder(nn.Module):
                           for (a, b), m in zip(enc["offset_mapping"][i].tolist(), mask[i].tolist())])
         batch = {k: enc[k] for k in MODEL_INPUTS if k in enc}
         batch["special"] = special
-        batch["phrases"] = torch.tensor([phrase_groups(t, c) for t, c in zip(tokens, content.tolist())],
-                                        dtype=torch.long).view(len(texts), -1)  # (B, N)
         batch["geometry"] = TextGeometry(texts=texts, tokens=tokens, spans=spans)
         return batch
 
@@ -202,7 +207,7 @@ class TextEncoder(nn.Module):
             out = self.model(**inputs)
         hidden = out.last_hidden_state  # (B, N, D)
         if self.phrase_pooling:
-            hidden = pool_phrases(hidden, batch["phrases"].to(device))
+            hidden = pool_phrases(hidden, batch_phrase_groups(batch).to(device))
         return ModalityTokens(tokens=hidden,  # (B, N, D)
                               mask=inputs["attention_mask"].bool(), modality="text",
                               special=batch["special"].to(device), geometry=batch["geometry"],
