@@ -54,7 +54,9 @@ def model_card(checkpoint: str | Path) -> str:
         f"{' with query self-attention' if fusion.get('query_self_attention') else ''}, "
         f"positional codes {'on' if fusion.get('positional') else 'off'}"
         + (", competitive normalisation (each key is shared out among the queries first, as in Slot Attention)"
-           if fusion.get("compete") else ""),
+           if fusion.get("compete") else "")
+        + (f", with {fusion['sinks']} learned background queries per head that take the keys no phrase claims "
+           "and are then dropped (`sinks`)" if fusion.get("sinks") else ""),
         f"- match head: `{config.get('match')}` ({MATCH_HEADS.get(config.get('match'), 'an MLP on the pooled queries')})",
         "",
         "## Training", "",

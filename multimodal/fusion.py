@@ -40,6 +40,7 @@ class FusionConfig:
     top_k: int = 8  # keys kept per query for attention="topk"
     query_self_attention: bool = False  # queries also attend to each other (decoder-style) in each layer
     compete: bool = False  # queries compete for keys: softmax over queries first, then rows renormalised (Slot Attention)
+    sinks: int = 0  # with compete: learned background queries per head that take keys' shares but are not outputs
     positional: bool = True  # sinusoidal position (index within each modality) added to tokens
     modality_embeddings: bool = True  # a learned vector per modality added to its tokens
     input_dims: Mapping[str, int] = field(default_factory=dict)  # encoder width per modality (default: dim)
@@ -63,6 +64,8 @@ class FusionConfig:
         if self.compete and self.attention != "softmax":
             bad("compete", f"shares keys out with a softmax over queries; it cannot combine with attention="
                            f"{self.attention!r}: use attention='softmax'")
+        if self.sinks < 0 or (self.sinks and not self.compete):
+            bad("sinks", "background queries only exist in the competition for keys: use compete=True (or sinks=0)")
         if self.top_k <= 0:
             bad("top_k", "must be >= 1")
         if not 0.0 <= self.dropout < 1.0:
@@ -149,14 +152,20 @@ def entmax15_attention(logits: Tensor, mask: Tensor) -> Tensor:
     return (p / p.sum(-1, keepdim=True)).to(logits.dtype)  # exact up to rounding; renormalise it away
 
 
-def competitive_attention(logits: Tensor, mask: Tensor, query_mask: Tensor, eps: float = 1e-8) -> Tensor:
+def competitive_attention(logits: Tensor, mask: Tensor, query_mask: Tensor, eps: float = 1e-8,
+                          sink_logits: Tensor | None = None) -> Tensor:
     """Slot-Attention normalisation (Locatello et al. 2020): each key shares itself out among the
     queries (softmax over queries), then each query's row is renormalised over the keys.
 
     `mask` (B, 1, 1, Nk) valid keys, `query_mask` (B, 1, Nq, 1) valid queries; padded queries take
     no share (their rows come out uniform over the valid keys). Rows sum to 1 like every kind.
+    `sink_logits` (B, H, S, Nk), when given, are background queries that compete for every key
+    and are then dropped: a key no real query claims goes to them instead of being spread thin.
     """
-    share = logits.masked_fill(~query_mask, float("-inf")).softmax(-2)  # (B, H, Nq, Nk), columns sum to 1
+    z = logits.masked_fill(~query_mask, float("-inf"))
+    if sink_logits is not None:
+        z = torch.cat([z, sink_logits], dim=-2)  # (B, H, Nq + S, Nk)
+    share = z.softmax(-2)[..., : logits.shape[-2], :]  # (B, H, Nq, Nk), columns sum to <= 1
     share = (share + eps).masked_fill(~query_mask, 1.0).masked_fill(~mask, 0.0)
     return share / share.sum(-1, keepdim=True)
 
@@ -184,6 +193,8 @@ class CrossAttention(nn.Module):
         self.out = nn.Linear(cfg.dim, cfg.dim)
         self.attend = attention_function(cfg)
         self.compete = cfg.compete
+        # background queries per head (compete only), in the space of the projected queries
+        self.sinks = nn.Parameter(torch.randn(cfg.heads, cfg.sinks, self.head_dim) * 0.02) if cfg.sinks else None
         self.fused = cfg.attention == "softmax" and not cfg.compete  # SDPA computes exactly softmax attention
         self.dropout = cfg.dropout
 
@@ -202,7 +213,8 @@ class CrossAttention(nn.Module):
         elif self.compete:  # columns couple all queries: one pass over the whole (B, H, Nq, Nk)
             qm = (torch.ones(B, Nq, dtype=torch.bool, device=x.device) if query_mask is None else query_mask)
             logits = (q / math.sqrt(hd)) @ k.transpose(-2, -1)  # (B, H, Nq, Nk)
-            w = competitive_attention(logits, mask, qm[:, None, :, None])  # (B, H, Nq, Nk)
+            sink_logits = None if self.sinks is None else (self.sinks / math.sqrt(hd)) @ k.transpose(-2, -1)
+            w = competitive_attention(logits, mask, qm[:, None, :, None], sink_logits=sink_logits)  # (B, H, Nq, Nk)
             o = F.dropout(w, p, self.training) @ v  # (B, H, Nq, hd)
         elif torch.is_grad_enabled():  # explicit, differentiable (gradient relevance, importance)
             logits = (q / math.sqrt(hd)) @ k.transpose(-2, -1)  # (B, H, Nq, Nk)

@@ -193,6 +193,31 @@ def test_competitive_attention_shares_each_key_among_the_queries():
     torch.testing.assert_close(fusion([text_tokens(lengths=[6, 3]), image_tokens()]).queries, out.queries)
 
 
+def test_sink_queries_take_the_keys_no_real_query_claims():
+    # two queries, two keys; one sink with a large logit on key 1 only
+    z = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])  # (1, 1, 2, 2)
+    sink = torch.tensor([[[[0.0, 8.0]]]])  # (1, 1, 1, 2)
+    mask = torch.ones(1, 1, 1, 2, dtype=torch.bool)
+    qmask = torch.ones(1, 1, 2, 1, dtype=torch.bool)
+    w = competitive_attention(z, mask, qmask, eps=0.0, sink_logits=sink)
+    share = torch.cat([z, sink], 2).softmax(2)[0, 0, :2]  # (query, key) with the sink's share removed
+    torch.testing.assert_close(w[0, 0], share / share.sum(1, keepdim=True))
+    without = competitive_attention(z, mask, qmask, eps=0.0)
+    assert w[0, 0, 0, 1] < 0.01 < without[0, 0, 0, 1]  # key 1 went to the sink, not to query 0
+    # through the block: sinks are per-layer parameters, rows still sum to 1, outputs change with them
+    fusion = make(query="text", compete=True, sinks=2)
+    assert fusion.layers[0].attn.sinks.shape == (fusion.cfg.heads, 2, fusion.cfg.dim // fusion.cfg.heads)
+    out = fusion([text_tokens(lengths=[6, 3]), image_tokens()], return_maps=True)
+    w = out.maps.weights[0]
+    torch.testing.assert_close(w.sum(-1), torch.ones_like(w.sum(-1)))
+    with torch.no_grad():
+        for layer in fusion.layers:
+            layer.attn.sinks.fill_(0.0).add_(torch.randn_like(layer.attn.sinks))
+    assert (fusion([text_tokens(lengths=[6, 3]), image_tokens()], return_maps=True).maps.weights[0] - w).abs().max() > 1e-3
+    with pytest.raises(InputError, match="FusionConfig.sinks"):
+        FusionConfig(sinks=2)  # no competition to take part in
+
+
 def test_sparse_kinds_match_hand_computed_cases():
     mask = torch.ones(1, 1, 1, 3, dtype=torch.bool)
     z = torch.tensor([[[[2.0, 1.0, -1.0]]]])
