@@ -97,12 +97,15 @@ def model_card(checkpoint: str | Path) -> str:
     for mod, s in result["summary"].items():
         base = result["baselines"].get(mod, {})
         uniform = base.get("uniform", {}).get("mean_energy")
-        gain = s["mean_energy"] / uniform if uniform else float("nan")
+        ratio = s["mean_energy"] / uniform if uniform else float("nan")
+        gain = s.get("mean_energy_gain", ratio)  # per phrase: energy / its region's share, as eval.md reports it
         lines += ["", f"### {mod} grounding", "",
                   f"- best head (L{s['best_head']['layer']} H{s['best_head']['head']}) pointing game: "
                   f"{_met(s['best_pointing'], TARGETS['pointing'])}",
                   f"- mean over heads of energy inside the region: {s['mean_energy']:.3f}, "
-                  f"{_met(gain, TARGETS['energy_gain'])} x the uniform map's {uniform:.3f}" if uniform else "", "",
+                  f"{_met(gain, TARGETS['energy_gain'])} x the uniform map (per phrase, energy over the region's "
+                  f"share, as in the table below; the ratio of the means is {ratio:.2f} x the uniform map's "
+                  f"{uniform:.3f})" if uniform else "", "",
                   "| source | best-head pointing | mean pointing | mean energy |", "|---|---|---|---|"]
         heads = [r for r in result["heads"] if r["modality"] == mod]
         mean_pointing = sum(r["pointing"] for r in heads) / len(heads)

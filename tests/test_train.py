@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from multimodal.card import model_card
 from multimodal.cli import main
 from multimodal.data.manifest import scene_to_manifest_row, write_manifest
 from multimodal.data.scenes import generate_scene
@@ -15,7 +16,7 @@ from multimodal.model import MultimodalModel
 from multimodal.train import NegativeMining, build_model, contrastive_loss, load_config, train
 from multimodal.types import InputError, ModalityTokens
 
-TINY = {"fusion.dim": 32, "fusion.heads": 2}
+TINY = {"fusion.dim": 32, "fusion.heads": 2, "fusion.layers": 2}  # two layers: per-layer paths are exercised
 
 
 def smoke(**overrides):
@@ -90,6 +91,14 @@ def test_eval_reports_every_head_and_the_baselines(tmp_path):
         assert heads == {(l, h) for l in range(2) for h in range(2)}, mod
         assert set(saved["baselines"][mod]) == {"uniform", "random_init", "grad_relevance"}
         assert 0.0 <= saved["summary"][mod]["best_pointing"] <= 1.0
+    # the model card quotes eval's own figures: the per-phrase energy gain (as eval.md) and the ratio of means
+    card = model_card(tmp_path / "run")
+    for mod in ("image", "audio"):
+        s = saved["summary"][mod]
+        section = card.split(f"### {mod} grounding")[1].split("###")[0]
+        assert f"**{s['mean_energy_gain']:.3f}**" in section, mod
+        ratio = s["mean_energy"] / saved["baselines"][mod]["uniform"]["mean_energy"]
+        assert f"the ratio of the means is {ratio:.2f} x" in section, mod
 
 
 def test_train_command_line(tmp_path, capsys):
