@@ -38,7 +38,7 @@ TRAIN_STATE = "train_state"  # train_state.safetensors (optimizer tensors) + tra
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
-    steps: int = 2000
+    steps: int = 2600
     batch_size: int = 32
     lr: float = 1e-3  # fusion block and match head
     encoder_lr_scale: float = 1.0  # encoders train at lr * this (0.3 suited the ViT/AST encoders with self-attention)
@@ -59,8 +59,8 @@ class TrainConfig:
     match: str = "attended"
     phrase_queries: bool = True  # the text encoder pools each caption phrase into one query (TextEncoder.phrase_pooling)
     fusion: Mapping[str, Any] = field(default_factory=lambda: dict(
-        dim=128, heads=4, layers=2, query="text", query_self_attention=True, attention="softmax",
-        positional=False, compete=True))  # the encoders carry their own positions; sinusoids over text x key indices mislead
+        dim=128, heads=4, layers=1, query="text", query_self_attention=True, attention="softmax",
+        positional=False, compete=True, sinks=8))  # the encoders carry their own positions; sinusoids over text x key indices mislead
     scene: Mapping[str, Any] = field(default_factory=dict)
     contrastive_weight: float = 1.0  # in-batch token-level (FILIP-style) contrastive term on the encoders
     contrastive_temperature: float = 0.1
