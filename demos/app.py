@@ -554,7 +554,8 @@ def _model_summary(model: MultimodalModel) -> str:
     q = "text-token queries" if cfg.query == "text" else (
         f"{cfg.num_latents} learned latent queries" if cfg.query == "latents" else f"{cfg.query}-token queries")
     encs = ", ".join(f"{m} `{getattr(model.encoders[m], 'spec', '?')}`" for m in model.modalities)
-    return f"{encs}; fusion {cfg.layers} layers x {cfg.heads} heads, {cfg.attention} attention, {q}"
+    layers = f"{cfg.layers} layer{'s' if cfg.layers != 1 else ''}"
+    return f"{encs}; fusion {layers} x {cfg.heads} heads, {cfg.attention} attention, {q}"
 
 
 def describe_model(model: MultimodalModel, source: str | Path | None) -> str:

@@ -49,7 +49,8 @@ def model_card(checkpoint: str | Path) -> str:
         *(["- queries: each caption phrase (the words between 'and', 'with', 'then') is pooled into one query "
            "(`phrase_queries`), so one attention distribution has to find the thing with all its attributes"]
           if tc.get("phrase_queries") else []),
-        f"- fusion: {fusion['layers']} layers x {fusion['heads']} heads, width {fusion['dim']}, "
+        f"- fusion: {fusion['layers']} layer{'s' if fusion['layers'] != 1 else ''} x {fusion['heads']} heads, "
+        f"width {fusion['dim']}, "
         f"`{fusion['attention']}` attention, queries = `{fusion['query']}` tokens"
         f"{' with query self-attention' if fusion.get('query_self_attention') else ''}, "
         f"positional codes {'on' if fusion.get('positional') else 'off'}"
