@@ -58,7 +58,9 @@ def model_card(checkpoint: str | Path) -> str:
            if fusion.get("compete") else "")
         + (f", with {fusion['sinks']} learned background queries per head that take the keys no phrase claims "
            "and are then dropped (`sinks`)" if fusion.get("sinks") else ""),
-        f"- match head: `{config.get('match')}` ({MATCH_HEADS.get(config.get('match'), 'an MLP on the pooled queries')})",
+        f"- match head: `{config.get('match')}` ({MATCH_HEADS.get(config.get('match'), 'an MLP on the pooled queries')})"
+        + ("; the soft minimum takes the phrase queries only, not the joining words 'and', 'with', 'then' "
+           "(`match_over = \"phrases\"`)" if config.get("match_over") == "phrases" else ""),
         "",
         "## Training", "",
         "Reproduce: `multimodal train --preset default --out runs/default --eval-scenes 500` "

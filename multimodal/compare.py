@@ -81,7 +81,7 @@ RUN_ONLY_KEYS = ("device", "workers")  # how a run executes, not what it compute
 NEUTRAL_KEYS = {"contrastive_hard_weight": 0.0, "negative_mining": 0.0, "curriculum_steps": 0,
                 "masked_word_weight": 0.0, "freeze": [], "masked_word_rate": 0.3,
                 "curriculum_scene": dict(ONE_OBJECT), "phrase_queries": False, "binding_negatives": 0.0,
-                "encoder_lr_scales": {}}
+                "encoder_lr_scales": {}, "match_over": "content"}
 NEUTRAL_FUSION_KEYS = {"compete": False, "sinks": 0}  # the same inside the fusion table
 
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from multimodal.encoders import build_encoder, encoder_from_config
+from multimodal.encoders.text import phrase_member
 from multimodal.fusion import CrossAttentionFusion, FusionConfig, FusionOutput, MapRequest
 from multimodal.types import MODALITIES, InputError, ModalityTokens
 
@@ -27,6 +28,9 @@ CHECKPOINT_FORMAT = "multimodal-sandbox-checkpoint/1"
 # "attended": the same, but what a query gathered is only what its cross-attention brought in (summed over
 # layers, no residual copy of the query): a query scores well only by attending where its answer is.
 MATCH_POOLS = ("mean", "softmin", "bilinear", "attended")
+# which text queries the soft minimum takes: "content" = all but CLS / SEP; "phrases" = only tokens inside a
+# phrase, not the joining words ("and", "with", "then"), which name nothing and ask the same in every candidate
+MATCH_OVER = ("content", "phrases")
 SOFTMIN_TEMPERATURE = 0.5
 DEFAULT_SPECS = {"text": "bert-tiny-scenes", "image": "vit-tiny-scenes", "audio": "ast-tiny-scenes"}
 
@@ -44,7 +48,7 @@ class ModelOutput:
 
 class MultimodalModel(nn.Module):
     def __init__(self, encoders: Mapping[str, nn.Module], fusion: FusionConfig | Mapping,
-                 match: str = "mean", meta: Mapping[str, Any] | None = None):
+                 match: str = "mean", meta: Mapping[str, Any] | None = None, match_over: str = "content"):
         super().__init__()
         if not encoders:
             raise InputError("a model needs at least one encoder")
@@ -58,6 +62,9 @@ class MultimodalModel(nn.Module):
         if match not in MATCH_POOLS:
             raise InputError(f"match={match!r}: use one of {MATCH_POOLS}")
         self.match = match
+        if match_over not in MATCH_OVER:
+            raise InputError(f"match_over={match_over!r}: use one of {MATCH_OVER}")
+        self.match_over = match_over
         self.match_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
         if match in ("bilinear", "attended"):  # <asked(input query), gathered(fused query or attended)> + bias
             self.match_asked = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d))
@@ -68,7 +75,7 @@ class MultimodalModel(nn.Module):
 
     @classmethod
     def from_specs(cls, fusion: FusionConfig | Mapping | None = None, match: str = "mean",
-                   **specs: str | None) -> "MultimodalModel":
+                   match_over: str = "content", **specs: str | None) -> "MultimodalModel":
         """Build from encoder specs (built-in name, local directory or hub name) per modality.
 
         `MultimodalModel.from_specs(text="bert-tiny-scenes", image="vit-tiny-scenes", audio=None)`.
@@ -79,7 +86,7 @@ class MultimodalModel(nn.Module):
             raise InputError(f"unknown modality {sorted(unknown)}; use {MODALITIES}")
         chosen = {**DEFAULT_SPECS, **specs}
         encoders = {m: build_encoder(m, s) for m, s in chosen.items() if s}
-        return cls(encoders, fusion or FusionConfig(), match=match)
+        return cls(encoders, fusion or FusionConfig(), match=match, match_over=match_over)
 
     @property
     def cfg(self) -> FusionConfig:
@@ -128,6 +135,8 @@ class MultimodalModel(nn.Module):
             content = fused.query_mask.clone()
             if "text" in tokens and self.cfg.query == "text":
                 content &= ~tokens["text"].special
+                if self.match_over == "phrases":
+                    content &= phrase_member(tokens["text"]).to(content.device)
             t = SOFTMIN_TEMPERATURE
             score = -t * torch.logsumexp((-per_query / t).masked_fill(~content, float("-inf")), dim=1)  # (B,)
         return ModelOutput(score=score, fused=fused, tokens=dict(tokens))
@@ -148,6 +157,7 @@ class MultimodalModel(nn.Module):
             "encoders": {m: enc.config_dict() for m, enc in self.encoders.items()},
             "fusion": self.cfg.to_dict(),
             "match": self.match,
+            "match_over": self.match_over,
             "meta": {**self.meta, **dict(extra_meta or {})},
         }
         if "text" in self.encoders:
@@ -171,7 +181,8 @@ class MultimodalModel(nn.Module):
                              "`multimodal train` or use the matching sandbox version.")
         encoders = {m: encoder_from_config(m, d, tokenizer_dir=directory / "tokenizer")
                     for m, d in config["encoders"].items()}
-        model = cls(encoders, config["fusion"], match=config.get("match", "mean"), meta=config.get("meta"))
+        model = cls(encoders, config["fusion"], match=config.get("match", "mean"), meta=config.get("meta"),
+                    match_over=config.get("match_over", "content"))
         state = load_file(str(weights), device=str(map_location))
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:

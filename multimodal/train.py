@@ -57,6 +57,7 @@ class TrainConfig:
     freeze_encoders: bool = False  # all of them: the same as freeze = ["text", "image", "audio"]
     freeze: tuple[str, ...] = ()  # modalities whose encoders keep their initial weights, e.g. ["text"]
     match: str = "attended"
+    match_over: str = "content"  # "phrases": the soft minimum leaves out joining words ("and", "with", "then")
     phrase_queries: bool = True  # the text encoder pools each caption phrase into one query (TextEncoder.phrase_pooling)
     fusion: Mapping[str, Any] = field(default_factory=lambda: dict(
         dim=128, heads=4, layers=1, query="text", query_self_attention=True, attention="softmax",
@@ -471,7 +472,7 @@ def build_model(tc: TrainConfig, modalities: tuple[str, ...] = ("text", "image",
     torch.manual_seed(tc.seed)
     specs = {"text": tc.text_encoder, "image": tc.image_encoder, "audio": tc.audio_encoder}
     model = MultimodalModel.from_specs(fusion=FusionConfig.from_dict(dict(tc.fusion)), match=tc.match,
-                                       **{m: (s if m in modalities else None) for m, s in specs.items()})
+                                       match_over=tc.match_over, **{m: (s if m in modalities else None) for m, s in specs.items()})
     if tc.phrase_queries:
         model.encoders["text"].phrase_pooling = True
     return model

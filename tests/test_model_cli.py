@@ -10,7 +10,8 @@ from PIL import Image
 
 from multimodal import FusionConfig, InputError
 from multimodal.cli import main
-from multimodal.model import MultimodalModel
+from multimodal.encoders.text import phrase_member
+from multimodal.model import SOFTMIN_TEMPERATURE, MultimodalModel
 from multimodal.types import AttentionMaps
 
 
@@ -61,6 +62,35 @@ def test_every_match_head_round_trips_and_ignores_padding(match, inputs, tmp_pat
     assert back.match == match
     with torch.no_grad():
         torch.testing.assert_close(back(text=texts, image=[inputs / "scene.png"] * 2).score, both)
+
+
+def test_match_over_phrases_leaves_joining_words_out_of_the_soft_minimum(inputs, tmp_path):
+    torch.manual_seed(2)
+    m = MultimodalModel.from_specs(fusion=FusionConfig(dim=32, heads=2, layers=1, query="text"), match="attended",
+                                   match_over="phrases", audio=None).eval()
+    text = ["a red square and a blue circle with a mid tone then a low tone"]
+    with torch.no_grad():
+        tokens = m.encode(m.preprocess(text=text, image=[inputs / "scene.png"]))
+        member = phrase_member(tokens["text"])[0]
+        words = tokens["text"].geometry.tokens[0]
+        assert [w for w, k in zip(words, member.tolist()) if not k] == ["[CLS]", "and", "with", "then", "[SEP]"]
+        out = m.fuse(tokens)
+        f = out.fused
+        per_query = (m.match_asked(f.query_inputs) * m.match_gathered(f.attended)).sum(-1) / 32 ** 0.5 \
+            + m.match_head[-1].bias  # (1, Nq)
+        expected = -SOFTMIN_TEMPERATURE * torch.logsumexp(-per_query[0, member] / SOFTMIN_TEMPERATURE, 0)
+        torch.testing.assert_close(out.score[0], expected)
+        m.match_over = "content"  # the joining words count again: a different score
+        assert (m.fuse(tokens).score[0] - expected).abs() > 1e-4
+        m.match_over = "phrases"
+    back = MultimodalModel.from_pretrained(m.save_pretrained(tmp_path / "phrases"))
+    assert back.match_over == "phrases"
+    config = json.loads((tmp_path / "phrases" / "config.json").read_text())
+    config.pop("match_over")  # a checkpoint from before the option keeps its soft minimum over all content
+    (tmp_path / "phrases" / "config.json").write_text(json.dumps(config))
+    assert MultimodalModel.from_pretrained(tmp_path / "phrases").match_over == "content"
+    with pytest.raises(InputError, match="match_over"):
+        MultimodalModel.from_specs(fusion=FusionConfig(dim=32, heads=2, layers=1, query="text"), match_over="words")
 
 
 def test_checkpoint_from_another_version_is_refused(model, tmp_path):

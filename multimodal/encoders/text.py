@@ -66,6 +66,13 @@ def batch_phrase_groups(batch: dict[str, Any]) -> Tensor:
                         dtype=torch.long).view(len(content), -1)
 
 
+def phrase_member(text: ModalityTokens) -> Tensor:
+    """(B, N) bool: the text tokens inside a phrase (`phrase_groups` >= 0), not CLS / SEP, padding or joining words."""
+    content = (text.mask & ~text.special).tolist()
+    return torch.tensor([[g >= 0 for g in phrase_groups(t, c)] for t, c in zip(text.geometry.tokens, content)],
+                        dtype=torch.bool).view(len(content), -1)
+
+
 def pool_phrases(hidden: Tensor, groups: Tensor) -> Tensor:
     """(B, N, D) tokens, (B, N) phrase numbers -> each phrase's tokens replaced by the phrase mean."""
     if not bool((groups >= 0).any()):
