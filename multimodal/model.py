@@ -135,8 +135,9 @@ class MultimodalModel(nn.Module):
             content = fused.query_mask.clone()
             if "text" in tokens and self.cfg.query == "text":
                 content &= ~tokens["text"].special
-                if self.match_over == "phrases":
-                    content &= phrase_member(tokens["text"]).to(content.device)
+                if self.match_over == "phrases":  # a caption of joining words only keeps its content tokens
+                    member = phrase_member(tokens["text"]).to(content.device) & content
+                    content = torch.where(member.any(1, keepdim=True), member, content)
             t = SOFTMIN_TEMPERATURE
             score = -t * torch.logsumexp((-per_query / t).masked_fill(~content, float("-inf")), dim=1)  # (B,)
         return ModelOutput(score=score, fused=fused, tokens=dict(tokens))

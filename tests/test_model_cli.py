@@ -83,6 +83,8 @@ def test_match_over_phrases_leaves_joining_words_out_of_the_soft_minimum(inputs,
         m.match_over = "content"  # the joining words count again: a different score
         assert (m.fuse(tokens).score[0] - expected).abs() > 1e-4
         m.match_over = "phrases"
+        only_joining = m(text=["and then"], image=[inputs / "scene.png"]).score  # no phrase: its content counts
+        assert torch.isfinite(only_joining).all()
     back = MultimodalModel.from_pretrained(m.save_pretrained(tmp_path / "phrases"))
     assert back.match_over == "phrases"
     config = json.loads((tmp_path / "phrases" / "config.json").read_text())
