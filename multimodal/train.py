@@ -472,7 +472,8 @@ def build_model(tc: TrainConfig, modalities: tuple[str, ...] = ("text", "image",
     torch.manual_seed(tc.seed)
     specs = {"text": tc.text_encoder, "image": tc.image_encoder, "audio": tc.audio_encoder}
     model = MultimodalModel.from_specs(fusion=FusionConfig.from_dict(dict(tc.fusion)), match=tc.match,
-                                       match_over=tc.match_over, **{m: (s if m in modalities else None) for m, s in specs.items()})
+                                       match_over=tc.match_over,
+                                       **{m: (s if m in modalities else None) for m, s in specs.items()})
     if tc.phrase_queries:
         model.encoders["text"].phrase_pooling = True
     return model

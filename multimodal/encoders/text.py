@@ -59,18 +59,20 @@ def phrase_groups(tokens: Sequence[str], content: Sequence[bool]) -> list[int]:
     return groups
 
 
+def _batch_groups(tokens: Sequence[Sequence[str]], content: Tensor) -> Tensor:
+    """(B, N) `phrase_groups` per caption, from its token strings and (B, N) content mask (on the CPU)."""
+    rows = content.tolist()
+    return torch.tensor([phrase_groups(t, c) for t, c in zip(tokens, rows)], dtype=torch.long).view(len(rows), -1)
+
+
 def batch_phrase_groups(batch: dict[str, Any]) -> Tensor:
     """(B, N) `phrase_groups` of a preprocessed batch (its token strings and content mask)."""
-    content = (batch["attention_mask"].bool() & ~batch["special"]).tolist()
-    return torch.tensor([phrase_groups(t, c) for t, c in zip(batch["geometry"].tokens, content)],
-                        dtype=torch.long).view(len(content), -1)
+    return _batch_groups(batch["geometry"].tokens, batch["attention_mask"].bool() & ~batch["special"])
 
 
 def phrase_member(text: ModalityTokens) -> Tensor:
     """(B, N) bool: the text tokens inside a phrase (`phrase_groups` >= 0), not CLS / SEP, padding or joining words."""
-    content = (text.mask & ~text.special).tolist()
-    return torch.tensor([[g >= 0 for g in phrase_groups(t, c)] for t, c in zip(text.geometry.tokens, content)],
-                        dtype=torch.bool).view(len(content), -1)
+    return _batch_groups(text.geometry.tokens, text.mask & ~text.special) >= 0
 
 
 def pool_phrases(hidden: Tensor, groups: Tensor) -> Tensor:
