@@ -123,7 +123,7 @@ def model_card(checkpoint: str | Path) -> str:
     lines += ["", "Pointing: the phrase's tokens' head map (renormalised within the modality) has its "
               "maximum inside the referent (image: the object mask, 1-patch tolerance; audio: the event "
               "interval, 1-column tolerance). Energy: the share of the map's mass inside the referent. "
-              "Definitions: METRICS.md section 5.", "",
+              "Definitions: docs/metrics.md section 5.", "",
               "## Limits", "",
               "- It only knows the scene vocabulary; any other word is an unknown token, and real photos or "
               "recordings are far outside what it saw.",

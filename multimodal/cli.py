@@ -7,10 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
-DEFAULT_MODEL = ASSETS / "default"
-
-
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
@@ -18,21 +14,16 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
 
 
-def load_model(args) -> "MultimodalModel":
-    """`--model DIR`, else the embedded default, else encoder specs with random weights."""
-    from multimodal.model import MultimodalModel
+def _model_from_args(args):
+    """`--model DIR`, else the embedded default, else encoder specs with random weights: (model, source)."""
+    from multimodal.inference import RANDOM_WEIGHTS_NOTE, load_model
 
     specs = {m: getattr(args, f"{m}_encoder") for m in ("text", "image", "audio")}
-    if args.model:
-        return MultimodalModel.from_pretrained(args.model, map_location=args.device)
-    if not any(specs.values()) and (DEFAULT_MODEL / "config.json").is_file():
-        return MultimodalModel.from_pretrained(DEFAULT_MODEL, map_location=args.device)
-    print("note: no trained checkpoint named and none embedded; using encoder specs with RANDOM "
-          "weights, so the maps show structure, not meaning", file=sys.stderr)
-    from multimodal.fusion import FusionConfig
-
-    fusion = FusionConfig(dim=args.dim, heads=args.fusion_heads, layers=args.fusion_layers, query=args.query)
-    return MultimodalModel.from_specs(fusion=fusion, **{m: s for m, s in specs.items() if s}).to(args.device).eval()
+    fusion = {"dim": args.dim, "heads": args.fusion_heads, "layers": args.fusion_layers, "query": args.query}
+    model, source = load_model(args.model, specs, args.device, fusion)
+    if source is None:
+        print(f"note: {RANDOM_WEIGHTS_NOTE}", file=sys.stderr)
+    return model, source
 
 
 def cmd_maps(args) -> int:
@@ -40,34 +31,32 @@ def cmd_maps(args) -> int:
 
     from multimodal.drawing import write_all
     from multimodal.fusion import MapRequest
-    from multimodal.io import check_text, load_audio, load_image
+    from multimodal.inference import SAMPLE, check_subset, load_inputs, run
 
     torch.manual_seed(args.seed)
+    if args.sample:
+        args.image, args.audio, args.text_file = (str(SAMPLE[m]) for m in ("image", "audio", "text"))
     text = args.text
     if args.text_file:
         text = Path(args.text_file).read_text(encoding="utf-8")
-    image = load_image(args.image) if args.image else None
-    audio = load_audio(args.audio, truncate=True) if args.audio else None
-    if audio is not None and audio.notice:
-        print(f"note: {audio.notice}", file=sys.stderr)
-    if text is not None:
-        text = check_text(text)
-    if image is None and audio is None and text is None:
-        raise SystemExit("give at least one input: --image, --audio, --text or --text-file")
+    inputs = load_inputs(args.image, args.audio, text)
+    if not inputs.given:
+        raise SystemExit("give at least one input: --image, --audio, --text or --text-file (or --sample)")
 
-    model = load_model(args)
-    request = MapRequest(layers=args.layers, heads=args.heads)
-    with torch.inference_mode():
-        out = model(text=None if text is None else [text], image=None if image is None else [image],
-                    audio=None if audio is None else [audio], return_maps=request)
-    written = write_all(out.maps, args.out, image=image, audio=audio, query=args.query_index)
+    model, source = _model_from_args(args)
+    notices = inputs.notices + check_subset(model.cfg.query, model.modalities, inputs.given)
+    for notice in notices:
+        print(f"note: {notice}", file=sys.stderr)
+    out = run(model, inputs, request=MapRequest(layers=args.layers, heads=args.heads))
+    written = write_all(out.maps, args.out, image=inputs.image, audio=inputs.audio, query=args.query_index)
     summary = {
-        "model": str(args.model or (DEFAULT_MODEL if (DEFAULT_MODEL / "config.json").is_file() else "random-init")),
-        "inputs": {"image": args.image, "audio": args.audio, "text": text},
+        "model": str(source or "random-init"),
+        "inputs": {"image": args.image, "audio": args.audio, "text": inputs.text},
         "match_score": float(torch.sigmoid(out.score[0])),
         "query_source": out.maps.query_source,
         "layers": out.maps.layers,
         "heads": out.maps.heads[out.maps.layers[0]],
+        "notices": notices,
         "files": [str(p) for p in written],
     }
     Path(args.out, "summary.json").write_text(json.dumps(summary, indent=1))
@@ -77,33 +66,11 @@ def cmd_maps(args) -> int:
     return 0
 
 
-def _demo_module():
-    """demos/app.py (next to this package; it is not installed as a package of its own)."""
-    try:
-        import demos.app as app
-        return app
-    except ImportError:
-        import importlib.util
-
-        path = Path(__file__).resolve().parents[1] / "demos" / "app.py"
-        if not path.is_file():
-            raise SystemExit(f"the Gradio app is not here ({path}); run from a checkout of the sandbox")
-        spec = importlib.util.spec_from_file_location("demos.app", path)
-        app = importlib.util.module_from_spec(spec)
-        sys.modules["demos.app"] = app
-        spec.loader.exec_module(app)
-        return app
-
-
 def cmd_demo(args) -> int:
-    app = _demo_module()
-    specs = {m: getattr(args, f"{m}_encoder") for m in ("text", "image", "audio")}
-    fusion = {"dim": args.dim, "heads": args.fusion_heads, "layers": args.fusion_layers, "query": args.query}
-    model, source = app.load_app_model(args.model, specs, args.device, fusion)
-    if source is None:
-        print("note: no trained checkpoint named and none embedded; using encoder specs with RANDOM "
-              "weights, so the maps show structure, not meaning", file=sys.stderr)
-    app.serve(model, source, host=args.host, port=args.port, share=args.share)
+    from multimodal.app import serve
+
+    model, source = _model_from_args(args)
+    serve(model, source, host=args.host, port=args.port, share=args.share)
     return 0
 
 
@@ -133,7 +100,7 @@ def cmd_scenes(args) -> int:
 
 def add_model_args(p: argparse.ArgumentParser, query: str, heads: int) -> None:
     """--model, or encoder specs and fusion shape for a model built on the fly (random fusion weights)."""
-    p.add_argument("--model", help="checkpoint directory (default: the embedded model in assets/default)")
+    p.add_argument("--model", help="checkpoint directory (default: the embedded model, bundled with the package)")
     for mod in ("text", "image", "audio"):
         p.add_argument(f"--{mod}-encoder", help=f"{mod} encoder spec for a model built on the fly: built-in "
                                                 "name, local directory or hub name (random fusion weights)")
@@ -156,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = m.add_mutually_exclusive_group()
     g.add_argument("--text", help="caption text")
     g.add_argument("--text-file", help="file holding the caption text (UTF-8)")
+    m.add_argument("--sample", action="store_true",
+                   help="use the bundled sample scene (image, audio and caption) as the inputs")
     m.add_argument("--out", default="out/maps", help="output folder (default: out/maps)")
     add_model_args(m, query="latents", heads=8)
     m.add_argument("--layers", type=_int_list, default=None, help="layers to keep, e.g. 0,1 (default: all)")

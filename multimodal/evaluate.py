@@ -3,7 +3,7 @@
 For every referring phrase of a held-out caption, the phrase's text tokens are the queries:
 their rows of each head's map (renormalised within the image or the audio) are averaged and
 scored against the referent's ground truth: pointing game and energy inside the object mask
-for images, temporal pointing and mass inside the interval for audio (METRICS.md section 5).
+for images, temporal pointing and mass inside the interval for audio (docs/metrics.md section 5).
 Baselines on the same scenes: a uniform map, the same architecture with random weights, and
 gradient-weighted relevance (grad x attention, Chefer et al. style) of the evaluated model.
 """
@@ -275,7 +275,7 @@ def add_parser(sub) -> None:
 
 
 def cmd_eval(args) -> int:
-    from multimodal.cli import DEFAULT_MODEL
+    from multimodal.inference import DEFAULT_CHECKPOINT as DEFAULT_MODEL
 
     model_dir = Path(args.model) if args.model else DEFAULT_MODEL
     model = MultimodalModel.from_pretrained(model_dir)

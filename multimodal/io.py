@@ -180,16 +180,17 @@ def _samples_to_float(x: np.ndarray) -> np.ndarray:
     raise InputError(f"audio samples have dtype {x.dtype}; use int8, uint8, int16, int32 or float samples")
 
 
-def _read_audio_file(src: str | os.PathLike | bytes, name: str, truncate: bool) -> tuple[np.ndarray, int, str | None]:
+def _read_audio_file(src: str | os.PathLike | bytes, name: str, truncate: bool, max_seconds: float,
+                     limit_name: str) -> tuple[np.ndarray, int, str | None]:
     fp = _file_or_bytes(src, "audio", "a WAV, FLAC, OGG or MP3 file")
     try:
         info = sf.info(fp)
         if isinstance(fp, io.BytesIO):
             fp.seek(0)
         frames, notice = -1, None
-        if info.samplerate > 0 and info.frames / info.samplerate > MAX_AUDIO_SECONDS:
-            notice = _over_limit(info.frames / info.samplerate, truncate)
-            frames = int(MAX_AUDIO_SECONDS * info.samplerate)
+        if info.samplerate > 0 and info.frames / info.samplerate > max_seconds:  # read only what is kept
+            notice = _over_limit(info.frames / info.samplerate, truncate, max_seconds, limit_name)
+            frames = int(max_seconds * info.samplerate)
         data, sr = sf.read(fp, frames=frames, dtype="float32", always_2d=True)  # (n, channels)
     except InputError:
         raise
@@ -199,11 +200,11 @@ def _read_audio_file(src: str | os.PathLike | bytes, name: str, truncate: bool) 
     return data, int(sr), notice
 
 
-def _over_limit(seconds: float, truncate: bool) -> str:
+def _over_limit(seconds: float, truncate: bool, max_seconds: float, limit_name: str) -> str:
     if not truncate:
-        raise InputError(f"audio is {seconds:.1f} s long, above the limit of {MAX_AUDIO_SECONDS:.0f} s; "
+        raise InputError(f"audio is {seconds:.1f} s long, above {limit_name} limit of {max_seconds:.0f} s; "
                          "cut it shorter, or pass truncate=True to keep only the start")
-    return f"audio is {seconds:.1f} s long; kept the first {MAX_AUDIO_SECONDS:.0f} s (the limit)"
+    return f"the audio is {seconds:.1f} s long; only its first {max_seconds:.0f} s were used ({limit_name} limit)"
 
 
 def _array_and_rate(src: tuple) -> tuple[np.ndarray, int]:
@@ -222,12 +223,16 @@ def _array_and_rate(src: tuple) -> tuple[np.ndarray, int]:
     return np.asarray(a), rate
 
 
-def load_audio(src: Any, truncate: bool = False) -> AudioClip:
+def load_audio(src: Any, truncate: bool = False, max_seconds: float = MAX_AUDIO_SECONDS,
+               limit_name: str = "the") -> AudioClip:
     """A path, encoded bytes or (samples, sample_rate) -> mono float32 clip (no resampling).
 
     Samples may be (n,) or (n, channels), int8/uint8/int16/int32/float. Clips longer than
-    MAX_AUDIO_SECONDS are refused unless `truncate`, which keeps the start and sets `notice`.
+    `max_seconds` (at most MAX_AUDIO_SECONDS) are refused unless `truncate`, which keeps the
+    start (a file is read only that far) and sets `notice`; `limit_name` names whose limit it is
+    in messages ("the demo's").
     """
+    max_seconds = min(float(max_seconds), MAX_AUDIO_SECONDS)
     notice = None
     if isinstance(src, AudioClip):
         data, sr, name = np.asarray(src.waveform), src.sample_rate, "audio clip"
@@ -236,10 +241,10 @@ def load_audio(src: Any, truncate: bool = False) -> AudioClip:
         name = "audio array"
     elif isinstance(src, (bytes, bytearray, memoryview)):
         name = "audio data"
-        data, sr, notice = _read_audio_file(src, name, truncate)
+        data, sr, notice = _read_audio_file(src, name, truncate, max_seconds, limit_name)
     elif isinstance(src, (str, os.PathLike)):
         name = f"audio file {src}"
-        data, sr, notice = _read_audio_file(src, name, truncate)
+        data, sr, notice = _read_audio_file(src, name, truncate, max_seconds, limit_name)
     else:
         raise InputError(f"cannot read audio from a {type(src).__name__}; give a file path, the file's bytes "
                          "or a (samples, sample_rate) tuple")
@@ -255,9 +260,9 @@ def load_audio(src: Any, truncate: bool = False) -> AudioClip:
         x = x.mean(axis=1)  # (n,) stereo mixed down
     if not np.isfinite(x).all():
         raise InputError(f"{name} contains NaN or infinite samples; fix or re-export the audio")
-    if len(x) / sr > MAX_AUDIO_SECONDS and notice is None:
-        notice = _over_limit(len(x) / sr, truncate)
-        x = x[: int(MAX_AUDIO_SECONDS * sr)]
+    if len(x) / sr > max_seconds and notice is None:
+        notice = _over_limit(len(x) / sr, truncate, max_seconds, limit_name)
+        x = x[: int(max_seconds * sr)]
     return AudioClip(np.ascontiguousarray(x, dtype=np.float32), sr, notice)
 
 
@@ -266,13 +271,15 @@ def load_audio(src: Any, truncate: bool = False) -> AudioClip:
 # ---------------------------------------------------------------------------------------
 
 
-def check_text(text: Any) -> str:
-    """Strip and validate a caption or query."""
+def check_text(text: Any, max_chars: int = MAX_TEXT_CHARS, limit_name: str = "the") -> str:
+    """Strip and validate a caption or query (at most `max_chars`, itself at most MAX_TEXT_CHARS)."""
+    max_chars = min(int(max_chars), MAX_TEXT_CHARS)
     if not isinstance(text, str):
         raise InputError(f"text must be a string, got {type(text).__name__}")
     text = text.strip()
     if not text:
         raise InputError("text is empty; type a caption or a question, e.g. 'a red circle and a rising chirp'")
-    if len(text) > MAX_TEXT_CHARS:
-        raise InputError(f"text is {len(text):,} characters, above the limit of {MAX_TEXT_CHARS:,}; shorten it")
+    if len(text) > max_chars:
+        raise InputError(f"the text is {len(text):,} characters long, above {limit_name} limit of {max_chars:,}; "
+                         "shorten it")
     return text

@@ -1,6 +1,6 @@
 """Typed data that flows through the sandbox: tokens with their geometry, and attention maps.
 
-Geometry travels with the tokens (DESIGN.md): the encoder that made the tokens knows the
+Geometry travels with the tokens (docs/design.md): the encoder that made the tokens knows the
 patch grid, the frame times and the character spans, and nothing downstream re-derives them.
 """
 

@@ -1,12 +1,11 @@
 """The Gradio app: plain handler functions without a server, then the real server via gradio_client.
 
-The server tests start `demos/app.py`'s Blocks on a free local port around a small random
+The server tests start `multimodal.app`'s Blocks on a free local port around a small random
 checkpoint (the embedded default may not exist yet) and synthetic sample files.
 """
 
 import json
 import socket
-import sys
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -18,18 +17,19 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # demos/ is not an installed package
-    sys.path.insert(0, str(ROOT))
+import gradio as gr
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
 
-import gradio as gr  # noqa: E402
-from gradio_client import Client, handle_file  # noqa: E402
-from gradio_client.exceptions import AppError  # noqa: E402
+import multimodal.app as A
+from multimodal import FusionConfig, InputError, inference
+from multimodal.data.scenes import generate_scene, save_scene
+from multimodal.model import MultimodalModel
 
-import demos.app as A  # noqa: E402
-from multimodal import FusionConfig, InputError  # noqa: E402
-from multimodal.data.scenes import generate_scene, save_scene  # noqa: E402
-from multimodal.model import MultimodalModel  # noqa: E402
+def load_app_inputs(image=None, audio=None, text=None):
+    """What the app's handler does first: the package's one input boundary under the app's limits."""
+    return inference.load_inputs(image, audio, text, A.APP_LIMITS)
+
 
 CAPTION = "a red square and a high tone"
 SR = 16_000
@@ -138,7 +138,7 @@ def value(update):
 
 def test_odd_image_modes_are_converted_not_refused(files):
     for name in ("rgba", "gray16", "cmyk"):
-        img = A.load_inputs(image=files[name]).image
+        img = load_app_inputs(image=files[name]).image
         assert img.mode == "RGB" and min(img.size) >= 8, name
 
 
@@ -155,14 +155,14 @@ def test_inputs_are_validated_with_readable_messages(files):
     }
     for name, (kw, message) in cases.items():
         with pytest.raises(InputError, match=message):
-            A.load_inputs(**kw)
-    assert A.load_inputs(text="   ").text is None
+            load_app_inputs(**kw)
+    assert load_app_inputs(text="   ").text is None
 
 
 def test_silent_and_long_audio_run_with_a_notice(files):
-    silent = A.load_inputs(audio=files["silent"])
+    silent = load_app_inputs(audio=files["silent"])
     assert any("silent" in n for n in silent.notices)
-    long = A.load_inputs(audio=files["long"])
+    long = load_app_inputs(audio=files["long"])
     assert long.audio.duration == pytest.approx(A.MAX_AUDIO_SECONDS)
     assert any("first 30 s" in n for n in long.notices)
 
@@ -170,14 +170,14 @@ def test_silent_and_long_audio_run_with_a_notice(files):
 def test_subset_rules_name_what_is_missing():
     mods = ["text", "image", "audio"]
     with pytest.raises(InputError, match="give a caption as well as an image or an audio clip"):
-        A.check_subset("text", mods, ["image"])
+        inference.check_subset("text", mods, ["image"])
     with pytest.raises(InputError, match="need something to attend to"):
-        A.check_subset("text", mods, ["text"])
-    assert A.check_subset("text", mods, ["text", "audio"]) == []
-    assert A.check_subset("latents", mods, ["audio"]) == []
+        inference.check_subset("text", mods, ["text"])
+    assert inference.check_subset("text", mods, ["text", "audio"]) == []
+    assert inference.check_subset("latents", mods, ["audio"]) == []
     with pytest.raises(InputError, match="at least one input"):
-        A.check_subset("latents", mods, [])
-    assert "no audio encoder" in A.check_subset("text", ["text", "image"], ["text", "image", "audio"])[0]
+        inference.check_subset("latents", mods, [])
+    assert "no audio encoder" in inference.check_subset("text", ["text", "image"], ["text", "image", "audio"])[0]
 
 
 def test_head_mask_and_query_choices():
@@ -237,18 +237,18 @@ def test_run_handler_without_a_server(app, files):
 
 def test_model_description_warns_about_random_weights(checkpoint):
     model = MultimodalModel.from_pretrained(checkpoint)
-    assert "random weights" in A.describe_model(model, None)
-    assert "no training record" in A.describe_model(model, checkpoint)
+    assert "random weights" in inference.describe_model(model, None)
+    assert "no training record" in inference.describe_model(model, checkpoint)
     model.meta["step"] = 3000
-    assert "trained for 3000 steps" in A.describe_model(model, checkpoint)
+    assert "trained for 3000 steps" in inference.describe_model(model, checkpoint)
 
 
 def test_default_model_is_used_when_present_and_nothing_is_named(checkpoint, monkeypatch, tmp_path):
-    monkeypatch.setattr(A, "DEFAULT_MODEL", Path(checkpoint))
-    model, source = A.load_app_model()
+    monkeypatch.setattr(inference, "DEFAULT_CHECKPOINT", Path(checkpoint))
+    model, source = inference.load_model()
     assert source == Path(checkpoint) and model.cfg.heads == 4
-    monkeypatch.setattr(A, "DEFAULT_MODEL", tmp_path / "absent")
-    model, source = A.load_app_model(fusion={"dim": 32, "heads": 2, "layers": 1, "query": "text"})
+    monkeypatch.setattr(inference, "DEFAULT_CHECKPOINT", tmp_path / "absent")
+    model, source = inference.load_model(fusion={"dim": 32, "heads": 2, "layers": 1, "query": "text"})
     assert source is None and model.cfg.heads == 2
 
 

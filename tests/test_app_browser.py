@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(not CHROMIUM.exists() and not os.environ.get("MU
 
 @pytest.fixture(scope="module")
 def page_url(tmp_path_factory):
-    import demos.app as A
+    import multimodal.app as A
     from multimodal import FusionConfig
     from multimodal.model import MultimodalModel
     from multimodal.data.scenes import generate_scene, save_scene

@@ -55,7 +55,7 @@ def test_entropy_single_key_is_zero_and_exact_zeros_are_fine():
 
 
 def test_entropy_decomposes_over_modalities():
-    # METRICS 1 [derived]: keys [img; aud]: H = H_bin(m_img) + m_img H_img + m_aud H_aud
+    # docs/metrics.md section 1 [derived]: keys [img; aud]: H = H_bin(m_img) + m_img H_img + m_aud H_aud
     g = torch.Generator().manual_seed(0)
     A = torch.randn(2, 3, 4, 7, generator=g).softmax(-1)  # img = keys 0..3, aud = 4..6
     km = torch.ones(2, 7, dtype=torch.bool)

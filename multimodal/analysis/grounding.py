@@ -1,4 +1,4 @@
-"""Scoring maps against ground truth (METRICS.md section 5). Pure functions over tensors.
+"""Scoring maps against ground truth (docs/metrics.md section 5). Pure functions over tensors.
 
 Image maps are `(N, gh, gw)` over the patch grid, ground truth is `(N, H, W)` masks at
 image resolution. Audio maps are `(N, T)` over time columns with centres `times (T,)`.

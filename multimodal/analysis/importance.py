@@ -1,4 +1,4 @@
-"""Head importance (METRICS.md section 3): ablation, gradient (Michel et al.), Shapley values.
+"""Head importance (docs/metrics.md section 3): ablation, gradient (Michel et al.), Shapley values.
 
 Every method talks to the model through a callable that takes a `head_mask (L, H)` float
 tensor (1 keeps a head, 0 removes it; the fusion block multiplies each head's output by

@@ -1,4 +1,4 @@
-"""Per-head statistics of cross-attention maps (METRICS.md sections 1 and 2). Pure functions over tensors.
+"""Per-head statistics of cross-attention maps (docs/metrics.md sections 1 and 2). Pure functions over tensors.
 
 Conventions: `A` is `(B, H, Nq, Nk)` post-attention weights whose rows sum to 1 over the
 valid keys, `key_mask (B, Nk)` and `query_mask (B, Nq)` are bool with True = real token,
@@ -76,7 +76,7 @@ def entropy_per_query(A: Tensor, key_mask: Tensor, normalise: bool = True, smoot
 
 def entropy(A: Tensor, key_mask: Tensor, query_mask: Tensor, normalise: bool = True,
             smoothing: float = 0.0) -> Tensor:
-    """`(H,)` mean entropy per head (METRICS 1): per query, mean over valid queries, then items."""
+    """`(H,)` mean entropy per head (docs/metrics.md section 1): per query, mean over valid queries, then items."""
     return mean_over_queries(entropy_per_query(A, key_mask, normalise, smoothing), _query_valid(query_mask))
 
 
@@ -132,7 +132,7 @@ def spatial_spread(A_img: Tensor, patch_size_px: float | Sequence[float], query_
     `A_img (B, H, Nq, gh, gw)` is the weight on each patch (e.g. `maps.image_maps(layer)`:
     special tokens already dropped). Each row is renormalised within the image, the
     centroid `mu = sum_j p_j g_j` taken over patch positions `g_j` (pixels, `patch_size_px`
-    = P or (ph, pw)), and `spread = sum_j p_j |g_j - mu|` (METRICS 1, [derived] cross-attention
+    = P or (ph, pw)), and `spread = sum_j p_j |g_j - mu|` (docs/metrics.md section 1, [derived] cross-attention
     form of ViT mean attention distance). Rows with image mass <= `min_mass` are left out.
     """
     spread, mass = spatial_spread_per_query(A_img, patch_size_px)
@@ -209,7 +209,7 @@ def head_metric_table(maps: AttentionMaps, layer: int, content_queries: bool = F
 
 
 # ---------------------------------------------------------------------------------------
-# Diversity and redundancy between heads (METRICS 2)
+# Diversity and redundancy between heads (docs/metrics.md section 2)
 # ---------------------------------------------------------------------------------------
 
 

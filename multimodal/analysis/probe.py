@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(args.seed)
         encoder, name = build_encoder("image", args.random), f"untrained {args.random}"
     else:
-        from multimodal.cli import DEFAULT_MODEL
+        from multimodal.inference import DEFAULT_CHECKPOINT as DEFAULT_MODEL
         from multimodal.model import MultimodalModel
 
         model = MultimodalModel.from_pretrained(args.model or DEFAULT_MODEL)

@@ -1,4 +1,4 @@
-"""Explanations beyond raw weights (METRICS.md section 4): attention rollout and gradient relevance.
+"""Explanations beyond raw weights (docs/metrics.md section 4): attention rollout and gradient relevance.
 
 `attention_rollout` propagates an encoder's self-attention through its layers (Abnar &
 Zuidema 2020). `gradient_relevance` scores every key token of the fusion block for the
@@ -157,7 +157,7 @@ def gradient_relevance(score_fn: ScoreFn, tokens: Mapping[str, ModalityTokens] |
     `R = sum_l r^T Abar_l`, `(B, Nk)`, with `r (B, Nq)` the query weights (default uniform
     over valid content queries; custom ones are multiplied by the query mask).
 
-    Derivation [derived, METRICS 4]: Chefer's rules with s = the queries and k = the keys.
+    Derivation [derived, docs/metrics.md section 4]: Chefer's rules with s = the queries and k = the keys.
     Init `R^ss = I`, `R^kk = I`, `R^sk = 0`. The keys are never updated inside the block
     (every layer attends to the same key tokens) and never attend to the queries, so
     `R^kk` stays I, `Rbar^kk = rownorm(R^kk - I) + I = I`, and `R^ss += Abar R^ks` adds 0 (R^ks = 0),

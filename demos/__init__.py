@@ -1,1 +1,0 @@
-"""The Gradio app (demos/app.py)."""

@@ -1,0 +1,649 @@
+"""The app's handlers and the plain functions under them: one loaded model, named handlers
+(`App.run`, `App.view`, `App.tokens`) that tests call without a browser or a server.
+
+Examples come from a folder (the bundled `multimodal.inference.ASSETS` by default): files that
+share a stem (after dropping a trailing `_image`/`_audio`/`_caption`/`_text`/`_gt`/`_truth`/
+`_ground_truth`; `*_masks.png` label maps are not examples) form one example: an image
+(.png/.jpg), a clip (.wav/.flac/.ogg), a caption (.txt, or the JSON's "caption") and ground
+truth (.json). No files, no examples.
+
+Ground-truth JSON (optional, per example or uploaded) -- the format this app reads:
+
+    {"caption": "a red circle and a rising chirp",     # optional: only used for this caption
+     "image_size": [H, W],                              # optional: pixels the boxes refer to
+     "phrases": [{"span": [2, 14], "target": "object", "index": 0},   # char span in the caption
+                 {"span": [19, 33], "target": "event", "index": 0}],
+     "objects": [{"box": [x0, y0, x1, y1]}],           # or {"mask": [[0, 1, ...], ...]} rows
+     "events":  [{"start": 0.5, "end": 1.2}]}          # seconds
+
+The scene generator's JSON (`multimodal.data.scenes.save_scene`: the same keys, plus a label
+PNG of object masks) is read as well; its masks replace the boxes when the PNG is found
+beside the JSON or beside an identical example JSON.
+A phrase's maps are the mean over the text tokens its span covers; objects are scored with
+the pointing game and the energy inside the box, events with the attention mass inside
+the interval and temporal pointing (multimodal.analysis.grounding).
+"""
+
+from __future__ import annotations
+
+import atexit
+import csv
+import html
+import json
+import logging
+import math
+import re
+import shutil
+import tempfile
+import threading
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import gradio as gr
+import numpy as np
+import pandas as pd
+import soundfile as sf
+import torch
+from PIL import Image
+
+from multimodal import inference
+from multimodal.analysis.grounding import (
+    POINTING_TOLERANCE_PX,
+    energy_inside,
+    interval_mass,
+    pointing_game,
+    temporal_pointing,
+)
+from multimodal.analysis.metrics import entropy_per_query, head_metric_table
+from multimodal.app.limits import (APP_LIMITS, KEEP_OUTPUT_SECONDS, MAX_OUTPUT_DIRS, MAX_TEXT_CHARS, THUMB_SIDE)
+from multimodal.drawing import write_all
+from multimodal.inference import Inputs, check_subset, describe_model, load_inputs
+from multimodal.io import AudioClip
+from multimodal.model import MultimodalModel
+from multimodal.overlays import text_html, text_panels
+from multimodal.overlays.common import colorbar, grid, value_range
+from multimodal.types import AttentionMaps, InputError, TextGeometry
+
+log = logging.getLogger("multimodal.demo")
+
+TEXT_CONCENTRATION_NOTE = (
+    "<b>Text highlight = how concentrated each head's attention is</b>, per query token: "
+    "1 &minus; entropy / log(number of keys) (1 = all weight on one key, 0 = spread evenly). The text is the "
+    "query side of this model, so no head attends <i>to</i> it. Below: the mean over heads (hover a token for "
+    "its value), then every head.")
+TEXT_ATTENTION_NOTE = ("<b>Text highlight = attention on each token</b>; below: the mean over heads (hover a token "
+                       "for its value), then every head.")
+MEAN_TOKEN = "all tokens (mean)"
+MEAN_QUERY = "all queries (mean)"
+GROUNDING_SIDE = 128  # px: object masks and maps are compared at this size (the maps are ~8x8 patches)
+TIE_SEED = 0  # random tie-breaking in the pointing games is seeded: same inputs, same table
+
+
+# ---------------------------------------------------------------------------------------
+# Heads and query tokens: the page's choices
+# ---------------------------------------------------------------------------------------
+
+
+def head_choices(layers: int, heads: int) -> list[str]:
+    return [f"L{l} H{h}" for l in range(layers) for h in range(heads)]
+
+
+def head_mask_from(off: Sequence[str] | None, layers: int, heads: int) -> torch.Tensor | None:
+    """["L0 H2", ...] switched off -> (layers, heads) mask of 1 (kept) / 0 (off), None when all kept."""
+    if not off:
+        return None
+    mask = torch.ones(layers, heads)
+    for choice in off:
+        m = re.fullmatch(r"\s*L(\d+)\s*H(\d+)\s*", str(choice))
+        if not m or int(m[1]) >= layers or int(m[2]) >= heads:
+            raise InputError(f"unknown head {choice!r}; heads are named like 'L0 H2' (layers 0..{layers - 1}, "
+                             f"heads 0..{heads - 1})")
+        mask[int(m[1]), int(m[2])] = 0.0
+    return mask
+
+
+def content_queries(maps: AttentionMaps, item: int = 0) -> torch.Tensor:
+    """(Nq,) bool: real, non-special queries (text tokens without CLS/SEP, every latent)."""
+    q = maps.query_mask[item].clone()
+    if maps.query_special is not None:
+        q &= ~maps.query_special[item]
+    return q
+
+
+def query_labels(maps: AttentionMaps, item: int = 0) -> list[tuple[int, str]]:
+    """(query index, label) for every content query: "3: red" for text tokens, "latent 3" otherwise."""
+    idx = torch.nonzero(content_queries(maps, item)).flatten().tolist()
+    geom = maps.query_geometry
+    if isinstance(geom, TextGeometry):
+        return [(i, f"{i}: {geom.tokens[item][i]}") for i in idx]
+    name = "latent" if maps.query_source == "latents" else f"{maps.query_source} query"
+    return [(i, f"{name} {i}") for i in idx]
+
+
+def mean_label(query_source: str) -> str:
+    return MEAN_TOKEN if query_source == "text" else MEAN_QUERY
+
+
+def parse_query(choice: Any, valid: Sequence[int]) -> int | None:
+    """Dropdown value ("3: red", "3", 3 or the mean label) -> query index, None for the mean."""
+    if choice is None or str(choice).strip() in ("", MEAN_TOKEN, MEAN_QUERY):
+        return None
+    m = re.match(r"\s*(?:latent\s+|\w+ query\s+)?(\d+)\b", str(choice))
+    if not m or int(m[1]) not in valid:
+        raise InputError(f"query {choice!r} is not one of this input's tokens; pick one from the list "
+                         f"or '{MEAN_TOKEN}'")
+    return int(m[1])
+
+
+# ---------------------------------------------------------------------------------------
+# Per-head metrics: multimodal.analysis.metrics, shown under short names
+# ---------------------------------------------------------------------------------------
+
+METRIC_COLUMNS = {  # head_metric_table key -> column in the page (others are left out)
+    "entropy": "entropy", "confidence": "confidence", "share_text": "share text", "share_image": "share image",
+    "share_audio": "share audio",
+}
+
+
+def head_stats(maps: AttentionMaps, layer: int) -> dict[str, np.ndarray]:
+    """Per head `(h,)`, over content queries (no CLS/SEP): normalised entropy (0 = one key,
+    1 = uniform over the real keys), confidence (mean largest weight) and each key modality's
+    share of the mass."""
+    rows = head_metric_table(maps, layer, content_queries=True)
+    return {shown: np.array([r[key] for r in rows], dtype=np.float64)
+            for key, shown in METRIC_COLUMNS.items() if rows and key in rows[0]}
+
+
+def concentration(maps: AttentionMaps, layer: int, item: int = 0) -> np.ndarray:
+    """`(h, Nq)` 1 - normalised entropy of each query's row: 1 = all weight on one key, 0 = uniform."""
+    h = entropy_per_query(maps.weights[layer], maps.key_mask, normalise=True)[item]  # (h, Nq)
+    return (1.0 - h).clamp(0, 1).numpy()
+
+
+# ---------------------------------------------------------------------------------------
+# Ground truth (optional): objects and events that phrases of the caption refer to
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class GroundTruth:
+    phrases: list[dict]  # {"span": (s, e), "target": "object" | "event", "index": i}
+    objects: list[dict]  # {"box": (x0, y0, x1, y1)} or {"mask": (H, W) bool array}
+    events: list[tuple[float, float]]  # seconds
+    caption: str | None = None
+    image_size: tuple[int, int] | None = None  # (H, W) the boxes refer to
+
+
+def _scene_masks(path: Path, d: dict, search: Sequence[str | Path]) -> np.ndarray | None:
+    """(K, H, W) object masks of a `multimodal.data.scenes.save_scene` JSON, when its label PNG
+    is beside it, or beside an identical JSON in `search` (an example the page sent back)."""
+    name = d.get("masks")
+    if not isinstance(name, str):
+        return None
+    candidates = [path]
+    text = path.read_bytes()
+    for folder in search:
+        candidates += [p for p in Path(folder).glob("*.json") if p.read_bytes() == text] if Path(folder).is_dir() else []
+    for json_path in candidates:
+        if (json_path.parent / Path(name).name).is_file():
+            from multimodal.data.scenes import load_ground_truth as load_scene_truth
+
+            try:
+                return load_scene_truth(json_path)["masks"]
+            except Exception:  # an unreadable label PNG: the boxes still score
+                return None
+    return None
+
+
+def load_ground_truth(path: str | Path, search: Sequence[str | Path] = ()) -> GroundTruth:
+    """Read the JSON format documented at the top of this module (scenes' JSON included:
+    its object masks are used when the label PNG can be found). Raises InputError."""
+    path = Path(path)
+    name = path.name
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"ground truth {name} is not readable JSON ({e}); see the format in the help") from None
+    if not isinstance(d, dict):
+        raise InputError(f"ground truth {name} must be a JSON object with 'phrases', 'objects' and 'events'")
+    try:
+        phrases = []
+        for p in d.get("phrases", []):
+            s, e = (int(v) for v in p["span"])
+            target = str(p.get("target", "object"))
+            if target not in ("object", "event") or s >= e:
+                raise ValueError(f"phrase {p}")
+            phrases.append({"span": (s, e), "target": target, "index": int(p.get("index", 0))})
+        objects = []
+        for o in d.get("objects", []):
+            if "box" in o:
+                objects.append({"box": tuple(float(v) for v in o["box"][:4])})
+            elif "mask" in o:
+                objects.append({"mask": np.asarray(o["mask"], dtype=bool)})
+            else:
+                raise ValueError(f"object {o} has neither 'box' nor 'mask'")
+        events = [(float(e["start"]), float(e["end"])) for e in d.get("events", [])]
+        size = d.get("image_size")
+        size = (int(size[0]), int(size[1])) if size else None
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise InputError(f"ground truth {name} does not follow the format ({e}); see the format in the help") from None
+    for p in phrases:
+        pool = objects if p["target"] == "object" else events
+        if not 0 <= p["index"] < len(pool):
+            raise InputError(f"ground truth {name}: phrase {p['span']} points at {p['target']} {p['index']}, "
+                             f"but there are {len(pool)}")
+    masks = _scene_masks(path, d, search)
+    if masks is not None and len(masks) == len(objects):
+        objects = [{"mask": m} for m in masks]  # exact shapes beat boxes
+    caption = d.get("caption")
+    return GroundTruth(phrases, objects, events, caption if isinstance(caption, str) else None, size)
+
+
+def _same_caption(a: str, b: str) -> bool:
+    return " ".join(a.lower().split()) == " ".join(b.lower().split())
+
+
+def _object_mask(obj: dict, gt_size: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """One object's (H, W) bool mask at `size`, from a box in `gt_size` pixels or a mask."""
+    H, W = size
+    if "mask" in obj:
+        m = Image.fromarray(obj["mask"].astype(np.uint8) * 255).resize((W, H), Image.NEAREST)
+        return torch.from_numpy(np.asarray(m) > 127)
+    gh, gw = gt_size
+    x0, y0, x1, y1 = obj["box"]
+    sx, sy = W / gw, H / gh
+    mask = torch.zeros(H, W, dtype=torch.bool)
+    mask[max(0, int(y0 * sy)):max(0, math.ceil(y1 * sy)), max(0, int(x0 * sx)):max(0, math.ceil(x1 * sx))] = True
+    return mask
+
+
+def grounding_scores(maps: AttentionMaps, layer: int, gt: GroundTruth, image_size: tuple[int, int] | None,
+                     item: int = 0) -> dict[str, np.ndarray]:
+    """Per head `(h,)`: mean over the caption's phrases of pointing / energy (objects) and
+    interval mass / temporal pointing (events). Needs text-token queries."""
+    geom = maps.query_geometry
+    if not isinstance(geom, TextGeometry) or not gt.phrases:
+        return {}
+    content = content_queries(maps, item)
+    spans = geom.spans[item]
+    gen = torch.Generator().manual_seed(TIE_SEED)
+    cols: dict[str, list[torch.Tensor]] = {}
+    for p in gt.phrases:
+        s, e = p["span"]
+        toks = [i for i, (a, b) in enumerate(spans) if bool(content[i]) and a < e and b > s]
+        if not toks:
+            continue
+        if p["target"] == "object" and "image" in maps.segments and image_size is not None:
+            m = maps.image_maps(layer, renormalise=True)[item][:, toks].mean(1)  # (h, gh, gw)
+            H, W = image_size
+            scale = min(1.0, GROUNDING_SIDE / max(H, W))  # scored at <= GROUNDING_SIDE px, tolerance alike
+            size = (max(1, round(H * scale)), max(1, round(W * scale)))
+            mask = _object_mask(gt.objects[p["index"]], gt.image_size or image_size, size)
+            if not mask.any():
+                continue
+            masks = mask[None].expand(m.shape[0], -1, -1)  # (h, H', W')
+            hits = pointing_game(m, masks, tolerance=max(1, round(POINTING_TOLERANCE_PX * scale)), generator=gen)
+            cols.setdefault("pointing image", []).append(hits.float())
+            cols.setdefault("energy in object", []).append(energy_inside(m, masks))
+        elif p["target"] == "event" and "audio" in maps.segments:
+            a = maps.audio_maps(layer, renormalise=True)[item][:, toks].mean(1)  # (h, T)
+            ag = maps.key_geometry["audio"]
+            times = torch.tensor(ag.times, dtype=torch.float32)  # (T,)
+            valid = (times < ag.durations[item])[None].expand(a.shape[0], -1)  # (h, T)
+            start, end = gt.events[p["index"]]
+            intervals = torch.tensor([[start, end]], dtype=torch.float32).expand(a.shape[0], -1)  # (h, 2)
+            mass, _ = interval_mass(a, times, intervals, valid)
+            step = float(times[1] - times[0]) if len(times) > 1 else 0.1
+            hits = temporal_pointing(a, times, intervals, tolerance=step / 2, valid=valid, generator=gen)
+            cols.setdefault("mass in event", []).append(mass)
+            cols.setdefault("pointing audio", []).append(hits.float())
+    return {k: torch.stack(v).mean(0).numpy() for k, v in cols.items()}
+
+
+def _round(x) -> float | None:
+    x = float(x)
+    return round(x, 3) if math.isfinite(x) else None  # NaN: nothing to average (e.g. no mass there)
+
+
+def metrics_rows(maps: AttentionMaps, off: torch.Tensor | None, gt: GroundTruth | None,
+                 image_size: tuple[int, int] | None) -> tuple[list[str], list[list]]:
+    """The per-head table: (headers, rows), one row per head of every layer."""
+    headers, rows = None, []
+    for layer in maps.layers:
+        stats = head_stats(maps, layer)
+        if gt is not None:
+            stats.update(grounding_scores(maps, layer, gt, image_size))
+        names = list(stats)
+        if headers is None:
+            headers = ["head"] + names
+        for i, h in enumerate(maps.heads[layer]):
+            is_off = off is not None and float(off[layer, h]) == 0.0
+            rows.append([f"L{layer} H{h}" + (" (off)" if is_off else "")] + [_round(stats[n][i]) for n in names])
+    return headers or ["head"], rows
+
+
+# ---------------------------------------------------------------------------------------
+# Examples from assets/
+# ---------------------------------------------------------------------------------------
+
+IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+AUDIO_EXT = (".wav", ".flac", ".ogg", ".mp3")
+ROLE_SUFFIX = re.compile(r"[_-](image|img|audio|sound|caption|text|gt|truth|ground[_-]truth|meta)$", re.I)
+
+
+def find_examples(folder: str | Path | None) -> list[list[str | None]]:
+    """[image, audio, caption, ground-truth JSON] rows from files sharing a stem (see module doc)."""
+    folder = Path(folder) if folder else None
+    if folder is None or not folder.is_dir():
+        return []
+    groups: dict[str, dict[str, Path]] = {}
+    for f in sorted(folder.iterdir()):
+        if not f.is_file():
+            continue
+        ext = f.suffix.lower()
+        if re.search(r"[_-]masks?$", f.stem, re.I):
+            continue  # object label maps that go with a ground-truth JSON
+        role = ("image" if ext in IMAGE_EXT else "audio" if ext in AUDIO_EXT else
+                "caption" if ext == ".txt" else "gt" if ext == ".json" else None)
+        if role is None:
+            continue
+        groups.setdefault(ROLE_SUFFIX.sub("", f.stem), {}).setdefault(role, f)
+    rows = []
+    for stem, g in sorted(groups.items()):
+        if "image" not in g and "audio" not in g:
+            continue
+        caption = None
+        if "caption" in g:
+            caption = g["caption"].read_text(encoding="utf-8", errors="replace").strip()
+        gt = g.get("gt")
+        if gt is not None:
+            try:
+                d = json.loads(gt.read_text(encoding="utf-8"))
+                caption = caption or (d.get("caption") if isinstance(d, dict) else None)
+            except (OSError, ValueError):
+                gt = None
+        rows.append([str(g["image"]) if "image" in g else None, str(g["audio"]) if "audio" in g else None,
+                     caption or "", str(gt) if gt else None])
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# Per-request output folders (downloads), pruned as new ones are made
+# ---------------------------------------------------------------------------------------
+
+
+class OutputDirs:
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="multimodal-demo-"))
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        atexit.register(shutil.rmtree, self.root, True)
+
+    def new(self) -> Path:
+        with self._lock:
+            self.prune()
+            return Path(tempfile.mkdtemp(prefix="req-", dir=self.root))
+
+    def prune(self) -> None:
+        dirs = sorted((d for d in self.root.iterdir() if d.is_dir()), key=lambda d: d.stat().st_mtime)
+        now = time.time()
+        for i, d in enumerate(dirs):
+            if now - d.stat().st_mtime > KEEP_OUTPUT_SECONDS or len(dirs) - i >= MAX_OUTPUT_DIRS:
+                shutil.rmtree(d, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------
+# The app: one model, loaded once; handlers are plain methods
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    """What a run leaves in the session, so layer / token changes redraw without the model."""
+
+    maps: AttentionMaps
+    image: Image.Image | None  # thumbnail for drawing
+    audio: AudioClip | None
+    queries: list[tuple[int, str]]
+    out_dir: Path
+    files: dict[int | None, list[Path]]  # query index -> files written for it
+    extra_files: list[Path]
+
+
+def _error(e: Exception) -> gr.Error:
+    """A readable message in the page (gr.Error renders HTML, so user text is escaped)."""
+    return gr.Error(html.escape(str(e), quote=False), title="Cannot run on these inputs", print_exception=False)
+
+
+
+class App:
+    def __init__(self, model: MultimodalModel, source: str | Path | None = None,
+                 examples_dir: str | Path | None = inference.ASSETS, output_root: str | Path | None = None):
+        self.model = model.eval()
+        self.source = source
+        self.info = describe_model(model, source)
+        self.examples_dir = Path(examples_dir) if examples_dir else None
+        self.examples = find_examples(examples_dir)
+        self.outputs = OutputDirs(output_root)
+        self.heads = head_choices(model.cfg.layers, model.cfg.heads)
+        self._tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe across threads
+
+    # -- the model run ------------------------------------------------------------------
+
+    def infer(self, inputs: Inputs, off: torch.Tensor | None):
+        return inference.run(self.model, inputs, head_mask=off, tokenizer_lock=self._tokenizer_lock)
+
+    def tokens_notice(self, text: str) -> str | None:
+        enc = self.model.encoders["text"] if "text" in self.model.encoders else None
+        if enc is None:
+            return None
+        with self._tokenizer_lock:
+            n = len(enc.tokenizer(text, truncation=False)["input_ids"])
+        if n > enc.max_length:
+            return f"the caption has {n} tokens; the text encoder reads the first {enc.max_length}"
+        return None
+
+    # -- drawing ------------------------------------------------------------------------
+
+    def draw(self, res: Result, query: int | None, out: Path | None = None) -> list[Path]:
+        """Every layer's grids for one query choice (cached per session), + the raw maps."""
+        files = res.files.get(query)
+        if files and all(p.exists() for p in files):
+            return files
+        out = out or self.outputs.new()
+        files = write_all(res.maps, out, image=res.image, audio=res.audio, query=query)
+        if res.maps.query_source == "text" and "text" not in res.maps.segments:
+            files += draw_concentration(res.maps, out)
+        for p in res.extra_files:
+            if p.exists() and p.parent != out:
+                shutil.copy(p, out / p.name)
+                files.append(out / p.name)
+        files += [p for p in res.extra_files if p.parent == out]
+        files.append(bundle(out / "maps.zip", files))
+        res.files[query] = files
+        return files
+
+    def layer_outputs(self, res: Result, files: list[Path], layer: int) -> tuple:
+        """(image grid, audio grid, text grid, text highlight HTML, downloads) for one layer."""
+        by_name = {p.name: p for p in files}
+
+        def image_update(name: str):
+            p = by_name.get(name)
+            return gr.Image(value=str(p) if p else None, visible=p is not None)
+
+        if f"layer{layer}_text_concentration.png" in by_name:
+            text_grid = image_update(f"layer{layer}_text_concentration.png")
+            html_path = by_name.get(f"layer{layer}_text_concentration.html")
+            note = TEXT_CONCENTRATION_NOTE
+        else:
+            text_grid = image_update(f"layer{layer}_text.png")
+            html_path = by_name.get(f"layer{layer}_text.html")
+            note = TEXT_ATTENTION_NOTE
+        markup = f'<p class="mm-note">{note}</p>' + html_path.read_text() if html_path else ""
+        downloads = [str(p) for p in files if p.suffix == ".zip"]
+        return (image_update(f"layer{layer}_image.png"), image_update(f"layer{layer}_audio.png"), text_grid,
+                gr.HTML(value=markup, visible=bool(markup)), downloads)
+
+    # -- handlers -----------------------------------------------------------------------
+
+    def run(self, image=None, audio=None, text=None, ground_truth=None, ablate=None, layer=0, token=None):
+        """Inputs -> status, score, grids of `layer`, audio playback, metrics, downloads, token choices, session."""
+        t0 = time.perf_counter()
+        try:
+            inputs = load_inputs(image, audio, text, APP_LIMITS)
+            cfg = self.model.cfg
+            notices = inputs.notices + check_subset(cfg.query, self.model.modalities, inputs.given)
+            off = head_mask_from(ablate, cfg.layers, cfg.heads)
+            search = [self.examples_dir] if self.examples_dir else []
+            gt = load_ground_truth(ground_truth, search) if ground_truth else None
+            if inputs.text is not None and "text" in self.model.encoders:
+                note = self.tokens_notice(inputs.text)
+                notices += [note] if note else []
+            out = self.infer(inputs, off)
+            maps = out.maps
+            queries = query_labels(maps)
+            try:
+                query = parse_query(token, [i for i, _ in queries])
+            except InputError:
+                query = None  # the caption changed since the token was picked
+            if gt is not None and gt.caption and inputs.text and not _same_caption(gt.caption, inputs.text):
+                notices.append("the ground truth was written for another caption, so pointing/energy are left out")
+                gt = None
+            if gt is not None and cfg.query != "text":
+                notices.append("pointing/energy need text-token queries; this model's queries are "
+                               f"{cfg.query}, so they are left out")
+                gt = None
+            size = (inputs.image.height, inputs.image.width) if inputs.image is not None else None
+            headers, rows = metrics_rows(maps, off, gt, size)
+            layer = int(layer) if layer is not None and int(layer) in maps.layers else maps.layers[0]
+        except InputError as e:
+            raise _error(e) from None
+        except gr.Error:
+            raise
+        except Exception as e:  # a bug or an input nobody foresaw: say so, keep serving
+            log.exception("run failed")
+            raise gr.Error(html.escape(f"the model could not run on these inputs ({type(e).__name__}: {e}). "
+                                       "The server is still up: try other inputs.", quote=False),
+                           print_exception=False) from None
+
+        score = float(torch.sigmoid(out.score[0]))
+        thumb = None
+        if inputs.image is not None:
+            thumb = inputs.image.copy()
+            thumb.thumbnail((THUMB_SIDE, THUMB_SIDE))
+        base = self.outputs.new()
+        extra = [write_table(base / "metrics.csv", headers, rows),
+                 write_summary(base / "summary.json", self, inputs, score, ablate, notices)]
+        res = Result(maps, thumb, inputs.audio, queries, base, {}, extra)
+        files = self.draw(res, query, base)
+        playback = None
+        if inputs.audio is not None:
+            playback = str(base / "audio.wav")
+            sf.write(playback, inputs.audio.waveform, inputs.audio.sample_rate, subtype="PCM_16")
+
+        took = time.perf_counter() - t0
+        given = ", ".join(describe_input(inputs, m) for m in inputs.given)
+        status = f"Ran on {given} in {took:.2f} s."
+        if off is not None:
+            status += f" Heads switched off: {', '.join(ablate)}."
+        if notices:
+            status += "\n\n" + "\n".join(f"- **Note:** {html.escape(n, quote=False)}" for n in notices)
+        labels = [mean_label(maps.query_source)] + [lab for _, lab in queries]
+        chosen = next((lab for i, lab in queries if i == query), labels[0])
+        grids = self.layer_outputs(res, files, layer)
+        return (status, {"match": score, "no match": 1.0 - score}, *grids[:3],
+                gr.Audio(value=playback, visible=playback is not None), grids[3],
+                pd.DataFrame(rows, columns=headers), grids[4],
+                gr.Dropdown(choices=labels, value=chosen), res)
+
+    def view(self, res: Result | None, layer=0, token=None):
+        """Redraw the last result for another layer / query token (no model run)."""
+        if res is None:
+            raise gr.Error("run the model first (press Run)", print_exception=False)
+        try:
+            query = parse_query(token, [i for i, _ in res.queries])
+            layer = int(layer)
+            if layer not in res.maps.layers:
+                raise InputError(f"layer {layer} does not exist; this model has layers {res.maps.layers}")
+        except (InputError, ValueError, TypeError) as e:
+            raise _error(e) from None
+        files = self.draw(res, query)
+        return self.layer_outputs(res, files, layer)
+
+    def tokens(self, text: str | None):
+        """Caption -> query-token choices for the dropdown (text-query models)."""
+        label = mean_label(self.model.cfg.query)
+        enc = self.model.encoders["text"] if "text" in self.model.encoders else None
+        if self.model.cfg.query != "text" or enc is None or not text or not str(text).strip():
+            return gr.Dropdown(choices=[label], value=label)
+        try:
+            with self._tokenizer_lock:
+                batch = enc.preprocess([str(text)[:MAX_TEXT_CHARS]])
+        except InputError:
+            return gr.Dropdown(choices=[label], value=label)
+        geom, keep = batch["geometry"], ~batch["special"][0]
+        toks = [f"{i}: {t}" for i, t in enumerate(geom.tokens[0]) if t and bool(keep[i])]
+        return gr.Dropdown(choices=[label] + toks, value=label)
+
+
+def describe_input(inputs: Inputs, m: str) -> str:
+    if m == "image":
+        return f"an image of {inputs.image.width}x{inputs.image.height}"
+    if m == "audio":
+        return f"{inputs.audio.duration:.1f} s of audio"
+    return f"a caption of {len(inputs.text)} characters"
+
+
+def draw_concentration(maps: AttentionMaps, out: Path) -> list[Path]:
+    """Text-query models: per layer, each head's concentration per query token as a text grid + HTML.
+
+    Drawn like `text_head_grid` (one row per head, then the mean, one scale) with a legend
+    that names what the colour means here.
+    """
+    geom: TextGeometry = maps.query_geometry
+    keep = content_queries(maps).numpy() & np.array([bool(t) for t in geom.tokens[0]])
+    tokens = [t for t, k in zip(geom.tokens[0], keep) if k]
+    written = []
+    for layer in maps.layers:
+        c = concentration(maps, layer)[:, keep]  # (h, n)
+        rows = np.concatenate([c, c.mean(0, keepdims=True)])  # (h+1, n)
+        panels, _ = text_panels(tokens, rows)
+        vmin, vmax = value_range(rows)
+        legend = colorbar(max(panels[0].height, 120), vmin, vmax, label="concentration\n(1 - normalised\nentropy)")
+        labels = [f"L{layer} H{h}" for h in maps.heads[layer]] + ["mean"]
+        title = f"text: layer {layer}, concentration per query token"
+        path = out / f"layer{layer}_text_concentration.png"
+        grid(panels, labels, 1, title, legend).save(path)
+        path.with_suffix(".html").write_text(text_html(tokens, rows[-1], vmin=vmin, vmax=vmax))  # same scale
+        written += [path, path.with_suffix(".html")]
+    return written
+
+
+def bundle(path: Path, files: list[Path]) -> Path:
+    """One zip of the request's downloads (PNGs and .npz are compressed already: stored as they are)."""
+    with zipfile.ZipFile(path, "w") as z:
+        for p in files:
+            z.write(p, p.name, zipfile.ZIP_STORED if p.suffix in (".png", ".npz") else zipfile.ZIP_DEFLATED)
+    return path
+
+
+def write_table(path: Path, headers: list[str], rows: list[list]) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(headers)
+        w.writerows(rows)
+    return path
+
+
+def write_summary(path: Path, app: App, inputs: Inputs, score: float, ablate, notices) -> Path:
+    path.write_text(json.dumps({
+        "model": str(app.source) if app.source else "random-init (encoder specs)",
+        "match_probability": score, "heads_off": list(ablate or []), "notices": notices,
+        "inputs": {"image_size": [inputs.image.height, inputs.image.width] if inputs.image else None,
+                   "audio_seconds": inputs.audio.duration if inputs.audio else None, "text": inputs.text},
+    }, indent=1))
+    return path
+

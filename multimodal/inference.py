@@ -1,0 +1,188 @@
+"""The one inference service under `multimodal maps` and the app.
+
+Where the embedded default model and the bundled samples live, how a model is chosen and
+described, how raw inputs become validated `Inputs` (under explicit limits), and one model run
+over them. Both faces call these functions, so the command line and the page read inputs,
+pick models and run them the same way.
+
+The bundled files (`DEFAULT_CHECKPOINT`, the sample scenes) are package data: in an installed
+wheel they sit in `multimodal/assets/`; in a checkout (an editable install) they are the
+repository's `assets/` folder, which the wheel's `multimodal/assets/` is built from.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from multimodal import io as mio
+from multimodal.fusion import FusionConfig, FusionOutput, MapRequest
+from multimodal.model import MultimodalModel
+from multimodal.types import InputError
+
+
+def _assets_dir() -> Path:
+    """`multimodal/assets/` in a wheel, else the checkout's `assets/` (editable install)."""
+    packaged = Path(__file__).resolve().parent / "assets"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[1] / "assets"
+
+
+ASSETS = _assets_dir()
+DEFAULT_CHECKPOINT = ASSETS / "default"  # the embedded default model (`train --preset default`)
+SAMPLE = {"image": ASSETS / "sample.png", "audio": ASSETS / "sample.wav", "text": ASSETS / "sample.txt"}
+SILENCE_PEAK = 1e-4  # |sample| below this everywhere (-80 dBFS) counts as a silent clip
+RANDOM_WEIGHTS_NOTE = ("no trained checkpoint named and none embedded; using encoder specs with RANDOM weights, "
+                       "so the maps show structure, not meaning")
+
+
+def asset_path(name: str) -> Path:
+    """A bundled file by name (e.g. "sample.png"), wherever the package is installed."""
+    path = ASSETS / name
+    if not path.exists():
+        raise InputError(f"the bundled file {name} is not in {ASSETS}; reinstall the package")
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# Inputs: validated once, here, under a face's limits
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one face accepts. Clips longer than `max_audio_seconds` are cut, with a notice."""
+
+    max_audio_seconds: float = mio.MAX_AUDIO_SECONDS
+    max_text_chars: int = mio.MAX_TEXT_CHARS
+    who: str = "the"  # names the limit in messages: "the demo's limit"
+
+
+@dataclass
+class Inputs:
+    image: Image.Image | None = None  # RGB, as given
+    audio: mio.AudioClip | None = None  # mono, at most the limit
+    text: str | None = None
+    notices: list[str] = field(default_factory=list)
+
+    @property
+    def given(self) -> list[str]:
+        return [m for m, v in (("text", self.text), ("image", self.image), ("audio", self.audio)) if v is not None]
+
+
+def is_silent(clip: mio.AudioClip) -> bool:
+    return float(np.abs(clip.waveform).max(initial=0.0)) < SILENCE_PEAK
+
+
+def load_inputs(image: Any = None, audio: Any = None, text: str | None = None, limits: Limits = Limits()) -> Inputs:
+    """Raw image / audio / caption (paths, bytes, arrays, PIL) -> validated inputs and the notices
+    a user must see (audio cut, silent clip). Raises InputError with a sentence that says what to do."""
+    out = Inputs()
+    if image is not None:
+        out.image = mio.load_image(image)
+    if audio is not None:
+        out.audio = mio.load_audio(audio, truncate=True, max_seconds=limits.max_audio_seconds, limit_name=limits.who)
+        if out.audio.notice:
+            out.notices.append(out.audio.notice)
+        if is_silent(out.audio):
+            out.notices.append("the audio clip is silent (no sample above -80 dBFS): the maps over it are not "
+                               "meaningful")
+    if text is not None and str(text).strip():
+        out.text = mio.check_text(str(text), max_chars=limits.max_text_chars, limit_name=limits.who)
+    return out
+
+
+def check_subset(query: str, model_modalities: Sequence[str], given: Sequence[str]) -> list[str]:
+    """Raise InputError when the given inputs cannot run this model; return notices for ignored ones."""
+    notices = [f"this model has no {m} encoder, so the {m} input was ignored" for m in given
+               if m not in model_modalities]
+    usable = [m for m in given if m in model_modalities]
+    have = " and ".join(model_modalities)
+    if query == "latents":
+        if not usable:
+            raise InputError(f"give at least one input this model reads ({have})")
+        return notices
+    others = [m for m in model_modalities if m != query]
+    names = {"text": "a caption", "image": "an image", "audio": "an audio clip"}
+    others_text = " or ".join(names[m] for m in others) or "another input"
+    what = "a caption" if query == "text" else f"the {query}"
+    if query not in usable:
+        raise InputError(f"this model asks with {query} tokens (they attend over the other inputs): give {what} "
+                         f"as well as {others_text}")
+    if not any(m != query for m in usable):
+        raise InputError(f"the {query} tokens need something to attend to: add {others_text} to {what}")
+    return notices
+
+
+# ---------------------------------------------------------------------------------------
+# Models: chosen and described one way
+# ---------------------------------------------------------------------------------------
+
+
+def load_model(model_dir: str | Path | None = None, specs: dict[str, str | None] | None = None,
+               device: str = "cpu", fusion: dict | None = None) -> tuple[MultimodalModel, Path | None]:
+    """(model, source): a checkpoint, else the embedded default when no encoder specs are named,
+    else a model built from the specs with RANDOM weights (source None)."""
+    if model_dir:
+        return MultimodalModel.from_pretrained(model_dir, map_location=device).eval(), Path(model_dir)
+    specs = {m: s for m, s in (specs or {}).items() if s}
+    if not specs and (DEFAULT_CHECKPOINT / "config.json").is_file():
+        return MultimodalModel.from_pretrained(DEFAULT_CHECKPOINT, map_location=device).eval(), DEFAULT_CHECKPOINT
+    cfg = FusionConfig(**(fusion or {}))
+    return MultimodalModel.from_specs(fusion=cfg, **specs).to(device).eval(), None
+
+
+def model_summary(model: MultimodalModel) -> str:
+    cfg = model.cfg
+    q = "text-token queries" if cfg.query == "text" else (
+        f"{cfg.num_latents} learned latent queries" if cfg.query == "latents" else f"{cfg.query}-token queries")
+    encs = ", ".join(f"{m} `{getattr(model.encoders[m], 'spec', '?')}`" for m in model.modalities)
+    layers = f"{cfg.layers} layer{'s' if cfg.layers != 1 else ''}"
+    return f"{encs}; fusion {layers} x {cfg.heads} heads, {cfg.attention} attention, {q}"
+
+
+def describe_model(model: MultimodalModel, source: str | Path | None) -> str:
+    """Markdown: which model is loaded, and a warning when its weights are random or untrained."""
+    summary = model_summary(model)
+    step = model.meta.get("step")
+    if source is None:
+        return (f"**Model:** built from encoder specs with **random weights** ({summary}). No trained checkpoint "
+                f"was named and none is embedded: the maps show structure, not meaning, "
+                "and the match score is meaningless.")
+    where = "the embedded default" if Path(source).resolve() == DEFAULT_CHECKPOINT.resolve() else "checkpoint"
+    trained = (f"trained for {step} steps" if step is not None else
+               "**no training record in its config: if it was never trained, its maps and score are meaningless**")
+    return f"**Model:** {where} `{source}` ({summary}); {trained}."
+
+
+# ---------------------------------------------------------------------------------------
+# One run
+# ---------------------------------------------------------------------------------------
+
+
+def run(model: MultimodalModel, inputs: Inputs, head_mask: torch.Tensor | None = None,
+        request: MapRequest | bool = True, tokenizer_lock: threading.Lock | None = None) -> FusionOutput:
+    """One forward pass over the inputs the model reads (others are ignored; see check_subset).
+
+    `request` says which maps to return (MapRequest, True for all); `tokenizer_lock` serialises
+    the tokenizer when several threads share the model (HF fast tokenizers are not thread-safe).
+    """
+    batches = {}
+    with torch.inference_mode():
+        if inputs.text is not None and "text" in model.encoders:
+            with tokenizer_lock or nullcontext():
+                batches.update(model.preprocess(text=[inputs.text]))
+        raw = {m: [getattr(inputs, m)] for m in ("image", "audio")
+               if getattr(inputs, m) is not None and m in model.encoders}
+        if raw:
+            batches.update(model.preprocess(**raw))
+        tokens = model.encode(batches)
+        return model.fuse(tokens, head_mask=head_mask, return_maps=request)
