@@ -33,7 +33,6 @@ From Python:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import itertools
 import json
@@ -42,8 +41,6 @@ import os
 import random
 import re
 import shutil
-import sys
-import textwrap
 import time
 import tomllib
 import traceback
@@ -61,12 +58,12 @@ from tqdm import tqdm
 from multimodal.analysis.importance import (ablation_importance, gradient_importance, importance_table,
                                             shapley_importance)
 from multimodal.analysis.metrics import head_metric_table, js_divergence_matrix, maps_query_mask, redundancy_summary
+from multimodal.data.pool import ScenePool, split_seeds
 from multimodal.data.scenes import ONE_OBJECT, SceneConfig, hard_negative
 from multimodal.evaluate import evaluate
 from multimodal.fusion import FusionConfig
 from multimodal.model import MultimodalModel
-from multimodal.train import (PRESETS, ScenePool, TrainConfig, build_model, load_config, matching_loss,
-                              repeat_tokens, scene_config, score_candidates, split_seeds, train)
+from multimodal.train import PRESETS, TrainConfig, build_model, load_config, matching_loss, scene_config, train
 from multimodal.types import AttentionMaps, AudioGeometry, ImageGeometry, InputError, ModalityTokens, TextGeometry
 
 STUDY_DIR = Path(__file__).resolve().parent / "studies"  # the shipped studies
@@ -431,7 +428,7 @@ class AnalysisSet:
             caps = [s.caption for s in group]
             interleaved = [c for s in group for c in (s.caption, hard_negative(s, rng)[0])]
             true.append({**scene_tokens, "text": text(text.preprocess(caps))})
-            pairs.append({**{m: repeat_tokens(t, 2) for m, t in scene_tokens.items()},
+            pairs.append({**{m: t.repeat(2) for m, t in scene_tokens.items()},
                           "text": text(text.preprocess(interleaved))})
             sizes.append(len(idx))
         return cls(true, pairs, sizes)
@@ -795,78 +792,3 @@ def describe_runs(study: Study, out: str | Path) -> str:
                  f"; done: {counts['done']}" + (f"; stale (config changed, will rerun): {counts['stale']}"
                                                 if counts["stale"] else ""))
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------
-
-
-STUDY_EXAMPLE = """study file (TOML):
-  name = "size"
-  question = "Do larger fusion blocks have better-grounded, more specialised heads?"
-  seeds = [0, 1, 2]
-  eval_scenes = 200            # held-out scenes: matching accuracy, per-head grounding
-  analysis_scenes = 64         # per-head metrics, redundancy, importance
-  shapley_permutations = 20
-  snapshots = [0, 100, 300]    # optional: also evaluate after these training steps
-  baselines = true             # uniform / random-init / gradient-relevance grounding baselines
-  [base]                       # TrainConfig overrides for every run
-  preset = "default"
-  steps = 300
-  [grid]                       # cartesian product x seeds = the runs
-  "fusion.dim" = [64, 128]
-  "fusion.heads" = [2, 4]
-
-examples:
-  multimodal compare size --dry-run
-  multimodal compare my_study.toml --out reports/mine --workers 2
-"""
-
-
-def add_parser(sub) -> None:
-    description = (
-        "Run a comparison study described by a TOML file: a [grid] of TrainConfig values (fusion.* and "
-        "scene.* included) times a list of seeds. Each run trains, evaluates on the same held-out scenes "
-        "(matching accuracy, per-head grounding) and analyses its heads (entropy, confidence, spread, modality "
-        "share, JS redundancy, ablation / gradient / Shapley importance). Writes OUT/report.md, OUT/plots/*.png, "
-        "OUT/results.csv, OUT/results.json and one folder per run in OUT/runs/. Finished runs are skipped on a "
-        f"re-run. Shipped studies (give the name instead of a file): {', '.join(shipped_studies())}.")
-    p = sub.add_parser("compare", help="run a study: train/evaluate a grid of configurations and write a report",
-                       description=textwrap.fill(description, 88, break_on_hyphens=False), epilog=STUDY_EXAMPLE,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("study", help="study TOML file, or the name of a shipped study (e.g. size)")
-    p.add_argument("--out", default=None, help="report folder (default: reports/<study name>)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="independent runs in parallel processes (default 1); each gets cores/N torch threads. "
-                        "The numbers do not depend on N beyond float rounding (summation order)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="check the study and list its runs (done / pending / stale) without running anything")
-    p.add_argument("--report-only", action="store_true",
-                   help="write the report from the runs already finished; train nothing")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_compare)
-
-
-def cmd_compare(args) -> int:
-    study = load_study(args.study)
-    out = Path(args.out or Path("reports") / study.name)
-    if args.dry_run:
-        print(describe_runs(study, out))
-        return 0
-    if args.report_only:
-        runs = plan_runs(study, check_models=False)
-        results = finished_results(study, runs, out / "runs")
-        if not results:
-            raise InputError(f"no finished runs of study {study.name} in {out / 'runs'}: run it first")
-        paths = report_from(study, results, runs, out)
-        print(f"report from {len(results)} of {len(runs)} runs: {paths['report']}")
-        return 0
-    result = run_study(study, out, workers=args.workers, progress=not args.quiet)
-    print(f"ran {len(result['ran'])}, skipped {len(result['skipped'])} (already done), "
-          f"failed {len(result['failed'])}")
-    for run_id in result["failed"]:
-        print(f"  failed: {run_id} (see {out / 'runs' / run_id / ERROR})", file=sys.stderr)
-    if result["report"]:
-        print(f"report: {result['report']['report']}")
-    return 1 if result["failed"] else 0

@@ -22,9 +22,9 @@ from tqdm import tqdm
 
 from multimodal.analysis.grounding import (energy_inside, interval_mass, pointing_game, region_fraction,
                                            temporal_pointing)
+from multimodal.data.pool import ScenePool, split_seeds
 from multimodal.data.scenes import SceneConfig, hard_negative
-from multimodal.model import MultimodalModel
-from multimodal.train import ScenePool, score_candidates, split_seeds
+from multimodal.model import MultimodalModel, score_candidates
 from multimodal.types import AttentionMaps, InputError
 
 TIME_TOLERANCE_COLUMNS = 1.0  # temporal pointing tolerance, in time-column spacings
@@ -256,32 +256,3 @@ def write_report(result: dict, out_dir: str | Path) -> tuple[Path, Path]:
     j.write_text(json.dumps(result, indent=1))
     m.write_text(markdown(result))
     return j, m
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="matching accuracy and per-head grounding on held-out scenes",
-                       description="Evaluate a checkpoint on held-out procedural scenes: matching accuracy "
-                                   "against one-attribute hard negatives, and for every layer and head the "
-                                   "pointing game and energy inside the region for image objects and audio "
-                                   "events, with uniform / random-init / gradient-relevance baselines. "
-                                   "Writes eval.json and eval.md.")
-    p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded model)")
-    p.add_argument("--scenes", type=int, default=500, help="held-out scenes (default 500)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--no-baselines", action="store_true", help="skip the baselines (faster)")
-    p.add_argument("--out", default=None, help="report folder (default: the checkpoint directory)")
-    p.set_defaults(func=cmd_eval)
-
-
-def cmd_eval(args) -> int:
-    from multimodal.inference import DEFAULT_CHECKPOINT as DEFAULT_MODEL
-
-    model_dir = Path(args.model) if args.model else DEFAULT_MODEL
-    model = MultimodalModel.from_pretrained(model_dir)
-    result = evaluate(model, scenes=args.scenes, seed=args.seed, batch_size=args.batch_size,
-                      baselines=not args.no_baselines)
-    j, m = write_report(result, args.out or model_dir)
-    print(m.read_text())
-    print(f"wrote {j} and {m}")
-    return 0

@@ -190,3 +190,15 @@ class MultimodalModel(nn.Module):
             raise InputError(f"{weights} does not match its config.json (missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}): the checkpoint is damaged or from another version")
         return model.to(map_location).eval()
+
+
+def score_candidates(model: MultimodalModel, scene_batch: dict, captions: list[str], per_scene: int,
+                     return_maps=False) -> tuple[Tensor, FusionOutput]:
+    """Scores of `per_scene` captions against each scene of a preprocessed scene batch (captions
+    grouped by scene, in order): `((B, per_scene) scores, the fusion output)`. The scene side is
+    encoded once and repeated for its captions."""
+    tokens = model.encode(scene_batch)
+    tokens = {m: t.repeat(per_scene) for m, t in tokens.items()}
+    tokens["text"] = model.encoders["text"](model.encoders["text"].preprocess(captions))
+    out = model.fuse(tokens, return_maps=return_maps)
+    return out.score.view(-1, per_scene), out  # (B, per_scene)

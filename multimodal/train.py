@@ -15,7 +15,6 @@ import math
 import time
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -25,10 +24,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from multimodal.data.scenes import ONE_OBJECT, SceneConfig, generate_scene, hard_negative
+from multimodal.data.scenes import ONE_OBJECT, SceneConfig, hard_negative
 from multimodal.fusion import FusionConfig
-from multimodal.io import AudioClip
-from multimodal.model import MultimodalModel
+from multimodal.data.pool import ScenePool, split_seeds
+from multimodal.model import MultimodalModel, score_candidates
 from multimodal.types import MODALITIES, InputError, ModalityTokens
 
 Tensor = torch.Tensor
@@ -179,58 +178,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------
-# The scene pool: generated once, features cached
+# Candidate captions, negatives and losses (the scene pool is multimodal.data.pool)
 # ---------------------------------------------------------------------------------------
-
-
-def _make_scene(args):
-    seed, cfg = args
-    s = generate_scene(seed, cfg)
-    return s
-
-
-@dataclass
-class ScenePool:
-    scenes: list  # Scene objects or manifest rows (.caption, .image, .audio kept for preprocessing)
-    audio_batch: dict  # audio encoder batch for every scene, built once
-    hard_negatives: bool = True  # one-attribute negatives exist (procedural scenes only)
-
-    @classmethod
-    def build(cls, model: MultimodalModel, seeds: list[int], cfg: SceneConfig, workers: int,
-              desc: str) -> "ScenePool":
-        ctx = get_context("fork") if workers > 1 else None
-        jobs = [(s, cfg) for s in seeds]
-        if ctx is not None:
-            with ctx.Pool(workers) as pool:
-                scenes = list(tqdm(pool.imap(_make_scene, jobs, chunksize=64), total=len(jobs), desc=desc))
-        else:
-            scenes = [_make_scene(j) for j in tqdm(jobs, desc=desc)]
-        return cls.from_items(model, scenes, cfg.sample_rate)
-
-    @classmethod
-    def from_items(cls, model: MultimodalModel, items: list, sample_rate: int, hard_negatives: bool = True
-                   ) -> "ScenePool":
-        audio = None
-        if "audio" in model.encoders:
-            audio = model.encoders["audio"].preprocess([AudioClip(s.audio, sample_rate, None) for s in items])
-        return cls(items, audio, hard_negatives)
-
-    def batch(self, model: MultimodalModel, idx: list[int]) -> dict[str, dict]:
-        out = {}
-        if "image" in model.encoders:
-            out["image"] = model.encoders["image"].preprocess([self.scenes[i].image for i in idx])
-        if self.audio_batch is not None:
-            a = self.audio_batch
-            out["audio"] = {"features": a["features"][idx], "frames": a["frames"][idx],
-                            "durations": [a["durations"][i] for i in idx]}
-        return out
-
-
-def repeat_tokens(t: ModalityTokens, n: int) -> ModalityTokens:
-    """Each item n times in a row (B -> B*n), for scoring n captions against one scene."""
-    geom = t.geometry
-    return ModalityTokens(t.tokens.repeat_interleave(n, 0), t.mask.repeat_interleave(n, 0), t.modality,
-                          t.special.repeat_interleave(n, 0), geom)
 
 
 def candidate_captions(pool: ScenePool, idx: list[int], tc: TrainConfig, rng: np.random.Generator,
@@ -286,15 +235,6 @@ def other_caption(pool: ScenePool, i: int, rng: np.random.Generator) -> str:
     while pool.scenes[j].caption == own:
         j = int(rng.integers(len(pool.scenes)))
     return pool.scenes[j].caption
-
-
-def score_candidates(model: MultimodalModel, scene_batch: dict, captions: list[str], per_scene: int,
-                     return_maps=False):
-    tokens = model.encode(scene_batch)
-    tokens = {m: repeat_tokens(t, per_scene) for m, t in tokens.items()}
-    tokens["text"] = model.encoders["text"](model.encoders["text"].preprocess(captions))
-    out = model.fuse(tokens, return_maps=return_maps)
-    return out.score.view(-1, per_scene), out  # (B, per_scene)
 
 
 def matching_loss(scores: Tensor) -> Tensor:
@@ -355,11 +295,6 @@ def contrastive_loss(model: MultimodalModel, tokens: dict[str, ModalityTokens], 
     return loss
 
 
-def every_nth(t: ModalityTokens, n: int) -> ModalityTokens:
-    """Items 0, n, 2n, ... (undoes `repeat_tokens`)."""
-    return ModalityTokens(t.tokens[::n], t.mask[::n], t.modality, t.special[::n], t.geometry)
-
-
 def masked_word_loss(model: MultimodalModel, tokens: dict[str, ModalityTokens], captions: list[str],
                      per_scene: int, rate: float, rng: np.random.Generator) -> Tensor:
     """Masked words of each scene's true caption, predicted from what their queries gather.
@@ -385,7 +320,7 @@ def masked_word_loss(model: MultimodalModel, tokens: dict[str, ModalityTokens], 
         chosen[b, options[int(rng.integers(len(options)))]] = True
     targets = ids[chosen].to(model.device)  # (M,)
     batch = {**batch, "input_ids": ids.masked_fill(chosen, mask_id)}
-    fused_in = {m: every_nth(t, per_scene) for m, t in tokens.items() if m != "text"}
+    fused_in = {m: t.every(per_scene) for m, t in tokens.items() if m != "text"}
     fused_in["text"] = text(batch)
     fused = model.fusion(fused_in)
     words = model.match_asked(model.fusion.input_proj["text"](text.model.get_input_embeddings().weight))  # (V, D)
@@ -504,14 +439,6 @@ def manifest_pools(tc: TrainConfig) -> tuple[list, list, tuple[str, ...]]:
     return rows[:len(rows) - n_val], rows[len(rows) - n_val:], tuple(have)
 
 
-SPLIT_OFFSETS = {"train": 0, "val": 10_000_000, "test": 20_000_000, "curriculum": 30_000_000}
-
-
-def split_seeds(split: str, n: int, seed: int) -> list[int]:
-    base = SPLIT_OFFSETS[split] + seed * 1_000_003
-    return [base + i for i in range(n)]
-
-
 def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
     out_dir = Path(out_dir)
     t_start = time.perf_counter()
@@ -622,40 +549,3 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
                "config": tc.to_dict()}
     (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
-
-
-# ---------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a model on procedural scenes (caption/scene matching)",
-                       description="Train encoders + fusion block on caption/scene matching with one-attribute "
-                                   "hard negatives. Config: --preset, then --config FILE.toml, then --set key=value "
-                                   "(fusion.* and scene.* reach those tables). Writes a checkpoint directory "
-                                   "(config.json, model.safetensors, tokenizer/, train_state.*).")
-    p.add_argument("--preset", default=None, help=f"start from a preset: {', '.join(sorted(PRESETS))}")
-    p.add_argument("--config", help="TOML file with TrainConfig fields ([fusion] and [scene] tables)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one field, e.g. --set steps=500 --set fusion.heads=8")
-    p.add_argument("--out", default="runs/train", help="checkpoint directory (default: runs/train)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    p.add_argument("--eval-scenes", type=int, default=0,
-                   help="after training, run the full evaluation on this many held-out scenes")
-    p.set_defaults(func=cmd_train)
-
-
-def cmd_train(args) -> int:
-    tc = load_config(args.preset, args.config, dict(parse_override(s) for s in args.set))
-    print(json.dumps(tc.to_dict()))
-    summary = train(tc, args.out, resume=args.resume)
-    print(f"trained {summary['steps']} steps in {summary['wall_time_s']:.0f} s on {summary['device']}; "
-          f"checkpoint in {args.out}")
-    if args.eval_scenes:
-        from multimodal.evaluate import evaluate, write_report
-
-        result = evaluate(MultimodalModel.from_pretrained(args.out), scenes=args.eval_scenes, seed=tc.seed)
-        j, m = write_report(result, args.out)
-        print(Path(m).read_text())
-    return 0

@@ -131,6 +131,15 @@ class ModalityTokens:
         return ModalityTokens(self.tokens.to(device), self.mask.to(device), self.modality,
                               self.special.to(device), self.geometry, sa)
 
+    def repeat(self, n: int) -> "ModalityTokens":
+        """Each item n times in a row (B -> B*n), e.g. to score n captions against one scene."""
+        return ModalityTokens(self.tokens.repeat_interleave(n, 0), self.mask.repeat_interleave(n, 0), self.modality,
+                              self.special.repeat_interleave(n, 0), self.geometry)
+
+    def every(self, n: int) -> "ModalityTokens":
+        """Items 0, n, 2n, ... (undoes `repeat(n)`)."""
+        return ModalityTokens(self.tokens[::n], self.mask[::n], self.modality, self.special[::n], self.geometry)
+
 
 # ---------------------------------------------------------------------------------------
 # Attention maps out of the fusion block

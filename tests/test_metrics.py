@@ -306,7 +306,7 @@ def test_word_separation_is_one_when_the_text_side_cannot_tell_the_words_apart()
 
 def test_probe_scenes_are_none_of_the_training_or_evaluation_scenes():
     from multimodal.analysis.probe import PROBE_SEED_STRIDE, probe_seed_base
-    from multimodal.train import SPLIT_OFFSETS, split_seeds
+    from multimodal.data.pool import SPLIT_OFFSETS, split_seeds
 
     used = {s for split in SPLIT_OFFSETS for seed in range(5) for s in split_seeds(split, 20_000, seed)}
     probe = {probe_seed_base(seed, learn) + i for seed in range(5) for learn in (False, True)

@@ -232,7 +232,7 @@ def test_per_modality_encoder_learning_rates(tmp_path):
 
 
 def test_masked_word_loss_reads_the_masked_words_from_the_scene():
-    from multimodal.train import masked_word_loss, repeat_tokens
+    from multimodal.train import masked_word_loss
 
     torch.manual_seed(0)
     tc = smoke(masked_word_weight=1.0, match="bilinear")  # the term reads words through the bilinear head
@@ -240,13 +240,13 @@ def test_masked_word_loss_reads_the_masked_words_from_the_scene():
     scenes = [generate_scene(s) for s in (1, 2)]
     captions = [c for s in scenes for c in (s.caption, "a red star")]  # 2 candidates per scene, true first
     image = model.encoders["image"].encode([s.image for s in scenes])
-    tokens = {"image": repeat_tokens(image, 2)}
+    tokens = {"image": image.repeat(2)}
     loss = masked_word_loss(model, tokens, captions, 2, rate=0.3, rng=np.random.default_rng(0))
     assert loss.ndim == 0 and math.isfinite(float(loss)) and float(loss) > 0
     loss.backward()
     grads = [p.grad for p in model.encoders["image"].parameters() if p.grad is not None]
     assert grads and any(float(g.abs().sum()) > 0 for g in grads)  # the words are read from the image
-    other = {"image": repeat_tokens(model.encoders["image"].encode([s.image[::-1] for s in scenes]), 2)}
+    other = {"image": model.encoders["image"].encode([s.image[::-1] for s in scenes]).repeat(2)}
     with torch.no_grad():  # same masked positions (same rng seed), another image: another loss
         flipped = masked_word_loss(model, other, captions, 2, rate=0.3, rng=np.random.default_rng(0))
     assert float(flipped) != pytest.approx(float(loss), abs=1e-6)
