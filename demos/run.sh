@@ -3,7 +3,7 @@
 # The README's first quick-start command. Extra arguments go to `multimodal demo` (see --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source requirements/setup.sh  # .venv from requirements/lock-cpu.txt, then the torch-trio check
+bash requirements/setup.sh  # .venv from requirements/lock-cpu.txt, then the torch-trio check
 # No network at run time; glibc reuses freed blocks instead of zeroing fresh pages for every
 # map (see benchmarks/fusion_overhead.py: this is what keeps maps nearly free).
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False

@@ -1,8 +1,11 @@
-# Sourced by the two quick-start commands (demos/run.sh, tests/run.sh) from the repository root:
-#   source requirements/setup.sh [EXTRAS]      e.g. `dev` for the test tools
+#!/usr/bin/env bash
+# Run by the two quick-start commands (demos/run.sh, tests/run.sh):
+#   bash requirements/setup.sh [EXTRAS]      e.g. `dev` for the test tools
 # Makes .venv/ from the lock (requirements/lock-cpu.txt: every package at one tested version) and then
 # checks that the torch trio loads and torchaudio computes a filterbank. Idempotent: a venv already
 # installed from this lock and this pyproject.toml is not touched again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
 LOCK=requirements/lock-cpu.txt
 EXTRAS="${1:-}"
 SPEC="."

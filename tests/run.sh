@@ -7,6 +7,6 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
-source requirements/setup.sh dev  # .venv from requirements/lock-cpu.txt, then the torch-trio check
+bash requirements/setup.sh dev  # .venv from requirements/lock-cpu.txt, then the torch-trio check
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False MULTIMODAL_REQUIRE_BROWSER=1
 exec .venv/bin/python -m pytest "$@"
