@@ -20,31 +20,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from multimodal.analysis.grounding import (energy_inside, interval_mass, pointing_game, region_fraction,
-                                           temporal_pointing)
+from multimodal.analysis.grounding import (METRICS, TIME_TOLERANCE_COLUMNS, audio_columns,  # noqa: F401
+                                           phrase_tokens, score_phrase)
 from multimodal.data.pool import ScenePool, split_seeds
 from multimodal.data.scenes import SceneConfig, hard_negative
+from multimodal.data.truth import GroundTruth, from_scene
 from multimodal.model import MultimodalModel, score_candidates
 from multimodal.types import AttentionMaps, InputError
-
-TIME_TOLERANCE_COLUMNS = 1.0  # temporal pointing tolerance, in time-column spacings
-
-
-def phrase_queries(maps: AttentionMaps, item: int, span: tuple[int, int]) -> torch.Tensor:
-    """(Nq,) bool: content text tokens whose characters fall inside the phrase span."""
-    geom = maps.query_geometry
-    a, b = span
-    sel = [(s < b and e > a and e > s) for s, e in geom.spans[item]]
-    q = torch.tensor(sel, dtype=torch.bool) & maps.query_mask[item].cpu()
-    if maps.query_special is not None:
-        q &= ~maps.query_special[item].cpu()
-    return q
-
-
-def _phrase_rows(per_query: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """(h, Nq, ...) -> (h, ...) mean over the phrase's queries."""
-    return per_query[:, q].mean(1)
-
 
 class GroundingTally:
     """Accumulates per-(layer, head) hits and energies for image objects and audio events."""
@@ -62,37 +44,26 @@ class GroundingTally:
 
 def ground_batch(tally: GroundingTally, source: str, maps_per_layer: dict[int, dict[str, torch.Tensor]],
                  scenes, maps: AttentionMaps, gen: torch.Generator) -> None:
-    """Score one batch. `maps_per_layer[l]["image"]` is (B, h, Nq, gh, gw), `["audio"]` (B, h, Nq, T)."""
-    times = torch.tensor(maps.key_geometry["audio"].times) if "audio" in maps.segments else None
+    """Score one batch by the one per-phrase definition (`multimodal.analysis.grounding.score_phrase`,
+    shared with the app). `maps_per_layer[l]["image"]` is (B, h, Nq, gh, gw), `["audio"]`
+    (B, h, Nq, T); `scenes` are generated scenes or `GroundTruth`s, one per batch item."""
+    times, valid = audio_columns(maps) if "audio" in maps.segments else (None, None)
     for b, scene in enumerate(scenes):
-        for phrase in scene.phrases:
-            q = phrase_queries(maps, b, tuple(phrase["span"]))
+        truth = scene if isinstance(scene, GroundTruth) else from_scene(scene)
+        masks = truth.object_masks()  # at the scene's image resolution
+        for phrase in truth.phrases:
+            q = phrase_tokens(maps, b, phrase["span"])
             if not q.any():
                 continue
             for layer, per_mod in maps_per_layer.items():
-                if phrase["target"] == "object" and "image" in per_mod:
-                    m = _phrase_rows(per_mod["image"][b], q)  # (h, gh, gw)
-                    mask = torch.from_numpy(scene.masks[phrase["index"]])[None].expand(m.shape[0], -1, -1)
-                    hits = pointing_game(m, mask, generator=gen)
-                    energy = energy_inside(m, mask)
-                    base = region_fraction(mask[:1]).item()
-                    for h in range(m.shape[0]):
-                        tally.add(source, "image", layer, h, "pointing", [hits[h]])
-                        tally.add(source, "image", layer, h, "energy", [energy[h]])
-                        tally.add(source, "image", layer, h, "energy_gain", [energy[h] / max(base, 1e-9)])
-                elif phrase["target"] == "event" and "audio" in per_mod:
-                    m = _phrase_rows(per_mod["audio"][b], q)  # (h, T)
-                    ev = scene.events[phrase["index"]]
-                    interval = torch.tensor([[ev["start"], ev["end"]]]).expand(m.shape[0], -1)
-                    valid = (maps.key_mask[b, slice(*maps.segments["audio"])]
-                             .view(len(times), -1)[:, 0].cpu())[None].expand(m.shape[0], -1)  # (h, T)
-                    spacing = float(times[1] - times[0]) if len(times) > 1 else 0.1
-                    hits = temporal_pointing(m, times, interval, TIME_TOLERANCE_COLUMNS * spacing, valid, gen)
-                    mass, chance = interval_mass(m, times, interval, valid)
-                    for h in range(m.shape[0]):
-                        tally.add(source, "audio", layer, h, "pointing", [hits[h]])
-                        tally.add(source, "audio", layer, h, "energy", [mass[h]])
-                        tally.add(source, "audio", layer, h, "energy_gain", [mass[h] / max(chance[h].item(), 1e-9)])
+                scored = score_phrase({m: t[b] for m, t in per_mod.items()}, q, phrase, masks, truth.events, times,
+                                      None if valid is None else valid[b], gen)
+                if scored is None:
+                    continue
+                modality, values = scored
+                for h in range(len(values["pointing"])):
+                    for metric in METRICS:
+                        tally.add(source, modality, layer, h, metric, [values[metric][h]])
 
 
 def _modality_maps(maps: AttentionMaps, layer: int) -> dict[str, torch.Tensor]:

@@ -19,9 +19,14 @@ Ground-truth JSON (optional, per example or uploaded) -- the format this app rea
 The scene generator's JSON (`multimodal.data.scenes.save_scene`: the same keys, plus a label
 PNG of object masks) is read as well; its masks replace the boxes when the PNG is found
 beside the JSON or beside an identical example JSON.
-A phrase's maps are the mean over the text tokens its span covers; objects are scored with
-the pointing game and the energy inside the box, events with the attention mass inside
-the interval and temporal pointing (multimodal.analysis.grounding).
+This format is read by `multimodal.data.truth.load_ground_truth` (re-exported here).
+Grounding is `multimodal.analysis.grounding.phrase_grounding`, the same definition as
+`multimodal eval`: a phrase's maps are the mean over the text tokens its span covers; objects
+are scored with the pointing game (15 px tolerance, at the uploaded image's own resolution: no
+downscaling, so a 128 px scene scores exactly as in eval; the pointing game checks only the
+disk around each peak, so a 1024x1024 upload costs about 0.1 s) and the energy inside the mask
+or box, events with temporal pointing (one time-column spacing of tolerance) and the attention
+mass inside the interval.
 """
 
 from __future__ import annotations
@@ -50,15 +55,10 @@ import torch
 from PIL import Image
 
 from multimodal import inference
-from multimodal.analysis.grounding import (
-    POINTING_TOLERANCE_PX,
-    energy_inside,
-    interval_mass,
-    pointing_game,
-    temporal_pointing,
-)
+from multimodal.analysis.grounding import phrase_grounding
 from multimodal.analysis.metrics import entropy_per_query, head_metric_table
 from multimodal.app.limits import (APP_LIMITS, KEEP_OUTPUT_SECONDS, MAX_OUTPUT_DIRS, MAX_TEXT_CHARS, THUMB_SIDE)
+from multimodal.data.truth import GroundTruth, _object_mask, _scene_masks, load_ground_truth  # noqa: F401
 from multimodal.drawing import write_all
 from multimodal.inference import Inputs, check_subset, describe_model, load_inputs
 from multimodal.io import AudioClip
@@ -78,7 +78,6 @@ TEXT_ATTENTION_NOTE = ("<b>Text highlight = attention on each token</b>; below: 
                        "for its value), then every head.")
 MEAN_TOKEN = "all tokens (mean)"
 MEAN_QUERY = "all queries (mean)"
-GROUNDING_SIDE = 128  # px: object masks and maps are compared at this size (the maps are ~8x8 patches)
 TIE_SEED = 0  # random tie-breaking in the pointing games is seeded: same inputs, same table
 
 
@@ -168,138 +167,26 @@ def concentration(maps: AttentionMaps, layer: int, item: int = 0) -> np.ndarray:
 # ---------------------------------------------------------------------------------------
 
 
-@dataclass
-class GroundTruth:
-    phrases: list[dict]  # {"span": (s, e), "target": "object" | "event", "index": i}
-    objects: list[dict]  # {"box": (x0, y0, x1, y1)} or {"mask": (H, W) bool array}
-    events: list[tuple[float, float]]  # seconds
-    caption: str | None = None
-    image_size: tuple[int, int] | None = None  # (H, W) the boxes refer to
-
-
-def _scene_masks(path: Path, d: dict, search: Sequence[str | Path]) -> np.ndarray | None:
-    """(K, H, W) object masks of a `multimodal.data.scenes.save_scene` JSON, when its label PNG
-    is beside it, or beside an identical JSON in `search` (an example the page sent back)."""
-    name = d.get("masks")
-    if not isinstance(name, str):
-        return None
-    candidates = [path]
-    text = path.read_bytes()
-    for folder in search:
-        candidates += [p for p in Path(folder).glob("*.json") if p.read_bytes() == text] if Path(folder).is_dir() else []
-    for json_path in candidates:
-        if (json_path.parent / Path(name).name).is_file():
-            from multimodal.data.scenes import load_ground_truth as load_scene_truth
-
-            try:
-                return load_scene_truth(json_path)["masks"]
-            except Exception:  # an unreadable label PNG: the boxes still score
-                return None
-    return None
-
-
-def load_ground_truth(path: str | Path, search: Sequence[str | Path] = ()) -> GroundTruth:
-    """Read the JSON format documented at the top of this module (scenes' JSON included:
-    its object masks are used when the label PNG can be found). Raises InputError."""
-    path = Path(path)
-    name = path.name
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"ground truth {name} is not readable JSON ({e}); see the format in the help") from None
-    if not isinstance(d, dict):
-        raise InputError(f"ground truth {name} must be a JSON object with 'phrases', 'objects' and 'events'")
-    try:
-        phrases = []
-        for p in d.get("phrases", []):
-            s, e = (int(v) for v in p["span"])
-            target = str(p.get("target", "object"))
-            if target not in ("object", "event") or s >= e:
-                raise ValueError(f"phrase {p}")
-            phrases.append({"span": (s, e), "target": target, "index": int(p.get("index", 0))})
-        objects = []
-        for o in d.get("objects", []):
-            if "box" in o:
-                objects.append({"box": tuple(float(v) for v in o["box"][:4])})
-            elif "mask" in o:
-                objects.append({"mask": np.asarray(o["mask"], dtype=bool)})
-            else:
-                raise ValueError(f"object {o} has neither 'box' nor 'mask'")
-        events = [(float(e["start"]), float(e["end"])) for e in d.get("events", [])]
-        size = d.get("image_size")
-        size = (int(size[0]), int(size[1])) if size else None
-    except (KeyError, TypeError, ValueError, IndexError) as e:
-        raise InputError(f"ground truth {name} does not follow the format ({e}); see the format in the help") from None
-    for p in phrases:
-        pool = objects if p["target"] == "object" else events
-        if not 0 <= p["index"] < len(pool):
-            raise InputError(f"ground truth {name}: phrase {p['span']} points at {p['target']} {p['index']}, "
-                             f"but there are {len(pool)}")
-    masks = _scene_masks(path, d, search)
-    if masks is not None and len(masks) == len(objects):
-        objects = [{"mask": m} for m in masks]  # exact shapes beat boxes
-    caption = d.get("caption")
-    return GroundTruth(phrases, objects, events, caption if isinstance(caption, str) else None, size)
-
-
 def _same_caption(a: str, b: str) -> bool:
     return " ".join(a.lower().split()) == " ".join(b.lower().split())
-
-
-def _object_mask(obj: dict, gt_size: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
-    """One object's (H, W) bool mask at `size`, from a box in `gt_size` pixels or a mask."""
-    H, W = size
-    if "mask" in obj:
-        m = Image.fromarray(obj["mask"].astype(np.uint8) * 255).resize((W, H), Image.NEAREST)
-        return torch.from_numpy(np.asarray(m) > 127)
-    gh, gw = gt_size
-    x0, y0, x1, y1 = obj["box"]
-    sx, sy = W / gw, H / gh
-    mask = torch.zeros(H, W, dtype=torch.bool)
-    mask[max(0, int(y0 * sy)):max(0, math.ceil(y1 * sy)), max(0, int(x0 * sx)):max(0, math.ceil(x1 * sx))] = True
-    return mask
 
 
 def grounding_scores(maps: AttentionMaps, layer: int, gt: GroundTruth, image_size: tuple[int, int] | None,
                      item: int = 0) -> dict[str, np.ndarray]:
     """Per head `(h,)`: mean over the caption's phrases of pointing / energy (objects) and
-    interval mass / temporal pointing (events). Needs text-token queries."""
-    geom = maps.query_geometry
-    if not isinstance(geom, TextGeometry) or not gt.phrases:
+    interval mass / temporal pointing (events), by `multimodal.analysis.grounding.phrase_grounding`
+    (eval's definition). Object masks are scored at `image_size`, the image's own pixels.
+    Needs text-token queries."""
+    if not isinstance(maps.query_geometry, TextGeometry) or not gt.phrases:
         return {}
-    content = content_queries(maps, item)
-    spans = geom.spans[item]
+    masks = gt.object_masks(image_size) if image_size is not None else None
     gen = torch.Generator().manual_seed(TIE_SEED)
+    names = {"image": (("pointing image", "pointing"), ("energy in object", "energy")),
+             "audio": (("mass in event", "energy"), ("pointing audio", "pointing"))}
     cols: dict[str, list[torch.Tensor]] = {}
-    for p in gt.phrases:
-        s, e = p["span"]
-        toks = [i for i, (a, b) in enumerate(spans) if bool(content[i]) and a < e and b > s]
-        if not toks:
-            continue
-        if p["target"] == "object" and "image" in maps.segments and image_size is not None:
-            m = maps.image_maps(layer, renormalise=True)[item][:, toks].mean(1)  # (h, gh, gw)
-            H, W = image_size
-            scale = min(1.0, GROUNDING_SIDE / max(H, W))  # scored at <= GROUNDING_SIDE px, tolerance alike
-            size = (max(1, round(H * scale)), max(1, round(W * scale)))
-            mask = _object_mask(gt.objects[p["index"]], gt.image_size or image_size, size)
-            if not mask.any():
-                continue
-            masks = mask[None].expand(m.shape[0], -1, -1)  # (h, H', W')
-            hits = pointing_game(m, masks, tolerance=max(1, round(POINTING_TOLERANCE_PX * scale)), generator=gen)
-            cols.setdefault("pointing image", []).append(hits.float())
-            cols.setdefault("energy in object", []).append(energy_inside(m, masks))
-        elif p["target"] == "event" and "audio" in maps.segments:
-            a = maps.audio_maps(layer, renormalise=True)[item][:, toks].mean(1)  # (h, T)
-            ag = maps.key_geometry["audio"]
-            times = torch.tensor(ag.times, dtype=torch.float32)  # (T,)
-            valid = (times < ag.durations[item])[None].expand(a.shape[0], -1)  # (h, T)
-            start, end = gt.events[p["index"]]
-            intervals = torch.tensor([[start, end]], dtype=torch.float32).expand(a.shape[0], -1)  # (h, 2)
-            mass, _ = interval_mass(a, times, intervals, valid)
-            step = float(times[1] - times[0]) if len(times) > 1 else 0.1
-            hits = temporal_pointing(a, times, intervals, tolerance=step / 2, valid=valid, generator=gen)
-            cols.setdefault("mass in event", []).append(mass)
-            cols.setdefault("pointing audio", []).append(hits.float())
+    for scored in phrase_grounding(maps, layer, item, gt.phrases, masks, gt.events, gen):
+        for column, metric in names[scored["modality"]]:
+            cols.setdefault(column, []).append(scored[metric].float())
     return {k: torch.stack(v).mean(0).numpy() for k, v in cols.items()}
 
 
