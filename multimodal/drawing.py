@@ -20,9 +20,7 @@ from multimodal.types import AttentionMaps, InputError
 
 def query_weights(maps: AttentionMaps, item: int = 0, query: int | None = None) -> torch.Tensor:
     """(Nq,) weights that average a head's rows: one chosen query, or all content queries."""
-    valid = maps.query_mask[item].clone()
-    if maps.query_special is not None:
-        valid &= ~maps.query_special[item]
+    valid = maps.content_queries()[item].clone()
     if query is not None:
         if not 0 <= query < valid.numel():
             raise InputError(f"query index {query} is outside 0..{valid.numel() - 1}")

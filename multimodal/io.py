@@ -24,6 +24,7 @@ MAX_IMAGE_PIXELS = 40_000_000  # larger images are refused (decompression bombs)
 MIN_IMAGE_SIDE = 8  # pixels
 MAX_AUDIO_SECONDS = 600.0  # longer clips are refused unless truncate=True
 MAX_TEXT_CHARS = 2000
+SAMPLE_RATE = 16_000  # Hz: every clip is resampled to this before features, scenes are made at it (its one home)
 
 # PIL warns above this many pixels and refuses above twice as many; we refuse above it.
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
@@ -269,6 +270,19 @@ def load_audio(src: Any, truncate: bool = False, max_seconds: float = MAX_AUDIO_
 # ---------------------------------------------------------------------------------------
 # Text
 # ---------------------------------------------------------------------------------------
+
+
+def resample(wave: Any, rate: int) -> Any:
+    """Samples `(..., n)` at `rate` -> `(..., n')` at SAMPLE_RATE (torchaudio's sinc resampler);
+    a tensor stays a tensor, an array stays a float32 array; at SAMPLE_RATE already: unchanged."""
+    if int(rate) == SAMPLE_RATE:
+        return wave
+    import torch
+    import torchaudio
+
+    t = wave if isinstance(wave, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(wave))
+    out = torchaudio.functional.resample(t, int(rate), SAMPLE_RATE)
+    return out if isinstance(wave, torch.Tensor) else out.numpy().astype(np.float32)
 
 
 def check_text(text: Any, max_chars: int = MAX_TEXT_CHARS, limit_name: str = "the") -> str:

@@ -175,6 +175,12 @@ class AttentionMaps:
     def modalities(self) -> list[str]:
         return list(self.segments)
 
+    def content_queries(self) -> Tensor:
+        """`(B, Nq)` bool: real queries that name content (text tokens without CLS/SEP; every latent)."""
+        if self.query_special is None:
+            return self.query_mask
+        return self.query_mask & ~self.query_special
+
     def _require(self, modality: str, layer: int) -> None:
         if modality not in self.segments:
             raise InputError(

@@ -13,7 +13,7 @@ from PIL import Image
 
 from multimodal.encoders import (BUILTINS, AudioEncoder, ImageEncoder, TextEncoder, build_encoder,
                                  encoder_from_config)
-from multimodal.encoders.audio import AST_PREFIX, HOP_SECONDS, log_mel
+from multimodal.encoders.audio import AST_PREFIX, HOP_SECONDS, input_spectrogram
 from multimodal.encoders.registry import register_builtin
 from multimodal.encoders.text import batch_phrase_groups, phrase_groups
 from multimodal.types import InputError
@@ -254,8 +254,8 @@ def test_audio_tokens_grow_linearly(encoders):
     assert counts[25.0] / counts[10.0] == pytest.approx(2.5, rel=0.05)
 
 
-def test_log_mel_helper():
-    spec, times = log_mel(noise(1.0), num_mel_bins=64)
+def test_input_spectrogram_helper():
+    spec, times = input_spectrogram(noise(1.0), num_mel_bins=64)
     assert spec.shape[0] == 64 and spec.shape[1] == len(times) == 98
     assert np.all(np.diff(times) > 0) and np.isfinite(spec).all()
 

@@ -138,9 +138,7 @@ def phrase_tokens(maps: "AttentionMaps", item: int, span: Sequence[int]) -> Tens
     characters overlap the phrase's span [s, e)."""
     a, b = (int(v) for v in span)
     sel = [(s < b and e > a and e > s) for s, e in maps.query_geometry.spans[item]]
-    q = torch.tensor(sel, dtype=torch.bool) & maps.query_mask[item].cpu()
-    if maps.query_special is not None:
-        q &= ~maps.query_special[item].cpu()
+    q = torch.tensor(sel, dtype=torch.bool) & maps.content_queries()[item].cpu()
     return q
 
 

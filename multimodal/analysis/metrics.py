@@ -164,9 +164,7 @@ def temporal_spread(A_aud: Tensor, times: Tensor | Sequence[float], query_mask: 
 
 def maps_query_mask(maps: AttentionMaps, content_queries: bool = False) -> Tensor:
     """`(B, Nq)` the queries to average over: valid ones, without CLS/SEP when `content_queries`."""
-    qm = maps.query_mask
-    if content_queries and maps.query_special is not None:
-        qm = qm & ~maps.query_special
+    qm = maps.content_queries() if content_queries else maps.query_mask
     return qm
 
 

@@ -107,9 +107,8 @@ def content_query_weights(maps: AttentionMaps) -> Tensor:
     """`(B, Nq)` uniform weights over each item's valid non-special queries (all valid
     queries for an item that has no content query), each row summing to 1."""
     w = maps.query_mask.clone()
-    if maps.query_special is not None:
-        content = w & ~maps.query_special
-        w = torch.where(content.any(-1, keepdim=True), content, w)
+    content = maps.content_queries()
+    w = torch.where(content.any(-1, keepdim=True), content, w)
     w = w.float()
     return w / w.sum(-1, keepdim=True).clamp_min(1)
 

@@ -106,10 +106,7 @@ def head_mask_from(off: Sequence[str] | None, layers: int, heads: int) -> torch.
 
 def content_queries(maps: AttentionMaps, item: int = 0) -> torch.Tensor:
     """(Nq,) bool: real, non-special queries (text tokens without CLS/SEP, every latent)."""
-    q = maps.query_mask[item].clone()
-    if maps.query_special is not None:
-        q &= ~maps.query_special[item]
-    return q
+    return maps.content_queries()[item]
 
 
 def query_labels(maps: AttentionMaps, item: int = 0) -> list[tuple[int, str]]:

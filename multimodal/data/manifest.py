@@ -28,10 +28,9 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 from tqdm import tqdm
 
-from multimodal.io import AudioClip, check_text, load_audio, load_image
+from multimodal.io import SAMPLE_RATE, AudioClip, check_text, load_audio, load_image, resample
 from multimodal.types import InputError
 
-SAMPLE_RATE = 16000  # Hz: every clip is resampled to this (the audio encoders' rate)
 MANIFEST_KEYS = ("caption", "image", "audio", "boxes", "intervals", "phrases")
 PHRASE_KEYS = ("span", "target", "index", "text")  # "text", if given, must equal caption[s:e]
 TARGETS = {"object": "boxes", "event": "intervals"}  # phrase target -> the list its index points into
@@ -113,14 +112,7 @@ def _load_audio(value: Any, base: Path) -> tuple[AudioClip, Path]:
 
 def _resample(clip: AudioClip) -> np.ndarray:
     """(n,) at the clip's rate -> (n',) float32 at SAMPLE_RATE."""
-    if clip.sample_rate == SAMPLE_RATE:
-        return clip.waveform
-    import torch
-    import torchaudio
-
-    wav = torch.from_numpy(clip.waveform)[None]  # (1, n)
-    wav = torchaudio.functional.resample(wav, clip.sample_rate, SAMPLE_RATE)  # (1, n')
-    return wav[0].numpy().astype(np.float32)
+    return resample(clip.waveform[None], clip.sample_rate)[0]  # (1, n) -> (1, n')
 
 
 def _check_boxes(boxes: list[list[float]], image: np.ndarray | None) -> None:

@@ -8,12 +8,14 @@ false for the scene. Everything is vectorised numpy: a scene takes a few millise
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 from PIL import Image
+
+from multimodal.io import SAMPLE_RATE
 
 # -- vocabulary -------------------------------------------------------------------------
 
@@ -25,7 +27,6 @@ EVENT_KINDS = ("tone", "chirp", "noise", "clicks")
 PITCHES = {"low": 300.0, "mid": 800.0, "high": 2000.0}
 DIRECTIONS = ("rising", "falling")
 CHIRP_RANGE = (400.0, 3000.0)  # Hz
-SAMPLE_RATE = 16000
 EVENT_ATTRIBUTES = {"tone": tuple(PITCHES), "chirp": DIRECTIONS, "noise": (None,), "clicks": (None,)}
 CHANGE_TYPES = ("colour", "shape", "size", "pitch", "direction", "event_kind", "order")
 

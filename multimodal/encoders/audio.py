@@ -23,10 +23,9 @@ from transformers import ASTConfig, ASTFeatureExtractor, ASTModel, AutoConfig, A
 
 from multimodal.encoders.registry import (
     config_from_json, eager_attention, json_config, register_builtin, register_encoder)
-from multimodal.io import AudioClip, load_audio
+from multimodal.io import SAMPLE_RATE, AudioClip, load_audio, resample
 from multimodal.types import AudioGeometry, InputError, ModalityTokens
 
-SAMPLE_RATE = 16000  # Hz, every input is resampled to this
 HOP_SECONDS = 0.01  # one fbank frame (frame_shift 10 ms)
 WINDOW_SECONDS = 0.025  # fbank frame length (25 ms)
 WINDOW_SAMPLES = int(WINDOW_SECONDS * SAMPLE_RATE)  # 400: shorter clips are zero-padded to this
@@ -39,9 +38,7 @@ FEATURES_FILE = "audio_features.json"  # our feature parameters next to a saved 
 
 def fbank(clip: AudioClip, num_mel_bins: int) -> Tensor:
     """Mono clip at any rate -> log-mel filterbank `(frames, num_mel_bins)`, not normalised."""
-    wav = torch.from_numpy(clip.waveform).float()[None]  # (1, n)
-    if clip.sample_rate != SAMPLE_RATE:
-        wav = torchaudio.functional.resample(wav, clip.sample_rate, SAMPLE_RATE)  # (1, n')
+    wav = resample(torch.from_numpy(clip.waveform).float()[None], clip.sample_rate)  # (1, n) -> (1, n')
     if wav.shape[1] < WINDOW_SAMPLES:
         wav = torch.nn.functional.pad(wav, (0, WINDOW_SAMPLES - wav.shape[1]))  # (1, 400)
     return torchaudio.compliance.kaldi.fbank(
@@ -54,8 +51,9 @@ def frame_times(num_frames: int) -> np.ndarray:
     return np.arange(num_frames) * HOP_SECONDS + WINDOW_SECONDS / 2
 
 
-def log_mel(clip: Any, num_mel_bins: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """For drawing: `(num_mel_bins, frames)` log-mel spectrogram and each frame's centre time (s)."""
+def input_spectrogram(clip: Any, num_mel_bins: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """What the encoder reads, as a picture: the `(num_mel_bins, frames)` filterbank (not normalised)
+    and each frame's centre time (s). (`multimodal.overlays.log_mel` is the display spectrogram.)"""
     clip = clip if isinstance(clip, AudioClip) else load_audio(clip, truncate=True)
     feats = fbank(clip, num_mel_bins)  # (frames, mels)
     return feats.T.numpy(), frame_times(feats.shape[0])
@@ -150,9 +148,9 @@ class AudioEncoder(nn.Module):
     def normalise(self, feats: Tensor) -> Tensor:
         return (feats - self.mean) / (self.std * 2)
 
-    def log_mel(self, clip: Any) -> tuple[np.ndarray, np.ndarray]:
-        """`(num_mel_bins, frames)` log-mel with this encoder's mel bins, and frame times."""
-        return log_mel(clip, self.num_mel_bins)
+    def input_spectrogram(self, clip: Any) -> tuple[np.ndarray, np.ndarray]:
+        """`(num_mel_bins, frames)` filterbank with this encoder's mel bins, and frame times."""
+        return input_spectrogram(clip, self.num_mel_bins)
 
     def preprocess(self, clips: Sequence[Any]) -> dict[str, Any]:
         """Clips -> normalised fbank windows `(B, W, max_length, mels)` + real frame counts (CPU).

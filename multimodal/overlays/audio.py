@@ -7,6 +7,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw
 
+from multimodal.io import SAMPLE_RATE, resample
 from multimodal.overlays.common import (
     INK,
     TICK_SIZE,
@@ -21,7 +22,6 @@ from multimodal.overlays.common import (
     value_range,
 )
 
-SAMPLE_RATE = 16_000  # Hz, every waveform is resampled to this first
 N_FFT = 400  # 25 ms window at 16 kHz
 N_MELS = 64
 HOP_SECONDS = 0.01
@@ -51,15 +51,13 @@ def log_mel(waveform: np.ndarray, sample_rate: int, n_mels: int = N_MELS,
     Frame i is centred at i * hop (torch.stft center=True).
     """
     import torch
-    import torchaudio
 
     w = torch.as_tensor(np.asarray(waveform), dtype=torch.float32)
     if w.ndim == 2:
         w = w.mean(dim=int(w.shape[0] > w.shape[1]))  # average the shorter (channel) axis
     if w.ndim != 1:
         raise ValueError(f"waveform must be (n,) or (channels, n), got shape {tuple(w.shape)}")
-    if sample_rate != SAMPLE_RATE:
-        w = torchaudio.functional.resample(w, int(sample_rate), SAMPLE_RATE)
+    w = resample(w, sample_rate)
     hop = max(1, round(hop_seconds * SAMPLE_RATE))
     n_fft = max(N_FFT, hop)
     if w.numel() <= n_fft // 2:  # reflect padding needs more samples than half a window
