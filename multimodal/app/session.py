@@ -7,19 +7,9 @@ share a stem (after dropping a trailing `_image`/`_audio`/`_caption`/`_text`/`_g
 (.png/.jpg), a clip (.wav/.flac/.ogg), a caption (.txt, or the JSON's "caption") and ground
 truth (.json). No files, no examples.
 
-Ground-truth JSON (optional, per example or uploaded) -- the format this app reads:
-
-    {"caption": "a red circle and a rising chirp",     # optional: only used for this caption
-     "image_size": [H, W],                              # optional: pixels the boxes refer to
-     "phrases": [{"span": [2, 14], "target": "object", "index": 0},   # char span in the caption
-                 {"span": [19, 33], "target": "event", "index": 0}],
-     "objects": [{"box": [x0, y0, x1, y1]}],           # or {"mask": [[0, 1, ...], ...]} rows
-     "events":  [{"start": 0.5, "end": 1.2}]}          # seconds
-
-The scene generator's JSON (`multimodal.data.scenes.save_scene`: the same keys, plus a label
-PNG of object masks) is read as well; its masks replace the boxes when the PNG is found
-beside the JSON or beside an identical example JSON.
-This format is read by `multimodal.data.truth.load_ground_truth` (re-exported here).
+Ground truth (optional, per example or uploaded) is JSON in the format documented in
+`multimodal.data.truth` (a scene JSON from `save_scene` is read too) and read by its
+`load_ground_truth` (re-exported here).
 Grounding is `multimodal.analysis.grounding.phrase_grounding`, the same definition as
 `multimodal eval`: a phrase's maps are the mean over the text tokens its span covers; objects
 are scored with the pointing game (15 px tolerance, at the uploaded image's own resolution: no
