@@ -175,7 +175,7 @@ def test_negative_mining_tracks_errors_per_kind_and_weights_by_them():
 
 
 def test_curriculum_trains_on_one_object_scenes_first_then_the_full_config(tmp_path, monkeypatch):
-    import multimodal.train as train_module
+    import multimodal.train.loop as train_module
 
     seen = []  # per training step: the number of objects in each scene of the batch
     original = train_module.candidate_captions

@@ -1,0 +1,175 @@
+"""What a training run is told: `TrainConfig`, the presets, and how a config is read.
+
+A config is a preset, then a TOML file of `TrainConfig` fields (`[fusion]`, `[scene]` and
+`[curriculum_scene]` tables for those configs), then `key=value` overrides whose dotted keys
+reach into those tables (`apply_overrides`); unknown keys are refused by name, and
+`TrainConfig` checks its values before anything runs.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from multimodal.data.scenes import ONE_OBJECT, SceneConfig
+from multimodal.fusion import FusionConfig
+from multimodal.types import MODALITIES, InputError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    steps: int = 2600
+    batch_size: int = 32
+    lr: float = 1e-3  # fusion block and match head
+    encoder_lr_scale: float = 1.0  # encoders train at lr * this (0.3 suited the ViT/AST encoders with self-attention)
+    encoder_lr_scales: Mapping[str, float] = field(default_factory=lambda: {"audio": 0.3})  # per modality: overrides it
+    weight_decay: float = 0.05
+    warmup: int = 100
+    hard_negatives: int = 3  # one-attribute negatives per scene per step
+    easy_negatives: int = 1  # other scenes' captions per scene per step
+    pool_scenes: int = 8000  # scenes generated once (features cached) and reused each epoch
+    val_scenes: int = 256  # held-out scenes for the periodic evaluation
+    eval_every: int = 500
+    checkpoint_every: int = 500
+    text_encoder: str = "bert-tiny-scenes"
+    image_encoder: str = "vit-local-scenes"  # local tokens: a query gathers only what is where it looks
+    audio_encoder: str = "ast-local-scenes"
+    freeze_encoders: bool = False  # all of them: the same as freeze = ["text", "image", "audio"]
+    freeze: tuple[str, ...] = ()  # modalities whose encoders keep their initial weights, e.g. ["text"]
+    match: str = "attended"
+    match_over: str = "content"  # "phrases": the soft minimum leaves out joining words ("and", "with", "then")
+    phrase_queries: bool = True  # the text encoder pools each caption phrase into one query (TextEncoder.phrase_pooling)
+    fusion: Mapping[str, Any] = field(default_factory=lambda: dict(
+        dim=128, heads=4, layers=1, query="text", query_self_attention=True, attention="softmax",
+        positional=False, compete=True, sinks=8))  # the encoders carry their own positions; sinusoids over text x key indices mislead
+    scene: Mapping[str, Any] = field(default_factory=dict)
+    contrastive_weight: float = 1.0  # in-batch token-level (FILIP-style) contrastive term on the encoders
+    contrastive_temperature: float = 0.1
+    contrastive_hard_weight: float = 0.0  # the same term over each scene's own candidates (its hard negatives)
+    binding_negatives: float = 0.0  # share of colour/shape negatives whose new value another object has
+    negative_mining: float = 2.0  # > 0: draw the kinds of hard negative still got wrong more often (NegativeMining)
+    masked_word_weight: float = 0.0  # masked caption words predicted from the fused scene (masked_word_loss)
+    masked_word_rate: float = 0.3  # share of each true caption's content tokens masked for that term
+    curriculum_steps: int = 400  # first N steps: scenes with `curriculum_scene` over `scene` (not for a manifest)
+    curriculum_scene: Mapping[str, Any] = field(default_factory=lambda: dict(ONE_OBJECT))
+    manifest: str = ""  # a JSONL manifest of your own pairs (multimodal.data.manifest) instead of scenes
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    workers: int = 2  # processes generating the scene pool
+    snapshots: tuple[int, ...] = ()  # steps after which the model is also saved to OUT/snapshots/step_N
+
+    def __post_init__(self):
+        object.__setattr__(self, "snapshots", tuple(self.snapshots))  # a TOML list is fine
+        freeze = (self.freeze,) if isinstance(self.freeze, str) else tuple(self.freeze)
+        if set(freeze) - set(MODALITIES):
+            raise InputError(f"freeze={list(freeze)}: name modalities among {', '.join(MODALITIES)}")
+        object.__setattr__(self, "freeze", MODALITIES if self.freeze_encoders else freeze)  # one mechanism
+        if set(self.encoder_lr_scales) - set(MODALITIES) or any(float(v) < 0 for v in self.encoder_lr_scales.values()):
+            raise InputError(f"encoder_lr_scales={dict(self.encoder_lr_scales)}: name modalities among "
+                             f"{', '.join(MODALITIES)} with scales >= 0")
+        if self.steps < 1 or self.batch_size < 1:
+            raise InputError("steps and batch_size must be >= 1")
+        if self.pool_scenes < self.batch_size:
+            raise InputError(f"pool_scenes={self.pool_scenes} must be >= batch_size={self.batch_size}")
+        if not 0.0 <= self.binding_negatives <= 1.0:
+            raise InputError(f"binding_negatives={self.binding_negatives} is a share: use a value in [0, 1]")
+        if self.curriculum_steps < 0:
+            raise InputError(f"curriculum_steps={self.curriculum_steps} must be >= 0")
+        if self.masked_word_weight and self.match != "bilinear":
+            raise InputError("masked_word_weight scores words with the bilinear match head: set match = \"bilinear\"")
+        if not 0 < self.masked_word_rate <= 1:
+            raise InputError(f"masked_word_rate={self.masked_word_rate} must be in (0, 1]")
+        FusionConfig.from_dict(dict(self.fusion))  # refuse bad fusion keys before anything runs
+        scene_config(self)
+        curriculum_scene_config(self)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["fusion"], d["scene"] = dict(self.fusion), dict(self.scene)
+        d["curriculum_scene"] = dict(self.curriculum_scene)
+        d["encoder_lr_scales"] = dict(self.encoder_lr_scales)
+        return d
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "smoke": {"steps": 6, "batch_size": 4, "pool_scenes": 8, "val_scenes": 8, "eval_every": 3,
+              "checkpoint_every": 3, "workers": 1, "warmup": 2},
+}
+DOTTED_TABLES = ("fusion", "scene", "curriculum_scene")  # the fields a dotted key (`fusion.heads`) reaches into
+
+
+def _scene_config(values: Mapping[str, Any], where: str) -> SceneConfig:
+    known = {f.name for f in fields(SceneConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise InputError(f"unknown {where} key(s) {unknown}; valid keys: {sorted(known)}")
+    return SceneConfig(**values)
+
+
+def scene_config(tc: TrainConfig) -> SceneConfig:
+    return _scene_config(tc.scene, "scene config")
+
+
+def curriculum_scene_config(tc: TrainConfig) -> SceneConfig:
+    """The scenes of the first `curriculum_steps` steps: `scene` with `curriculum_scene` over it."""
+    return _scene_config({**dict(tc.scene), **dict(tc.curriculum_scene)}, "curriculum_scene")
+
+
+def apply_overrides(d: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`TrainConfig` keyword arguments: `d` (preset and file values) with `key=value` overrides on top.
+
+    A dotted key (`fusion.heads`) changes one entry of the fusion, scene or curriculum_scene
+    table; a fusion or curriculum_scene table names changes to its default, not all of it.
+    Unknown keys, dotted or not, are refused by name.
+    """
+    d = dict(d)
+    base = TrainConfig()
+    for key, value in (overrides or {}).items():
+        top, _, sub = key.partition(".")
+        if sub:
+            if top not in DOTTED_TABLES:
+                raise InputError(f"unknown config key {key!r}: only fusion.*, scene.* and curriculum_scene.* "
+                                 "take dotted keys")
+            d[top] = {**dict(getattr(base, top) if top not in d else d[top]), sub: value}
+        else:
+            d[key] = value
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise InputError(f"unknown config key(s) {unknown}; valid keys: {sorted(known)}")
+    for table in ("fusion", "curriculum_scene"):  # a table names changes to the default, not all of it
+        if table in d:
+            d[table] = {**dict(getattr(base, table)), **dict(d[table])}
+    return d
+
+
+def load_config(preset: str | None = None, path: str | Path | None = None,
+                overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """Preset, then the TOML file, then `key=value` overrides (dotted keys reach fusion./scene.)."""
+    d: dict[str, Any] = {}
+    if preset:
+        if preset not in PRESETS:
+            raise InputError(f"unknown preset {preset!r}; presets: {sorted(PRESETS)}")
+        d.update(PRESETS[preset])
+    if path:
+        try:
+            d.update(tomllib.loads(Path(path).read_text()))
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise InputError(f"cannot read config {path}: {e}")
+    return TrainConfig(**apply_overrides(d, overrides))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value`, value parsed as TOML when it can be (numbers, booleans), else a string."""
+    if "=" not in text:
+        raise InputError(f"override {text!r} must look like key=value")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip(), tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key.strip(), value

@@ -1,0 +1,191 @@
+"""What a training step scores and optimises: candidate captions, negatives and losses.
+
+Each scene is scored against its caption, a few one-attribute hard negatives and easy
+negatives (other scenes' captions), drawn by `candidate_captions` (with `NegativeMining`
+favouring the kinds of hard negative still got wrong); `matching_loss` is the objective,
+`contrastive_loss` and `masked_word_loss` optional extra terms, `matching_accuracy` the
+periodic validation. No term looks at an attention map or at any ground truth.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from multimodal.data.pool import ScenePool
+from multimodal.data.scenes import hard_negative
+from multimodal.model import MultimodalModel, score_candidates
+from multimodal.train.config import TrainConfig
+from multimodal.types import InputError, ModalityTokens
+
+Tensor = torch.Tensor
+
+
+def candidate_captions(pool: ScenePool, idx: list[int], tc: TrainConfig, rng: np.random.Generator,
+                       type_weights: Mapping[str, float] | None = None) -> tuple[list[str], list[str | None]]:
+    """Per scene: [caption, hard negatives..., easy negatives...] flattened in that order, and per
+    scene its negatives' kinds of change (None for an easy negative)."""
+    captions, kinds = [], []
+    for i in idx:
+        s = pool.scenes[i]
+        captions.append(s.caption)
+        hard = tc.hard_negatives if pool.hard_negatives else 0
+        for _ in range(hard):
+            caption, _, change = hard_negative(s, rng, type_weights=type_weights, binding=tc.binding_negatives)
+            captions.append(caption)
+            kinds.append(change["type"])
+        for _ in range(tc.hard_negatives + tc.easy_negatives - hard):
+            captions.append(other_caption(pool, i, rng))
+            kinds.append(None)
+    return captions, kinds
+
+
+class NegativeMining:
+    """Running error rate per kind of hard negative; draw weights favour the kinds still got wrong.
+
+    A kind's weight is (error + 0.02) ** strength: strength 0 draws kinds uniformly (and draws
+    no differently from plain `hard_negative`), 1 in proportion to the error. Errors are
+    exponential moving averages (factor 0.98 per negative seen) starting at 0.5 (chance).
+    """
+
+    def __init__(self, strength: float):
+        self.strength = strength
+        self.error: dict[str, float] = {}
+
+    def weights(self) -> dict[str, float] | None:
+        if not self.strength:
+            return None
+        return {k: (e + 0.02) ** self.strength for k, e in self.error.items()}
+
+    def update(self, scores: Tensor, kinds: list[str | None]) -> None:
+        """scores (B, per_scene), true caption first; kinds: per scene its negatives' kinds, flattened."""
+        wrong = (scores[:, 1:] >= scores[:, :1]).flatten().tolist()
+        for kind, w in zip(kinds, wrong):
+            if kind is not None:
+                self.error[kind] = 0.98 * self.error.get(kind, 0.5) + 0.02 * float(w)
+
+
+def other_caption(pool: ScenePool, i: int, rng: np.random.Generator) -> str:
+    """A caption of another item that differs from item i's (an easy negative)."""
+    own = pool.scenes[i].caption
+    if all(s.caption == own for s in pool.scenes):
+        raise InputError("every item has the same caption: nothing to contrast with")
+    j = int(rng.integers(len(pool.scenes)))
+    while pool.scenes[j].caption == own:
+        j = int(rng.integers(len(pool.scenes)))
+    return pool.scenes[j].caption
+
+
+def matching_loss(scores: Tensor) -> Tensor:
+    """Softmax over [positive, negatives...] plus a calibrated match/no-match term."""
+    target = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
+    labels = torch.zeros_like(scores)
+    labels[:, 0] = 1
+    return F.cross_entropy(scores, target) + F.binary_cross_entropy_with_logits(scores, labels)
+
+
+def contrastive_loss(model: MultimodalModel, tokens: dict[str, ModalityTokens], per_scene: int,
+                     temperature: float, hard_weight: float = 0.0) -> Tensor:
+    """In-batch late-interaction contrastive term (FILIP, Yao et al. 2021) on the encoder tokens.
+
+    Each scene's true caption against every scene in the batch: a caption's content tokens,
+    projected by the fusion block's input projections and L2-normalised, each take their best
+    cosine match among the scene's image/audio tokens; the mean is the pair's similarity.
+    Cross-entropy both ways over the batch. With `hard_weight`, also cross-entropy of each
+    scene's own candidates (true caption first, then its negatives) against that scene: a
+    one-attribute negative ("a red star" for a red circle) must find a worse match among the
+    scene's tokens, which the batch's other scenes rarely demand. Only encoder tokens enter:
+    no attention map does.
+    """
+    fusion = model.fusion
+    text = tokens["text"]
+    keep = slice(None, None, per_scene)  # the true captions and one copy of each scene
+
+    def captions(rows: slice) -> tuple[Tensor, Tensor]:
+        """Projected, L2-normalised caption tokens (N, Nt, D) and their content mask (N, Nt)."""
+        t = F.normalize(fusion.input_proj["text"](text.tokens[rows]), dim=-1)
+        return t, (text.mask & ~text.special)[rows]
+
+    keys, k_mask = [], []
+    for m in ("image", "audio"):
+        if m in tokens:
+            keys.append(F.normalize(fusion.input_proj[m](tokens[m].tokens[keep]), dim=-1))
+            k_mask.append(tokens[m].mask[keep] & ~tokens[m].special[keep])
+    k, k_mask = torch.cat(keys, 1), torch.cat(k_mask, 1)  # (B, Nk, D), (B, Nk)
+
+    def pair_similarity(sim: Tensor, tm: Tensor) -> Tensor:
+        """(..., Nt, Nk) token cosines -> (...,) mean over content tokens of the best key."""
+        tm = tm.to(sim.dtype)
+        return (sim.amax(-1) * tm).sum(-1) / tm.sum(-1).clamp_min(1)
+
+    t, t_mask = captions(keep)  # (B, Nt, D), (B, Nt)
+    sim = torch.einsum("itd,jkd->ijtk", t, k).masked_fill(~k_mask[None, :, None, :], -2.0)
+    pair = pair_similarity(sim, t_mask[:, None, :])  # (B_text, B_scene)
+    target = torch.arange(pair.shape[0], device=pair.device)
+    logits = pair / temperature
+    loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    if hard_weight and per_scene > 1:
+        B = k.shape[0]
+        t_all, m_all = captions(slice(None))  # every candidate: (B*P, Nt, D), P = per_scene
+        t_own = t_all.view(B, per_scene, *t_all.shape[1:])  # (B, P, Nt, D)
+        sim = torch.einsum("bptd,bkd->bptk", t_own, k).masked_fill(~k_mask[:, None, None, :], -2.0)
+        own = pair_similarity(sim, m_all.view(B, per_scene, -1))  # (B, P): candidate p against scene b
+        loss = loss + hard_weight * F.cross_entropy(own / temperature, torch.zeros_like(target))
+    return loss
+
+
+def masked_word_loss(model: MultimodalModel, tokens: dict[str, ModalityTokens], captions: list[str],
+                     per_scene: int, rate: float, rng: np.random.Generator) -> Tensor:
+    """Masked words of each scene's true caption, predicted from what their queries gather.
+
+    A share `rate` of each caption's content tokens (at least one) become [MASK]; the caption
+    runs through the text encoder and the fusion block against its own scene, and each masked
+    position's fused query scores every vocabulary word with the match head's own bilinear form:
+    <match_gathered(fused query), match_asked(input_proj(word embedding))>, so no parameter is
+    added. "a red [MASK]" can only be completed from the scene: the query must find the red
+    object and read its shape (the masked-language-modelling term of ALBEF, Li et al. 2021). The
+    loss sees words, never an attention map or any ground truth.
+    """
+    text = model.encoders["text"]
+    mask_id = text.tokenizer.mask_token_id
+    if mask_id is None:
+        raise InputError(f"masked_word_weight needs a tokenizer with a mask token; {text.spec} has none")
+    batch = text.preprocess(captions[::per_scene])
+    ids = batch["input_ids"]
+    content = batch["attention_mask"].bool() & ~batch["special"]  # (B, N)
+    chosen = torch.from_numpy(rng.random(ids.shape) < rate) & content
+    for b in torch.nonzero(~chosen.any(1) & content.any(1)).flatten().tolist():  # none drawn: mask one
+        options = torch.nonzero(content[b]).flatten()
+        chosen[b, options[int(rng.integers(len(options)))]] = True
+    targets = ids[chosen].to(model.device)  # (M,)
+    batch = {**batch, "input_ids": ids.masked_fill(chosen, mask_id)}
+    fused_in = {m: t.every(per_scene) for m, t in tokens.items() if m != "text"}
+    fused_in["text"] = text(batch)
+    fused = model.fusion(fused_in)
+    words = model.match_asked(model.fusion.input_proj["text"](text.model.get_input_embeddings().weight))  # (V, D)
+    gathered = model.match_gathered(fused.queries[chosen.to(fused.queries.device)])  # (M, D)
+    return F.cross_entropy(gathered @ words.T / words.shape[-1] ** 0.5, targets)
+
+
+@torch.no_grad()
+def matching_accuracy(model: MultimodalModel, pool: ScenePool, seed: int, batch_size: int = 64) -> dict:
+    """Pairwise accuracy: the true caption outscores a one-attribute hard negative (for manifest
+    rows: another row's caption); plus thresholded accuracy (sigmoid 0.5) over both."""
+    model.eval()
+    rng = np.random.default_rng(seed)
+    wins, correct, total = 0, 0, 0
+    for start in range(0, len(pool.scenes), batch_size):
+        idx = list(range(start, min(start + batch_size, len(pool.scenes))))
+        caps = []
+        for i in idx:
+            negative = (hard_negative(pool.scenes[i], rng)[0] if pool.hard_negatives
+                        else other_caption(pool, i, rng))
+            caps += [pool.scenes[i].caption, negative]
+        scores, _ = score_candidates(model, pool.batch(model, idx), caps, 2)
+        wins += int((scores[:, 0] > scores[:, 1]).sum())
+        correct += int((scores[:, 0] > 0).sum() + (scores[:, 1] <= 0).sum())
+        total += len(idx)
+    return {"pairwise_accuracy": wins / total, "threshold_accuracy": correct / (2 * total), "scenes": total}
