@@ -17,6 +17,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from multimodal.types import MODALITIES, AttentionMaps, InputError, ModalityTokens
 
@@ -119,37 +120,78 @@ def topk_attention(logits: Tensor, mask: Tensor, k: int) -> Tensor:
 
 
 def _shifted(logits: Tensor, mask: Tensor) -> Tensor:
-    z = logits.float().masked_fill(~mask, float("-inf"))
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32, or float64 kept as is
+    z = z.masked_fill(~mask, float("-inf"))
     z = z - z.amax(-1, keepdim=True)
     return z.masked_fill(~mask, _MASKED)
 
 
+class SparsemaxFunction(torch.autograd.Function):
+    """Sparsemax (Martins & Astudillo 2016): p = [z - tau]_+, exact, sort-based.
+
+    Backward: J = diag(s) - s s^T / |S|, s the indicator of the support S = {p > 0}. A logit
+    exactly at tau (p = 0) is outside S and gets no gradient, as in the `entmax` package.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, mask: Tensor) -> Tensor:
+        z = _shifted(logits, mask)
+        zs = z.sort(-1, descending=True).values  # (B, H, Nq, Nk)
+        rho = torch.arange(1, z.shape[-1] + 1, device=z.device, dtype=z.dtype)
+        cum = zs.cumsum(-1)
+        support = (1 + rho * zs > cum).sum(-1, keepdim=True)  # (B, H, Nq, 1)
+        tau = (cum.gather(-1, support - 1) - 1) / support.to(z.dtype)
+        p = (z - tau).clamp_min(0).to(logits.dtype)  # (B, H, Nq, Nk)
+        ctx.save_for_backward(p)
+        return p
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (p,) = ctx.saved_tensors
+        s = (p > 0).to(grad.dtype)  # (B, H, Nq, Nk)
+        g = grad * s
+        return g - s * (g.sum(-1, keepdim=True) / s.sum(-1, keepdim=True)), None
+
+
+class Entmax15Function(torch.autograd.Function):
+    """1.5-entmax (Peters et al. 2019): p = [z/2 - tau]_+^2, exact sort-based algorithm.
+
+    Backward: J = diag(g) - g g^T / sum(g) with g = sqrt(p), which is 0 off the support
+    {p > 0} (a logit exactly at the threshold gets no gradient), as in the `entmax` package.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, mask: Tensor) -> Tensor:
+        z = _shifted(logits, mask) / 2
+        zs = z.sort(-1, descending=True).values  # (B, H, Nq, Nk)
+        rho = torch.arange(1, z.shape[-1] + 1, device=z.device, dtype=z.dtype)
+        mean = zs.cumsum(-1) / rho
+        mean_sq = (zs ** 2).cumsum(-1) / rho
+        delta = (1 - rho * (mean_sq - mean ** 2)) / rho
+        support = ((mean - delta.clamp_min(0).sqrt()) <= zs).sum(-1, keepdim=True).clamp_min(1)  # (B, H, Nq, 1)
+        delta_star = delta.gather(-1, support - 1).clamp_min(1e-12)  # >= 0 up to rounding
+        tau_star = mean.gather(-1, support - 1) - delta_star.sqrt()
+        p = (z - tau_star).clamp_min(0) ** 2
+        p = (p / p.sum(-1, keepdim=True)).to(logits.dtype)  # exact up to rounding; renormalise it away
+        ctx.save_for_backward(p)
+        return p
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (p,) = ctx.saved_tensors
+        g = p.sqrt()  # (B, H, Nq, Nk)
+        v = grad * g
+        return v - g * (v.sum(-1, keepdim=True) / g.sum(-1, keepdim=True)), None
+
+
 def sparsemax_attention(logits: Tensor, mask: Tensor) -> Tensor:
-    """Sparsemax (Martins & Astudillo 2016): p = [z - tau]_+, exact, sort-based."""
-    z = _shifted(logits, mask)
-    zs = z.sort(-1, descending=True).values  # (B, H, Nq, Nk)
-    rho = torch.arange(1, z.shape[-1] + 1, device=z.device, dtype=z.dtype)
-    cum = zs.cumsum(-1)
-    support = (1 + rho * zs > cum).sum(-1, keepdim=True)  # (B, H, Nq, 1)
-    tau = (cum.gather(-1, support - 1) - 1) / support.to(z.dtype)
-    return (z - tau).clamp_min(0).to(logits.dtype)
+    return SparsemaxFunction.apply(logits, mask)
 
 
 def entmax15_attention(logits: Tensor, mask: Tensor) -> Tensor:
-    """1.5-entmax (Peters et al. 2019): p = [z/2 - tau]_+^2, exact sort-based algorithm."""
-    z = _shifted(logits, mask) / 2
-    zs = z.sort(-1, descending=True).values  # (B, H, Nq, Nk)
-    rho = torch.arange(1, z.shape[-1] + 1, device=z.device, dtype=z.dtype)
-    mean = zs.cumsum(-1) / rho
-    mean_sq = (zs ** 2).cumsum(-1) / rho
-    delta = (1 - rho * (mean_sq - mean ** 2)) / rho
-    with torch.no_grad():  # the support size is a discrete choice
-        support = ((mean - delta.clamp_min(0).sqrt()) <= zs).sum(-1, keepdim=True).clamp_min(1)  # (B, H, Nq, 1)
-    # the threshold at that support only: sqrt's gradient at 0 would turn the rest into NaN
-    delta_star = delta.gather(-1, support - 1).clamp_min(1e-12)
-    tau_star = mean.gather(-1, support - 1) - delta_star.sqrt()
-    p = (z - tau_star).clamp_min(0) ** 2
-    return (p / p.sum(-1, keepdim=True)).to(logits.dtype)  # exact up to rounding; renormalise it away
+    return Entmax15Function.apply(logits, mask)
 
 
 def competitive_attention(logits: Tensor, mask: Tensor, query_mask: Tensor, eps: float = 1e-8,

@@ -221,7 +221,7 @@ def test_sink_queries_take_the_keys_no_real_query_claims():
 def test_sparse_kinds_match_hand_computed_cases():
     mask = torch.ones(1, 1, 1, 3, dtype=torch.bool)
     z = torch.tensor([[[[2.0, 1.0, -1.0]]]])
-    # sparsemax: support {0, 1}: tau = (2 + 1 - 1) / 2 = 1 -> p = [1, 0, 0]
+    # sparsemax: support {0}: tau = 2 - 1 = 1 -> p = [1, 0, 0] (key 1 sits exactly at tau: a tie)
     torch.testing.assert_close(sparsemax_attention(z, mask), torch.tensor([[[[1.0, 0.0, 0.0]]]]))
     z2 = torch.tensor([[[[0.5, 0.3, -1.0]]]])
     # support {0, 1}: tau = (0.8 - 1)/2 = -0.1 -> p = [0.6, 0.4, 0]
@@ -237,6 +237,91 @@ def test_sparse_kinds_match_hand_computed_cases():
     # top-k keeps the k largest
     got = topk_attention(torch.tensor([[[[3.0, 1.0, 2.0]]]]), mask, 2).flatten()
     assert got[1] == 0 and got[0] > got[2] > 0
+
+
+def jacobian(attend, z, mask=None):
+    """(Nk, Nk) Jacobian J[i, j] = dp_i / dz_j of one row of logits, through autograd."""
+    mask = torch.ones(z.shape[-1], dtype=torch.bool) if mask is None else torch.tensor(mask)
+    return torch.autograd.functional.jacobian(lambda x: attend(x.view(1, 1, 1, -1), mask.view(1, 1, 1, -1)).flatten(), z)
+
+
+A = 0.75 / 7 ** 0.5  # entmax15, two keys with z/2 half a unit apart: J = [[A, -A], [-A, A]]
+ENTMAX_TWO = [0.8307189138830738, 0.1692810861169262]  # p for z = [1, 0]: tau = (1 - sqrt 7) / 4
+
+# (kind, logits, mask, p, J): every number worked out by hand from p and its support
+HAND_JACOBIANS = {
+    # sparsemax J = diag(s) - s s^T / |S| on the support S = {p > 0}
+    "sparsemax-tie": ("sparsemax", [1.0, 0.0, 0.0], None, [1.0, 0.0, 0.0], [[0.0] * 3] * 3),  # tau = 0: keys 1, 2 tie
+    "sparsemax-tie-2-1-m1": ("sparsemax", [2.0, 1.0, -1.0], None, [1.0, 0.0, 0.0], [[0.0] * 3] * 3),  # tau = 1 = z_1
+    "sparsemax-two": ("sparsemax", [1.0, 0.5, -1.0], None, [0.75, 0.25, 0.0],  # tau = (1.5 - 1) / 2 = 0.25
+                      [[0.5, -0.5, 0.0], [-0.5, 0.5, 0.0], [0.0, 0.0, 0.0]]),
+    "sparsemax-masked": ("sparsemax", [1.0, 0.5, 9.0, -1.0], [True, True, False, True], [0.75, 0.25, 0.0, 0.0],
+                         [[0.5, -0.5, 0.0, 0.0], [-0.5, 0.5, 0.0, 0.0], [0.0] * 4, [0.0] * 4]),
+    "sparsemax-large": ("sparsemax", [1e4, 1e4 - 0.5, 0.0, -1e4], None, [0.75, 0.25, 0.0, 0.0],
+                        [[0.5, -0.5, 0.0, 0.0], [-0.5, 0.5, 0.0, 0.0], [0.0] * 4, [0.0] * 4]),
+    "sparsemax-large-tie": ("sparsemax", [1e4, 1e4 - 1.0, -1e4], None, [1.0, 0.0, 0.0], [[0.0] * 3] * 3),
+    "sparsemax-small": ("sparsemax", [3e-4, 1e-4, 0.0, -1e-4], None,  # all four kept: tau = (3e-4 - 1) / 4
+                        [0.250225, 0.250025, 0.249925, 0.249825],
+                        [[0.75, -0.25, -0.25, -0.25], [-0.25, 0.75, -0.25, -0.25],
+                         [-0.25, -0.25, 0.75, -0.25], [-0.25, -0.25, -0.25, 0.75]]),
+    # entmax15 J = diag(g) - g g^T / sum(g), g = sqrt(p)
+    "entmax15-tie": ("entmax15", [2.0, 0.0, 0.0], None, [1.0, 0.0, 0.0], [[0.0] * 3] * 3),  # z/2 = [1, 0, 0], tau = 0
+    "entmax15-2-1-m1": ("entmax15", [2.0, 1.0, -1.0], None, ENTMAX_TWO + [0.0],  # key 2 is 0.09 below tau
+                        [[A, -A, 0.0], [-A, A, 0.0], [0.0, 0.0, 0.0]]),
+    "entmax15-uniform": ("entmax15", [0.0, 0.0, 0.0], None, [1 / 3] * 3,  # g = 1/sqrt 3: J = (I - 1/3) / sqrt 3
+                         [[0.3849001794597505, -0.19245008972987526, -0.19245008972987526],
+                          [-0.19245008972987526, 0.3849001794597505, -0.19245008972987526],
+                          [-0.19245008972987526, -0.19245008972987526, 0.3849001794597505]]),
+    "entmax15-masked": ("entmax15", [2.0, 1.0, 9.0, -1.0], [True, True, False, True], ENTMAX_TWO + [0.0, 0.0],
+                        [[A, -A, 0.0, 0.0], [-A, A, 0.0, 0.0], [0.0] * 4, [0.0] * 4]),
+    "entmax15-large": ("entmax15", [1e4, 1e4 - 1.0, -1e4], None, ENTMAX_TWO + [0.0],
+                       [[A, -A, 0.0], [-A, A, 0.0], [0.0, 0.0, 0.0]]),
+    "entmax15-large-tie": ("entmax15", [1e4 + 2.0, 1e4, 1e4], None, [1.0, 0.0, 0.0], [[0.0] * 3] * 3),
+    # z/2 = [h, 0, -h], h = 5e-5: g = c + u with u = sqrt((1 - 2 h^2) / 3), sum(g) = 3u
+    "entmax15-small": ("entmax15", [1e-4, 0.0, -1e-4], None,
+                       [0.3333910691934413, 0.3333333316666667, 0.3332755991398921],
+                       [[0.38491684372079105, -0.1924667559154167, -0.19245008780537437],
+                        [-0.1924667559154167, 0.3849001784975, -0.19243342258208337],
+                        [-0.19245008780537437, -0.19243342258208337, 0.3848835103874577]]),
+}
+
+
+@pytest.mark.parametrize("case", list(HAND_JACOBIANS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sparse_kinds_jacobians_match_hand_computed_cases(case, dtype):
+    kind, z, mask, p, J = HAND_JACOBIANS[case]
+    attend = {"sparsemax": sparsemax_attention, "entmax15": entmax15_attention}[kind]
+    z = torch.tensor(z, dtype=dtype)
+    m = torch.ones(len(z), dtype=torch.bool) if mask is None else torch.tensor(mask)
+    tol = dict(atol=1e-6, rtol=0) if dtype == torch.float32 else dict(atol=1e-12, rtol=0)
+    torch.testing.assert_close(attend(z.view(1, 1, 1, -1), m.view(1, 1, 1, -1)).flatten(),
+                               torch.tensor(p, dtype=dtype), **tol)
+    torch.testing.assert_close(jacobian(attend, z, mask), torch.tensor(J, dtype=dtype), **tol)
+
+
+@pytest.mark.parametrize("attend", [sparsemax_attention, entmax15_attention], ids=["sparsemax", "entmax15"])
+def test_sparse_kinds_pass_gradcheck_away_from_ties(attend):
+    g = torch.Generator().manual_seed(0)
+    for scale in (1e-4, 1.0, 5.0):
+        z = (torch.randn(2, 3, 4, 7, generator=g, dtype=torch.float64) * scale).requires_grad_(True)  # (B, H, Nq, Nk)
+        mask = torch.tensor([[True] * 7, [True, True, False, True, True, False, False]]).view(2, 1, 1, 7)
+        p = attend(z, mask)
+        assert torch.all(p[1, ..., [2, 5, 6]] == 0)
+        if attend is sparsemax_attention:  # a finite difference must not cross the threshold
+            tau = (z - p).masked_fill(p == 0, float("nan")).nanmean(-1, keepdim=True)  # p = z - tau on the support
+            assert ((z - tau).abs()[mask.expand_as(z)] > 1e-4 * scale).all()
+        assert torch.autograd.gradcheck(attend, (z, mask), eps=1e-6 * scale, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["sparsemax", "entmax15"])
+def test_sparse_kinds_send_no_gradient_to_padded_keys(kind):
+    fusion = make(query="image", attention=kind)
+    text = text_tokens(lengths=[6, 3])
+    tokens = text.tokens.clone().requires_grad_(True)
+    out = fusion([ModalityTokens(tokens, text.mask, "text", text.special, text.geometry), image_tokens()])
+    out.pooled.square().sum().backward()
+    assert torch.isfinite(tokens.grad).all()
+    assert torch.all(tokens.grad[1, 3:] == 0) and tokens.grad[1, :3].abs().sum() > 0
 
 
 def test_map_request_keeps_only_named_layers_and_heads():
