@@ -15,6 +15,32 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
 
 
+def _out_folder(path: str | Path) -> Path:
+    """An output folder given on the command line: refused when it names an existing file."""
+    from multimodal.types import InputError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"--out {path} is an existing file; give a folder (it is created if missing)")
+    return path
+
+
+def _read_text_file(path: str) -> str:
+    from multimodal.types import InputError
+
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"--text-file {path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"--text-file {path} is a folder; give a UTF-8 text file") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"--text-file {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as "
+                         "UTF-8") from None
+    except OSError as e:
+        raise InputError(f"--text-file {path} could not be read ({e.strerror})") from None
+
+
 def _model_from_args(args):
     """`--model DIR`, else the embedded default, else encoder specs with random weights: (model, source)."""
     from multimodal.inference import RANDOM_WEIGHTS_NOTE, load_model
@@ -37,9 +63,10 @@ def cmd_maps(args) -> int:
     torch.manual_seed(args.seed)
     if args.sample:
         args.image, args.audio, args.text_file = (str(SAMPLE[m]) for m in ("image", "audio", "text"))
+    out_dir = _out_folder(args.out)
     text = args.text
     if args.text_file:
-        text = Path(args.text_file).read_text(encoding="utf-8")
+        text = _read_text_file(args.text_file)
     inputs = load_inputs(args.image, args.audio, text)
     if not inputs.given:
         raise SystemExit("give at least one input: --image, --audio, --text or --text-file (or --sample)")
@@ -49,7 +76,7 @@ def cmd_maps(args) -> int:
     for notice in notices:
         print(f"note: {notice}", file=sys.stderr)
     out = run(model, inputs, request=MapRequest(layers=args.layers, heads=args.heads))
-    written = write_all(out.maps, args.out, image=inputs.image, audio=inputs.audio, query=args.query_index)
+    written = write_all(out.maps, out_dir, image=inputs.image, audio=inputs.audio, query=args.query_index)
     summary = {
         "model": str(source or "random-init"),
         "inputs": {"image": args.image, "audio": args.audio, "text": inputs.text},
@@ -82,7 +109,7 @@ def cmd_scenes(args) -> int:
     from multimodal.data.scenes import generate_scene, save_scene
     from multimodal.data.pool import split_seeds
 
-    out = Path(args.out)
+    out = _out_folder(args.out)
     seeds = args.seeds or split_seeds(args.split, args.count, args.base_seed)
     rows = []
     for k, seed in enumerate(tqdm(seeds, desc="writing scenes", disable=len(seeds) < 10)):
@@ -163,10 +190,11 @@ def cmd_eval(args) -> int:
     from multimodal.model import MultimodalModel
 
     model_dir = Path(args.model) if args.model else DEFAULT_CHECKPOINT
+    out_dir = _out_folder(args.out) if args.out else model_dir
     model = MultimodalModel.from_pretrained(model_dir)
     result = evaluate(model, scenes=args.scenes, seed=args.seed, batch_size=args.batch_size,
                       baselines=not args.no_baselines)
-    j, m = write_report(result, args.out or model_dir)
+    j, m = write_report(result, out_dir)
     print(m.read_text())
     print(f"wrote {j} and {m}")
     return 0

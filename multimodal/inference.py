@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from multimodal import io as mio
+from multimodal.encoders.audio import WINDOW_SECONDS
 from multimodal.fusion import FusionConfig, FusionOutput, MapRequest
 from multimodal.model import MultimodalModel
 from multimodal.types import InputError
@@ -39,6 +40,7 @@ def _assets_dir() -> Path:
 ASSETS = _assets_dir()
 DEFAULT_CHECKPOINT = ASSETS / "default"  # the embedded default model (`train --preset default`)
 SAMPLE = {"image": ASSETS / "sample.png", "audio": ASSETS / "sample.wav", "text": ASSETS / "sample.txt"}
+MIN_AUDIO_SECONDS = WINDOW_SECONDS  # shorter clips are refused: not one filterbank frame of sound
 SILENCE_PEAK = 1e-4  # |sample| below this everywhere (-80 dBFS) counts as a silent clip
 RANDOM_WEIGHTS_NOTE = ("no trained checkpoint named and none embedded; using encoder specs with RANDOM weights, "
                        "so the maps show structure, not meaning")
@@ -90,6 +92,9 @@ def load_inputs(image: Any = None, audio: Any = None, text: str | None = None, l
         out.image = mio.load_image(image)
     if audio is not None:
         out.audio = mio.load_audio(audio, truncate=True, max_seconds=limits.max_audio_seconds, limit_name=limits.who)
+        if out.audio.duration < MIN_AUDIO_SECONDS:
+            raise InputError(f"the audio clip is {out.audio.duration * 1000:.2f} ms long, shorter than the audio "
+                             f"encoder's smallest window ({MIN_AUDIO_SECONDS * 1000:.0f} ms): give a longer clip")
         if out.audio.notice:
             out.notices.append(out.audio.notice)
         if is_silent(out.audio):
@@ -131,6 +136,7 @@ def load_model(model_dir: str | Path | None = None, specs: dict[str, str | None]
                device: str = "cpu", fusion: dict | None = None) -> tuple[MultimodalModel, Path | None]:
     """(model, source): a checkpoint, else the embedded default when no encoder specs are named,
     else a model built from the specs with RANDOM weights (source None)."""
+    device = check_device(device)
     if model_dir:
         return MultimodalModel.from_pretrained(model_dir, map_location=device).eval(), Path(model_dir)
     specs = {m: s for m, s in (specs or {}).items() if s}
@@ -138,6 +144,19 @@ def load_model(model_dir: str | Path | None = None, specs: dict[str, str | None]
         return MultimodalModel.from_pretrained(DEFAULT_CHECKPOINT, map_location=device).eval(), DEFAULT_CHECKPOINT
     cfg = FusionConfig(**(fusion or {}))
     return MultimodalModel.from_specs(fusion=cfg, **specs).to(device).eval(), None
+
+
+def check_device(device: str) -> str:
+    """A device this machine has, or an InputError that says what to use instead."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"unknown device {device!r} ({e}); use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA GPU is visible on this machine; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def model_summary(model: MultimodalModel) -> str:

@@ -175,17 +175,44 @@ class MultimodalModel(nn.Module):
         if not cfg_path.is_file() or not weights.is_file():
             raise InputError(f"{directory} is not a sandbox checkpoint: it needs config.json and "
                              "model.safetensors (train one with `multimodal train`)")
-        config = json.loads(cfg_path.read_text())
+        try:
+            config = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"{cfg_path} is not readable JSON ({e}): the checkpoint is damaged; copy it again "
+                             "or retrain it with `multimodal train`") from None
+        if not isinstance(config, dict):
+            raise InputError(f"{cfg_path} must hold a JSON object: the checkpoint is damaged")
         if config.get("format") != CHECKPOINT_FORMAT:
             raise InputError(f"{directory} was written as checkpoint format {config.get('format')!r}; this "
                              f"version of the sandbox reads {CHECKPOINT_FORMAT!r}. Retrain it with "
                              "`multimodal train` or use the matching sandbox version.")
-        encoders = {m: encoder_from_config(m, d, tokenizer_dir=directory / "tokenizer")
-                    for m, d in config["encoders"].items()}
-        model = cls(encoders, config["fusion"], match=config.get("match", "mean"), meta=config.get("meta"),
-                    match_over=config.get("match_over", "content"))
-        state = load_file(str(weights), device=str(map_location))
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        lacking = [k for k in ("encoders", "fusion") if not isinstance(config.get(k), dict)]
+        if lacking:
+            raise InputError(f"{cfg_path} lacks {' and '.join(repr(k) for k in lacking)}: the checkpoint is damaged")
+        try:
+            encoders = {m: encoder_from_config(m, d, tokenizer_dir=directory / "tokenizer")
+                        for m, d in config["encoders"].items()}
+        except InputError as e:
+            raise InputError(f"checkpoint {directory}: {e}") from None
+        try:
+            model = cls(encoders, config["fusion"], match=config.get("match", "mean"), meta=config.get("meta"),
+                        match_over=config.get("match_over", "content"))
+        except InputError as e:
+            raise InputError(f"{cfg_path}: {e}") from None
+        except (TypeError, ValueError, KeyError) as e:
+            raise InputError(f"{cfg_path} does not describe a model this version can build ({e}): the "
+                             "checkpoint is damaged or from another version") from None
+        try:
+            state = load_file(str(weights), device=str(map_location))
+        except Exception as e:  # safetensors reports truncated and garbage files alike
+            raise InputError(f"{weights} could not be read as safetensors ({str(e).splitlines()[0][:200]}): the "
+                             "file is damaged or truncated; copy it again or retrain") from None
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # size mismatches
+            shapes = "; ".join(line.strip() for line in str(e).splitlines() if "size mismatch" in line)[:300]
+            raise InputError(f"{weights} does not match its config.json ({shapes or e}): the checkpoint is "
+                             "damaged or from another version") from None
         if missing or unexpected:
             raise InputError(f"{weights} does not match its config.json (missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}): the checkpoint is damaged or from another version")

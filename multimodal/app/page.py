@@ -7,6 +7,8 @@ for another layer / query token, no model run), `/tokens` (caption -> token choi
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import gradio as gr
@@ -176,8 +178,16 @@ def serve(model: MultimodalModel, source: str | Path | None, host: str = HOST, p
     """Build the page around a loaded model and serve it until interrupted."""
     torch.set_num_threads(max(1, torch.get_num_threads() // CONCURRENCY_LIMIT))  # requests share the cores
     app = App(model, source)
+    # Gradio's uploads and its copies of our outputs live inside this server's own folder, which is
+    # removed when the server stops (Ctrl-C or SIGTERM); meanwhile delete_cache prunes them by age.
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(app.outputs.root / "gradio"))
     demo = build_demo(app)
     where = f"http://{host}:{port}"
     print(f"serving the attention sandbox at {where} ({'with' if share else 'no'} share link); "
           f"{app.info.replace('**', '')}", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # stop as on Ctrl-C: gradio closes, atexit removes our folders
     demo.launch(**launch_kwargs(host, port, share))
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt

@@ -287,9 +287,14 @@ class Result:
     extra_files: list[Path]
 
 
-def _error(e: Exception) -> gr.Error:
-    """A readable message in the page (gr.Error renders HTML, so user text is escaped)."""
-    return gr.Error(html.escape(str(e), quote=False), title="Cannot run on these inputs", print_exception=False)
+def _error(e: Exception | str, uploads: Sequence[Any] = ()) -> gr.Error:
+    """A readable message in the page (gr.Error renders HTML, so user text is escaped). The server's
+    copies of uploaded files are named by the user's file name, never by their path on the server."""
+    message = str(e)
+    for path in uploads:
+        if isinstance(path, (str, Path)) and str(path):
+            message = message.replace(str(path), Path(path).name)
+    return gr.Error(html.escape(message, quote=False), title="Cannot run on these inputs", print_exception=False)
 
 
 
@@ -394,14 +399,13 @@ class App:
             headers, rows = metrics_rows(maps, off, gt, size)
             layer = int(layer) if layer is not None and int(layer) in maps.layers else maps.layers[0]
         except InputError as e:
-            raise _error(e) from None
+            raise _error(e, (image, audio, ground_truth)) from None
         except gr.Error:
             raise
         except Exception as e:  # a bug or an input nobody foresaw: say so, keep serving
             log.exception("run failed")
-            raise gr.Error(html.escape(f"the model could not run on these inputs ({type(e).__name__}: {e}). "
-                                       "The server is still up: try other inputs.", quote=False),
-                           print_exception=False) from None
+            raise _error(f"the model could not run on these inputs ({type(e).__name__}: {e}). The server is "
+                         "still up: try other inputs.", (image, audio, ground_truth)) from None
 
         score = float(torch.sigmoid(out.score[0]))
         thumb = None
