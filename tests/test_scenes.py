@@ -13,7 +13,7 @@ from PIL import Image
 
 from multimodal.data.scenes import (CHANGE_TYPES, COLOURS, EVENT_KINDS, SHAPES, SIZES, Scene, SceneConfig,
                                     caption_is_true, event_phrase, generate_scene, hard_negative,
-                                    load_ground_truth, parse_caption, save_scene)
+                                    load_scene_truth, parse_caption, save_scene)
 
 SEEDS = range(200)
 FRAME = 80  # samples: 5 ms frames at 16 kHz for the audio energy checks
@@ -285,7 +285,7 @@ def test_save_and_load_ground_truth_round_trip(tmp_path):
     assert sr == s.sample_rate and audio.shape == s.audio.shape
     np.testing.assert_allclose(audio, s.audio, atol=2.0 ** -14)
 
-    gt = load_ground_truth(paths["json"])
+    gt = load_scene_truth(paths["json"])
     assert gt["caption"] == s.caption and gt["seed"] == 11 and gt["sample_rate"] == s.sample_rate
     assert gt["phrases"] == json.loads(json.dumps(s.phrases))
     assert gt["objects"] == json.loads(json.dumps(s.objects))

@@ -406,7 +406,7 @@ def save_scene(scene: Scene, directory: str | Path, name: str = "scene") -> dict
     return paths
 
 
-def load_ground_truth(json_path: str | Path) -> dict:
+def load_scene_truth(json_path: str | Path) -> dict:
     """The JSON of `save_scene` plus `masks` (K, H, W) bool read from the label PNG."""
     json_path = Path(json_path)
     gt = json.loads(json_path.read_text())

@@ -99,7 +99,7 @@ def from_manifest_row(row) -> GroundTruth:
 
 def load_scene_json(json_path: str | Path) -> GroundTruth:
     """A scene JSON of `save_scene` with its object masks read from the label PNG beside it."""
-    from multimodal.data.scenes import load_ground_truth as load_scene_truth
+    from multimodal.data.scenes import load_scene_truth
 
     json_path = Path(json_path)
     gt = load_ground_truth(json_path)
@@ -126,7 +126,7 @@ def _scene_masks(path: Path, d: dict, search: Sequence[str | Path]) -> np.ndarra
         candidates += [p for p in Path(folder).glob("*.json") if p.read_bytes() == text] if Path(folder).is_dir() else []
     for json_path in candidates:
         if (json_path.parent / Path(name).name).is_file():
-            from multimodal.data.scenes import load_ground_truth as load_scene_truth
+            from multimodal.data.scenes import load_scene_truth
 
             try:
                 return load_scene_truth(json_path)["masks"]
