@@ -138,25 +138,56 @@ def add_train_parser(sub) -> None:
                        description="Train encoders + fusion block on caption/scene matching with one-attribute "
                                    "hard negatives. Config: --preset, then --config FILE.toml, then --set key=value "
                                    "(fusion.* and scene.* reach those tables). Writes a checkpoint directory "
-                                   "(config.json, model.safetensors, tokenizer/, train_state.*).")
+                                   "(config.json, model.safetensors, tokenizer/, train_state.*) into a new or empty "
+                                   "--out; a folder holding a checkpoint needs --resume or --overwrite, and one "
+                                   "holding other files is refused (nothing in it is ever deleted). Ctrl-C finishes "
+                                   "the current step, saves a checkpoint and prints the command that resumes it; "
+                                   "the resumed run ends bit for bit where an uninterrupted one does (on CPU).")
     p.add_argument("--preset", default=None, help=f"start from a preset: {', '.join(sorted(PRESETS))}")
     p.add_argument("--config", help="TOML file with TrainConfig fields ([fusion] and [scene] tables)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one field, e.g. --set steps=500 --set fusion.heads=8")
     p.add_argument("--out", default="runs/train", help="checkpoint directory (default: runs/train)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="go on from the checkpoint in --out exactly where it stopped (an error if there is none)")
+    again.add_argument("--overwrite", action="store_true",
+                       help="train again from step 0 over the checkpoint in --out (its files are replaced as the "
+                            "new run writes its own; other files stay)")
     p.add_argument("--eval-scenes", type=int, default=0,
                    help="after training, run the full evaluation on this many held-out scenes")
     p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args) -> int:
+    import shlex
+
     from multimodal.model import MultimodalModel
     from multimodal.train import load_config, parse_override, train
+    from multimodal.train.loop import TRAIN_STATE, TrainingInterrupted
 
     tc = load_config(args.preset, args.config, dict(parse_override(s) for s in args.set))
     print(json.dumps(tc.to_dict()))
-    summary = train(tc, args.out, resume=args.resume)
+    try:
+        summary = train(tc, args.out, resume=args.resume, overwrite=args.overwrite)
+    except KeyboardInterrupt as e:  # Ctrl-C: once, the step was finished and saved; twice, or before step 1, not
+        if isinstance(e, TrainingInterrupted):
+            said = f"interrupted after step {e.step} of {e.steps}; the checkpoint of step {e.step} is in {args.out}."
+        else:
+            said = "stopped at once, without saving (a step under way is dropped)."
+        try:
+            step = json.loads((Path(args.out) / f"{TRAIN_STATE}.json").read_text())["step"]
+        except (OSError, ValueError, KeyError, TypeError):
+            print(f"\n{said} There is no checkpoint in {args.out} to resume.", file=sys.stderr)
+            return 130
+        again = ["multimodal", "train", *(["--preset", args.preset] if args.preset else []),
+                 *(["--config", args.config] if args.config else []), *[a for s in args.set for a in ("--set", s)],
+                 "--out", str(args.out), *(["--eval-scenes", str(args.eval_scenes)] if args.eval_scenes else []),
+                 "--resume"]
+        if not isinstance(e, TrainingInterrupted):
+            said += f" The checkpoint in {args.out} is at step {step}."
+        print(f"\n{said} Resume with:\n  {shlex.join(again)}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports Ctrl-C
     print(f"trained {summary['steps']} steps in {summary['wall_time_s']:.0f} s on {summary['device']}; "
           f"checkpoint in {args.out}")
     if args.eval_scenes:

@@ -10,7 +10,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "multimodal"
-ENGINES = ("multimodal.train", "multimodal.evaluate", "multimodal.compare", "multimodal.report", "multimodal.card")
+ENGINES = ("multimodal.train", "multimodal.evaluate", "multimodal.compare", "multimodal.card")
 FACES = ("multimodal.cli", "multimodal.app", "multimodal.__main__")
 
 

@@ -9,8 +9,7 @@ import pytest
 
 from multimodal.cli import main
 from multimodal.compare import (DONE, load_study, plan_runs, run_study, shipped_studies, study_from_dict,
-                                without_timing)
-from multimodal.report import write_report
+                                without_timing, write_report)
 from multimodal.types import InputError
 
 TINY_BASE = {"preset": "smoke", "steps": 2, "fusion.dim": 32, "fusion.heads": 2, "fusion.layers": 1}

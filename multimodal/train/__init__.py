@@ -29,6 +29,7 @@ from multimodal.train.objective import (
 )
 from multimodal.train.loop import (
     TRAIN_STATE,
+    TrainingInterrupted,
     build_model,
     load_train_state,
     manifest_pools,
@@ -38,7 +39,7 @@ from multimodal.train.loop import (
 )
 
 __all__ = [
-    "DOTTED_TABLES", "PRESETS", "TRAIN_STATE", "NegativeMining", "TrainConfig", "apply_overrides",
+    "DOTTED_TABLES", "PRESETS", "TRAIN_STATE", "NegativeMining", "TrainConfig", "TrainingInterrupted", "apply_overrides",
     "build_model", "candidate_captions", "contrastive_loss", "curriculum_scene_config", "load_config",
     "load_train_state", "manifest_pools", "masked_word_loss", "matching_accuracy", "matching_loss",
     "other_caption", "parameter_groups", "parse_override", "save_checkpoint", "scene_config", "train",

@@ -4,19 +4,33 @@
 learning-rate scale per encoder (`parameter_groups`), generates the scene pools (or reads a
 manifest's rows, `manifest_pools`), runs the curriculum and then the full scenes with the
 objective of `multimodal.train.objective`, evaluates every `eval_every` steps and saves a
-resumable checkpoint (`save_checkpoint` / `load_train_state`) every `checkpoint_every`.
+checkpoint (`save_checkpoint`) every `checkpoint_every`.
+
+A checkpoint holds all the loop needs to go on exactly where it stopped: weights, optimizer
+state, every random generator, the data order, the curriculum's stage, the negative mining and
+the running statistics. A run stopped with Ctrl-C (`TrainingInterrupted`) and resumed ends bit
+for bit where an uninterrupted one does (on CPU). A checkpoint is written aside and moved into
+place once complete, so a crash mid-write leaves the previous one loadable. Training writes only
+into a new or empty folder, or into a training checkpoint's folder it is told to `resume` or
+`overwrite`, and never deletes a file it did not write.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -34,7 +48,11 @@ from multimodal.train.objective import (
 )
 from multimodal.types import InputError
 
-TRAIN_STATE = "train_state"  # train_state.safetensors (optimizer tensors) + train_state.json
+TRAIN_STATE = "train_state"  # train_state.safetensors (optimizer, data order, generators) + train_state.json
+SUMMARY = "train_summary.json"  # written when the run ends
+STAGING = ".checkpoint-staging"  # in the run folder: a checkpoint being written
+COMMITTED = "COMMITTED"  # in STAGING once all of it is written: from then on it is the checkpoint
+RESUME_FORMAT = 2  # train_state.json with "loop" (exact resume); format 1 held the optimizer and torch RNG only
 
 
 # ---------------------------------------------------------------------------------------
@@ -97,17 +115,112 @@ def manifest_pools(tc: TrainConfig) -> tuple[list, list, tuple[str, ...]]:
 
 
 # ---------------------------------------------------------------------------------------
-# Checkpoints with resume
+# Checkpoints: written atomically, read back for an exact resume
 # ---------------------------------------------------------------------------------------
 
 
-def save_checkpoint(model, opt, step: int, tc: TrainConfig, out_dir: Path, history: list) -> None:
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    model.save_pretrained(tmp, extra_meta={"train_config": tc.to_dict(), "step": step})
-    tensors, meta = {}, {"step": step, "history": history, "param_groups": [], "state": {}}
-    for g in opt.state_dict()["param_groups"]:
-        meta["param_groups"].append({k: v for k, v in g.items()})
-    for pid, st in opt.state_dict()["state"].items():
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped `train` after a whole step, whose checkpoint is saved in `out_dir`.
+
+    A KeyboardInterrupt, so a caller that does not know it still stops; `train(..., resume=True)`
+    on `out_dir` goes on exactly where it stopped.
+    """
+
+    def __init__(self, step: int, steps: int, out_dir: str | Path):
+        self.step, self.steps, self.out_dir = step, steps, Path(out_dir)
+        super().__init__(f"interrupted after step {step} of {steps}; its checkpoint is in {out_dir}: "
+                         "train again with resume=True (--resume) to go on")
+
+
+def _rng_state(device: str) -> dict[str, torch.Tensor]:
+    """torch's global generators (CPU, and CUDA when training there): dropout draws from them.
+    The loop's numpy Generator is saved with the loop's state; python's `random` and numpy's
+    global generator are drawn from nowhere in training, so they are neither saved nor touched."""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if str(device).startswith("cuda"):
+        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return tensors
+
+
+def _set_rng_state(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["rng.torch"] if "rng.torch" in tensors
+                        else torch.tensor(meta["torch_rng"], dtype=torch.uint8))  # format 1: a JSON list
+    cuda = [tensors[f"rng.cuda.{i}"] for i in range(sum(k.startswith("rng.cuda.") for k in tensors))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk (where the system allows it for folders)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _move(src: Path, dst: Path) -> None:
+    """src over dst, file by file (each os.replace atomic); a folder's other files stay."""
+    if src.is_dir():
+        dst.mkdir(exist_ok=True)
+        for p in sorted(src.iterdir()):
+            _move(p, dst / p.name)
+        src.rmdir()
+    else:
+        os.replace(src, dst)
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    """Move a committed checkpoint over the previous one, the training state last."""
+    for p in sorted(staging.iterdir(), key=lambda p: (p.name == f"{TRAIN_STATE}.json", p.name)):
+        if p.name != COMMITTED:
+            _move(p, out_dir / p.name)
+    _fsync(out_dir)
+    (staging / COMMITTED).unlink()
+    staging.rmdir()
+
+
+def _recover(out_dir: Path) -> None:
+    """A checkpoint write cut short by a crash: finished if it was complete, else dropped (the
+    previous checkpoint stands)."""
+    staging = out_dir / STAGING
+    if (staging / COMMITTED).is_file():
+        _move_into_place(staging, out_dir)
+    elif staging.exists():
+        shutil.rmtree(staging)  # our own unfinished write, never a user's file
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(model, opt, step: int, tc: TrainConfig, out_dir: Path, history: list,
+                    loop: dict | None = None, loop_tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """The checkpoint of `step` in out_dir, written atomically: all of it or, after a crash, none.
+
+    model.safetensors, config.json and tokenizer/ (the model), train_state.safetensors and
+    train_state.json (optimizer state, every random generator, and `loop` / `loop_tensors`: the
+    loop's own state). All of it is written into out_dir/.checkpoint-staging, flushed, marked
+    complete, then moved over the previous files; until the mark the previous checkpoint is
+    untouched, after it `_recover` finishes the move. No other file of out_dir is touched.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _recover(out_dir)
+    staging = out_dir / STAGING
+    model.save_pretrained(staging, extra_meta={"train_config": tc.to_dict(), "step": step})
+    sd = opt.state_dict()
+    meta = {"format": RESUME_FORMAT, "step": step, "history": history, "param_groups": sd["param_groups"],
+            "state": {}}
+    tensors = {}
+    for pid, st in sd["state"].items():
         meta["state"][str(pid)] = {}
         for k, v in st.items():
             if torch.is_tensor(v):
@@ -115,34 +228,135 @@ def save_checkpoint(model, opt, step: int, tc: TrainConfig, out_dir: Path, histo
                 meta["state"][str(pid)][k] = "tensor"
             else:
                 meta["state"][str(pid)][k] = v
-    save_file(tensors, str(tmp / f"{TRAIN_STATE}.safetensors"))
-    meta["torch_rng"] = torch.get_rng_state().tolist()
-    (tmp / f"{TRAIN_STATE}.json").write_text(json.dumps(meta))
-    if out_dir.exists():
-        for p in out_dir.iterdir():
-            p.unlink() if p.is_file() else None
-        for p in tmp.iterdir():
-            if p.is_dir():
-                target = out_dir / p.name
-                if target.exists():
-                    for q in target.iterdir():
-                        q.unlink()
-                    target.rmdir()
-            p.rename(out_dir / p.name)
-        tmp.rmdir()
-    else:
-        tmp.rename(out_dir)
+    rng_tensors = _rng_state(tc.device)
+    if loop is not None:
+        meta["loop"] = loop
+    save_file({**tensors, **rng_tensors, **(loop_tensors or {})}, str(staging / f"{TRAIN_STATE}.safetensors"))
+    (staging / f"{TRAIN_STATE}.json").write_text(json.dumps(meta))
+    for p in staging.rglob("*"):
+        _fsync(p)
+    (staging / COMMITTED).write_text(f"{step}\n")
+    _fsync(staging / COMMITTED)
+    _fsync(staging)
+    _move_into_place(staging, out_dir)
+
+
+def _read_train_state(out_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    try:
+        meta = json.loads((out_dir / f"{TRAIN_STATE}.json").read_text())
+        tensors = load_file(str(out_dir / f"{TRAIN_STATE}.safetensors"))
+    except (OSError, ValueError, SafetensorError) as e:
+        raise InputError(f"the training state in {out_dir} is damaged ({e}): resume from a copy of the run, "
+                         "or pass --overwrite to train again from step 0") from None
+    return meta, tensors
+
+
+def _load_optimizer(opt, meta: dict, tensors: dict[str, torch.Tensor], out_dir: Path) -> None:
+    state = {int(pid): {k: tensors[f"{pid}.{k}"] if v == "tensor" else v for k, v in st.items()}
+             for pid, st in meta["state"].items()}
+    try:
+        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    except (ValueError, KeyError) as e:
+        raise InputError(f"the optimizer state in {out_dir} does not fit this config's trainable parameters ({e}): "
+                         "resume with the config the run was trained with (freeze, encoders, fusion)") from None
 
 
 def load_train_state(opt, out_dir: Path) -> tuple[int, list]:
-    meta = json.loads((out_dir / f"{TRAIN_STATE}.json").read_text())
-    tensors = load_file(str(out_dir / f"{TRAIN_STATE}.safetensors"))
-    state = {}
-    for pid, st in meta["state"].items():
-        state[int(pid)] = {k: tensors[f"{pid}.{k}"] if v == "tensor" else v for k, v in st.items()}
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
+    """Load out_dir's optimizer state into `opt` and restore the random generators: (step, history)."""
+    meta, tensors = _read_train_state(Path(out_dir))
+    _load_optimizer(opt, meta, tensors, Path(out_dir))
+    _set_rng_state(meta, tensors)
     return int(meta["step"]), list(meta["history"])
+
+
+def _save_snapshot(model, tc: TrainConfig, step: int, out_dir: Path) -> None:
+    """The model after `step` in out_dir/snapshots/step_N, written aside and renamed into place."""
+    target = out_dir / "snapshots" / f"step_{step}"
+    partial = target.with_name(f".{target.name}.partial")
+    if partial.exists():
+        shutil.rmtree(partial)  # our own unfinished write
+    model.save_pretrained(partial, extra_meta={"train_config": tc.to_dict(), "step": step})
+    if target.exists():
+        shutil.rmtree(target)  # this run's own step, written before a crash it resumed from (or --overwrite)
+    partial.rename(target)
+
+
+# ---------------------------------------------------------------------------------------
+# The folders training may write into, and Ctrl-C
+# ---------------------------------------------------------------------------------------
+
+
+def _check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> tuple[dict, dict] | None:
+    """Refuse a folder training would damage; with `resume`, the training state to go on from.
+
+    New or empty: train. A training checkpoint: `resume` goes on from it, `overwrite` trains
+    again over it (its files are replaced as the new run writes its own); neither is refused.
+    A model without training state: only `overwrite`. Any other files: refused, never written
+    over nor deleted.
+    """
+    if resume and overwrite:
+        raise InputError("--resume goes on from the checkpoint in the folder and --overwrite trains again over it: "
+                         "choose one")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir} is a file, not a folder: choose another --out")
+    if out_dir.is_dir():
+        _recover(out_dir)
+    names = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    has_model = (out_dir / "config.json").is_file() and (out_dir / "model.safetensors").is_file()
+    if has_model and (out_dir / f"{TRAIN_STATE}.json").is_file():
+        if resume:
+            return _read_train_state(out_dir)
+        if overwrite:
+            return None
+        try:
+            step = f" (step {json.loads((out_dir / f'{TRAIN_STATE}.json').read_text())['step']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            step = ""
+        raise InputError(f"{out_dir} already holds a training checkpoint{step}: pass --resume to go on from it, "
+                         "--overwrite to train again over it, or choose another --out")
+    if has_model:
+        if overwrite:
+            return None
+        raise InputError(f"{out_dir} holds a model but no training state ({TRAIN_STATE}.json)"
+                         f"{', so there is nothing to resume' if resume else ''}: pass --overwrite to train "
+                         "again over it, or choose another --out")
+    if names:
+        listed = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        if resume:
+            raise InputError(f"nothing to resume: {out_dir} holds no training checkpoint, only other files ({listed}); "
+                             "point --out at the folder of the run to resume")
+        raise InputError(f"{out_dir} holds files that are not a training checkpoint ({listed}): training writes only "
+                         "into a new or empty folder, or into a checkpoint's with --resume or --overwrite, and never "
+                         "over other files; choose another --out")
+    if resume:
+        raise InputError(f"nothing to resume: {out_dir} {'is empty' if out_dir.is_dir() else 'does not exist'}; "
+                         "leave out --resume to start a new run there")
+    return None
+
+
+@contextmanager
+def _deferred_sigint():
+    """Within: a first Ctrl-C (SIGINT) only asks the loop to stop after the current step (yielded:
+    has it been asked?); a second raises KeyboardInterrupt at once. Only where Python's default
+    handler is in place: the main thread, with SIGINT neither ignored nor handled by the caller."""
+    asked = []
+
+    def handler(signum, frame):
+        if asked:
+            raise KeyboardInterrupt
+        asked.append(signum)
+        os.write(2, b"\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again: quit at once, "
+                    b"without saving)\n")  # not print: the handler may run inside a write to stderr
+
+    ours = (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    if ours:
+        signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(asked)
+    finally:
+        if ours:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # ---------------------------------------------------------------------------------------
@@ -150,8 +364,18 @@ def load_train_state(opt, out_dir: Path) -> tuple[int, list]:
 # ---------------------------------------------------------------------------------------
 
 
-def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
+def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
+          overwrite: bool = False) -> dict:
+    """Train from step 0, or with `resume` go on from out_dir's checkpoint exactly where it stopped.
+
+    out_dir must be new or empty, or hold a training checkpoint and be given `resume` or
+    `overwrite` (`_check_out_dir`). Ctrl-C (SIGINT) lets the current step finish, saves its
+    checkpoint and raises `TrainingInterrupted`; a second Ctrl-C stops at once, dropping the
+    unfinished step (the last checkpoint stands). Returns the run's summary, also written to
+    out_dir/train_summary.json.
+    """
     out_dir = Path(out_dir)
+    resumed = _check_out_dir(out_dir, resume, overwrite)  # before any work
     t_start = time.perf_counter()
     torch.manual_seed(tc.seed)
     np_rng = np.random.default_rng(tc.seed)
@@ -165,13 +389,23 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
             p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(parameter_groups(model, tc), lr=tc.lr)
-    step, history = 0, []
-    if resume and (out_dir / f"{TRAIN_STATE}.json").is_file():
+    step, history, loop = 0, [], None
+    if resumed:
+        meta, tensors = resumed
         saved = MultimodalModel.from_pretrained(out_dir)
-        model.load_state_dict(saved.state_dict())
-        step, history = load_train_state(opt, out_dir)
-        np_rng = np.random.default_rng([tc.seed, step])
+        try:
+            model.load_state_dict(saved.state_dict())
+        except RuntimeError as e:
+            raise InputError(f"the checkpoint in {out_dir} is another model than this config builds "
+                             f"({str(e).splitlines()[0]}): resume with the config it was trained with") from None
+        _load_optimizer(opt, meta, tensors, out_dir)
+        step, history, loop = int(meta["step"]), list(meta["history"]), meta.get("loop")
         print(f"resuming from step {step} in {out_dir}")
+        before, now = saved.meta.get("train_config", {}), json.loads(json.dumps(tc.to_dict()))
+        changed = [f"{k} {before[k]!r} -> {now[k]!r}" for k in now if k in before and before[k] != now[k]]
+        if changed:
+            print(f"note: resuming with changed settings ({', '.join(changed)}): the run will differ from an "
+                  "uninterrupted one with either config")
 
     if tc.manifest:
         from multimodal.data.manifest import SAMPLE_RATE as MANIFEST_RATE
@@ -185,8 +419,11 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
                                      "generating training scenes")
         val_pool = ScenePool.build(model, split_seeds("val", tc.val_scenes, tc.seed), scfg, 1,
                                    "generating validation scenes")
-    pool = train_pool  # the curriculum's own pool until its last step
-    if tc.curriculum_steps and step < tc.curriculum_steps and not tc.manifest:  # a manifest has no curriculum
+    # the curriculum's own pool until its last step (a manifest has none)
+    in_curriculum = bool(tc.curriculum_steps) and not tc.manifest and (
+        loop["pool"] == "curriculum" if loop else step < tc.curriculum_steps)
+    pool = train_pool
+    if in_curriculum and step < tc.curriculum_steps:
         n = min(tc.pool_scenes, tc.curriculum_steps * tc.batch_size)  # at most one pass over them
         pool = ScenePool.build(model, split_seeds("curriculum", n, tc.seed), curriculum_scene_config(tc),
                                tc.workers, "generating curriculum scenes")
@@ -197,59 +434,95 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
             return tc.lr * (s + 1) / tc.warmup
         return tc.lr * 0.5 * (1 + math.cos(math.pi * (s - tc.warmup) / max(1, tc.steps - tc.warmup)))
 
-    order = np_rng.permutation(len(pool.scenes))
-    cursor = (step * tc.batch_size) % len(order)
-    bar = tqdm(total=tc.steps, initial=step, desc="training", disable=not progress)
-    ema_loss = ema_acc = None
     mining = NegativeMining(tc.negative_mining)
-    while step < tc.steps:
-        model.train()
-        if pool is not train_pool and step >= tc.curriculum_steps:  # the curriculum is over: full scenes
-            pool, order, cursor = train_pool, np_rng.permutation(len(train_pool.scenes)), 0
-            bar.write(f"step {step}: curriculum done, training on the full scene config")
-        if cursor + tc.batch_size > len(order):
-            order, cursor = np_rng.permutation(len(pool.scenes)), 0
-        idx = order[cursor:cursor + tc.batch_size].tolist()
-        cursor += tc.batch_size
-        captions, kinds = candidate_captions(pool, idx, tc, np_rng, mining.weights())
-        scores, out = score_candidates(model, pool.batch(model, idx), captions, per_scene)
-        mining.update(scores.detach(), kinds)
-        loss = matching_loss(scores)
-        if tc.contrastive_weight:
-            loss = loss + tc.contrastive_weight * contrastive_loss(model, out.tokens, per_scene,
-                                                                   tc.contrastive_temperature,
-                                                                   tc.contrastive_hard_weight)
-        if tc.masked_word_weight:
-            loss = loss + tc.masked_word_weight * masked_word_loss(model, out.tokens, captions, per_scene,
-                                                                   tc.masked_word_rate, np_rng)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step) * g["lr_scale"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        negatives = scores[:, 1:1 + tc.hard_negatives] if tc.hard_negatives else scores[:, 1:]
-        acc = float((scores[:, :1] > negatives).float().mean())
-        ema_loss = loss.item() if ema_loss is None else 0.95 * ema_loss + 0.05 * loss.item()
-        ema_acc = acc if ema_acc is None else 0.95 * ema_acc + 0.05 * acc
-        bar.update(1)
-        bar.set_postfix(loss=f"{ema_loss:.3f}", acc=f"{ema_acc:.3f}")
-        if step % tc.eval_every == 0 or step == tc.steps:
-            val = matching_accuracy(model, val_pool, seed=tc.seed + 1)
-            history.append({"step": step, "loss": ema_loss, "train_acc": ema_acc, **val,
-                            "train_error_by_negative": dict(sorted(mining.error.items())),
-                            "elapsed_s": time.perf_counter() - t_start})
-            bar.write(f"step {step}: val pairwise accuracy {val['pairwise_accuracy']:.3f}, "
-                      f"threshold accuracy {val['threshold_accuracy']:.3f}")
-        if step % tc.checkpoint_every == 0 or step == tc.steps:
-            save_checkpoint(model, opt, step, tc, out_dir, history)
-        if step in tc.snapshots:
-            model.save_pretrained(out_dir / "snapshots" / f"step_{step}",
-                                  extra_meta={"train_config": tc.to_dict(), "step": step})
-    bar.close()
+    ema_loss = ema_acc = None
+    if loop:  # exact resume: the data order, the generators and the running statistics as saved
+        order, cursor = tensors["data.order"].numpy(), int(loop["cursor"])
+        if len(order) and int(order.max()) >= len(pool.scenes):
+            raise InputError(f"the checkpoint in {out_dir} draws from {len(order)} scenes, this config's pool has "
+                             f"{len(pool.scenes)}: resume with the pool_scenes (or manifest) it was trained with")
+        np_rng.bit_generator.state = loop["np_rng"]
+        mining.error = dict(loop["mining"])
+        ema_loss, ema_acc = loop["ema_loss"], loop["ema_acc"]
+        t_start -= loop["elapsed_s"]
+        _set_rng_state(meta, tensors)
+    else:
+        if resumed:  # format 1
+            print(f"note: {out_dir} was written before checkpoints kept the data order and random draws: they "
+                  "restart from the seed, so the run will differ from an uninterrupted one")
+            np_rng = np.random.default_rng([tc.seed, step])
+            _set_rng_state(meta, tensors)
+        order = np_rng.permutation(len(pool.scenes))
+        cursor = (step * tc.batch_size) % len(order)
+
+    stale_summary = (out_dir / SUMMARY).exists()  # of the finished run this one resumes or overwrites
+
+    def checkpoint():
+        nonlocal stale_summary
+        state = {"cursor": cursor, "pool": "curriculum" if in_curriculum else "train",
+                 "np_rng": np_rng.bit_generator.state, "mining": mining.error, "ema_loss": ema_loss,
+                 "ema_acc": ema_acc, "elapsed_s": time.perf_counter() - t_start}
+        save_checkpoint(model, opt, step, tc, out_dir, history, state,
+                        {"data.order": torch.from_numpy(np.ascontiguousarray(order, dtype=np.int64))})
+        if stale_summary:  # it no longer describes the checkpoint; the run's own is written when it ends
+            (out_dir / SUMMARY).unlink(missing_ok=True)
+            stale_summary = False
+
+    saved_step = step if resumed else None  # the step of the checkpoint on disk
+    with (tqdm(total=tc.steps, initial=step, desc="training", disable=not progress) as bar,
+          _deferred_sigint() as interrupted):
+        while step < tc.steps:
+            model.train()
+            if in_curriculum and step >= tc.curriculum_steps:  # the curriculum is over: full scenes
+                pool, order, cursor = train_pool, np_rng.permutation(len(train_pool.scenes)), 0
+                in_curriculum = False
+                bar.write(f"step {step}: curriculum done, training on the full scene config")
+            if cursor + tc.batch_size > len(order):
+                order, cursor = np_rng.permutation(len(pool.scenes)), 0
+            idx = order[cursor:cursor + tc.batch_size].tolist()
+            cursor += tc.batch_size
+            captions, kinds = candidate_captions(pool, idx, tc, np_rng, mining.weights())
+            scores, out = score_candidates(model, pool.batch(model, idx), captions, per_scene)
+            mining.update(scores.detach(), kinds)
+            loss = matching_loss(scores)
+            if tc.contrastive_weight:
+                loss = loss + tc.contrastive_weight * contrastive_loss(model, out.tokens, per_scene,
+                                                                       tc.contrastive_temperature,
+                                                                       tc.contrastive_hard_weight)
+            if tc.masked_word_weight:
+                loss = loss + tc.masked_word_weight * masked_word_loss(model, out.tokens, captions, per_scene,
+                                                                       tc.masked_word_rate, np_rng)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step) * g["lr_scale"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            negatives = scores[:, 1:1 + tc.hard_negatives] if tc.hard_negatives else scores[:, 1:]
+            acc = float((scores[:, :1] > negatives).float().mean())
+            ema_loss = loss.item() if ema_loss is None else 0.95 * ema_loss + 0.05 * loss.item()
+            ema_acc = acc if ema_acc is None else 0.95 * ema_acc + 0.05 * acc
+            bar.update(1)
+            bar.set_postfix(loss=f"{ema_loss:.3f}", acc=f"{ema_acc:.3f}")
+            if step % tc.eval_every == 0 or step == tc.steps:
+                val = matching_accuracy(model, val_pool, seed=tc.seed + 1)
+                history.append({"step": step, "loss": ema_loss, "train_acc": ema_acc, **val,
+                                "train_error_by_negative": dict(sorted(mining.error.items())),
+                                "elapsed_s": time.perf_counter() - t_start})
+                bar.write(f"step {step}: val pairwise accuracy {val['pairwise_accuracy']:.3f}, "
+                          f"threshold accuracy {val['threshold_accuracy']:.3f}")
+            if step % tc.checkpoint_every == 0 or step == tc.steps:
+                checkpoint()
+                saved_step = step
+            if step in tc.snapshots:
+                _save_snapshot(model, tc, step, out_dir)
+            if interrupted() and step < tc.steps:  # Ctrl-C during this step: it is whole, keep it
+                if saved_step != step:
+                    checkpoint()
+                raise TrainingInterrupted(step, tc.steps, out_dir)
     wall = time.perf_counter() - t_start
     summary = {"steps": step, "wall_time_s": wall, "device": tc.device, "history": history,
                "config": tc.to_dict()}
-    (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
+    _write_atomic(out_dir / SUMMARY, json.dumps(summary, indent=1))
     return summary

@@ -1,11 +1,10 @@
-"""The report of a comparison study: report.md, PNG plots, results.csv and results.json.
-
-Input: the study and its runs' `done.json` results (`multimodal.compare`). Conclusions are
-generated from the numbers and claim only what they support: two settings are called
-different only when the seed-matched (paired) difference passes a two-sided t-test at 95%
-with n - 1 degrees of freedom; otherwise the report says "no difference beyond seed noise".
-Runs are paired by seed and by the other grid values, so each pair saw the same training
-scenes and every run is evaluated on the same held-out scenes.
+"""The report of a comparison study: report.md, results.csv and results.json (the plots are
+`plots`). Input: the study and its runs' `done.json` results, read through `summary`.
+Conclusions are generated from the numbers and claim only what they support: two settings are
+called different only when the seed-matched (paired) difference passes a two-sided t-test at 95%
+with n - 1 degrees of freedom; otherwise the report says "no difference beyond seed noise". Runs
+are paired by seed and by the other grid values, so each pair saw the same training scenes and
+every run is evaluated on the same held-out scenes.
 """
 
 from __future__ import annotations
@@ -13,41 +12,16 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from matplotlib.figure import Figure  # no pyplot: no global figure state, the Agg canvas by default
 
-# (summary key, label, format): the per-grid-point table and the conclusions
-METRICS = [
-    ("matching_accuracy", "matching accuracy", ".3f"),
-    ("pointing_image_best", "best-head pointing (image)", ".3f"),
-    ("pointing_audio_best", "best-head pointing (audio)", ".3f"),
-    ("energy_gain_image_mean", "mean energy gain (image)", ".2f"),
-    ("energy_gain_audio_mean", "mean energy gain (audio)", ".2f"),
-    ("entropy_mean", "mean normalised entropy", ".3f"),
-    ("js_distance_mean", "mean sqrt-JS distance between heads", ".3f"),
-    ("modality_focus_mean", "mean image-vs-audio focus per head", ".3f"),
-    ("image_led_fraction", "fraction of heads led by image", ".2f"),
-    ("shapley_top_share", "top head's share of Shapley mass", ".2f"),
-]
-TIMING = [("train_s", "train s", ".0f"), ("eval_s", "eval s", ".1f"), ("fusion_pass_s", "fusion pass s", ".3f")]
-DYNAMICS = [("matching_accuracy", "matching accuracy"), ("pointing_image_best", "best-head pointing (image)"),
-            ("pointing_audio_best", "best-head pointing (audio)"), ("entropy_mean", "mean normalised entropy"),
-            ("scaled_confidence_mean", "mean scaled confidence"), ("js_distance_mean", "mean sqrt-JS distance")]
-HEAD_COLUMNS = [("entropy", "entropy", ".3f"), ("scaled_confidence", "N*max", ".1f"),
-                ("share_text", "text share", ".2f"), ("share_image", "image share", ".2f"),
-                ("share_audio", "audio share", ".2f"), ("spread_px", "spread px", ".1f"),
-                ("spread_s", "spread s", ".2f"), ("pointing_image", "pointing img", ".3f"),
-                ("energy_gain_image", "energy gain img", ".2f"), ("pointing_audio", "pointing aud", ".3f"),
-                ("energy_gain_audio", "energy gain aud", ".2f"), ("ablation", "ablation", "+.3f"),
-                ("gradient_normalised", "gradient (norm.)", ".2f")]
-HEATMAPS = [("entropy", "entropy"), ("scaled_confidence", "scaled confidence (N*max)"),
-            ("share_text", "text share"), ("share_image", "image share"), ("share_audio", "audio share"),
-            ("pointing_image", "pointing (image)"),
-            ("pointing_audio", "pointing (audio)"), ("shapley", "Shapley value")]
+from multimodal.compare.plots import plot_attention_kinds, plot_dynamics, plot_heads, plot_size, plot_summary
+from multimodal.compare.summary import (BASELINE_SOURCES, DYNAMICS, HEAD_COLUMNS, METRICS, MODALITIES, TIMING, Group,
+                                        baseline_pointing_best, group_runs, mean_std, pointing_best, sizes_differ,
+                                        snapshot_series, value)
+
 # two-sided 95% critical values of Student's t by degrees of freedom (the largest tabulated df <= df is used)
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000, 120: 1.980}
@@ -56,54 +30,6 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
 # ---------------------------------------------------------------------------------------
 # Numbers
 # ---------------------------------------------------------------------------------------
-
-
-SIZE_SPREAD = 1.5  # the model-size section needs the largest fusion block at least this many times the smallest
-
-
-def sizes_differ(params: set[int]) -> bool:
-    """Do these fusion parameter counts span a real size range (e.g. not 2,048 latent parameters on 530k)?"""
-    return bool(params) and max(params) >= SIZE_SPREAD * min(params)
-
-
-def _perceptual_shares(heads: list[dict]) -> list[tuple[float, float]]:
-    """(image, audio) share of every head that has both, renormalised to sum to 1 (text keys left out,
-    so text-token queries, which see no text keys, and latents, which do, compare on the same scale)."""
-    pairs = [(h.get("share_image"), h.get("share_audio")) for h in heads]
-    return [(i / (i + a), a / (i + a)) for i, a in pairs if i is not None and a is not None and i + a > 0]
-
-
-def modality_focus(heads: list[dict]) -> float | None:
-    """Mean over heads of |image share - audio share| (renormalised): 0 = every head splits its
-    perceptual mass evenly, 1 = every head looks at one modality only."""
-    shares = _perceptual_shares(heads)
-    return float(np.mean([abs(i - a) for i, a in shares])) if shares else None
-
-
-def image_led_fraction(heads: list[dict]) -> float | None:
-    """Fraction of heads with more mass on image keys than on audio keys (0.5 = an even split of heads)."""
-    shares = _perceptual_shares(heads)
-    return float(np.mean([i > a for i, a in shares])) if shares else None
-
-
-DERIVED = {"modality_focus_mean": modality_focus, "image_led_fraction": image_led_fraction}  # from the head tables
-
-
-def _value(run: dict, key: str) -> float | None:
-    if key in DERIVED:
-        v = DERIVED[key](run.get("heads") or [])
-    elif key in run["summary"]:
-        v = run["summary"][key]
-    else:
-        v = run.get("timing", {}).get(key)
-    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
-
-
-def mean_std(values: Sequence[float | None]) -> tuple[float, float, int]:
-    v = [x for x in values if x is not None]
-    if not v:
-        return math.nan, math.nan, 0
-    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else math.nan, len(v)
 
 
 def fmt_ms(values: Sequence[float | None], fmt: str) -> str:
@@ -134,26 +60,6 @@ def paired_test(a: Sequence[float], b: Sequence[float]) -> dict:
     return out
 
 
-class Group:
-    """The runs of one grid point (they differ only by seed)."""
-
-    def __init__(self, label: str, point: dict, runs: list[dict]):
-        self.label, self.point, self.runs = label, point, runs
-
-    def values(self, key: str) -> list[float | None]:
-        return [_value(r, key) for r in self.runs]
-
-    @property
-    def fusion_params(self) -> int:
-        return int(self.runs[0]["fusion_params"])
-
-
-def group_runs(results: list[dict]) -> list[Group]:
-    groups: dict[str, Group] = {}
-    for r in results:
-        groups.setdefault(r["group"], Group(r["group"], r["point"], [])).runs.append(r)
-    return list(groups.values())
-
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'s' * (n != 1)}"
@@ -173,7 +79,7 @@ def _pairs(results: list[dict], key: str, a: Any, b: Any, metric: str) -> tuple[
         return json.dumps({k: v for k, v in r["point"].items() if k != key}, sort_keys=True), r["seed"]
 
     at_b = {other(r): r for r in results if r["point"].get(key) == b}
-    return _both_present((_value(r, metric), _value(at_b[other(r)], metric))
+    return _both_present((value(r, metric), value(at_b[other(r)], metric))
                          for r in results if r["point"].get(key) == a and other(r) in at_b)
 
 
@@ -232,7 +138,7 @@ def factor_conclusions(results: list[dict], grid: dict[str, Sequence[Any]]) -> t
                 if s and numeric and len(levels) > 2:
                     by_level = []
                     for v in sorted(levels):
-                        m, _, n = mean_std([_value(r, metric) for r in results if r["point"].get(key) == v])
+                        m, _, n = mean_std([value(r, metric) for r in results if r["point"].get(key) == v])
                         by_level.append(f"{_fmt_level(v)}: {m:{fmt.lstrip('+')}}" if n else f"{_fmt_level(v)}: n/a")
                     s += f" Mean by level: {', '.join(by_level)}."
                 if s:
@@ -251,7 +157,7 @@ def size_lines(results: list[dict]) -> list[str]:
     for metric, label, _ in METRICS[:3] + [METRICS[5]]:
         xs, ys = [], []
         for r in results:
-            v = _value(r, metric)
+            v = value(r, metric)
             if v is not None:
                 xs.append(math.log10(r["fusion_params"]))
                 ys.append(v)
@@ -268,9 +174,9 @@ def baseline_lines(results: list[dict]) -> tuple[list[str], int]:
     lines, tests = [], 0
     baselines = (("uniform", "a uniform map (chance)", "the uniform map"),
                  ("random_init", "the same architecture with random weights", "the random-weight model"))
-    for mod in ("image", "audio"):
+    for mod in MODALITIES:
         for source, long_name, short_name in baselines:
-            xa, xb = _both_present((_value(r, f"{source}_pointing_{mod}_best"), _value(r, f"pointing_{mod}_best"))
+            xa, xb = _both_present((value(r, baseline_pointing_best(source, mod)), value(r, pointing_best(mod)))
                             for r in results)
             if not xa:
                 continue
@@ -295,7 +201,7 @@ def dynamics_lines(groups: list[Group]) -> tuple[list[str], list[dict], int]:
             continue
         first, last = runs[0]["snapshots"][0]["step"], runs[0]["snapshots"][-1]["step"]
         prefix = f"[{g.label}] " if len(groups) > 1 else ""
-        for key, label in DYNAMICS:
+        for key, label, _ in DYNAMICS:
             xa, xb = _both_present((r["snapshots"][0]["summary"].get(key), r["snapshots"][-1]["summary"].get(key))
                             for r in runs)
             if not xa:
@@ -307,177 +213,6 @@ def dynamics_lines(groups: list[Group]) -> tuple[list[str], list[dict], int]:
                           pairs="runs")
             lines.append(f"- {prefix}{s}")
     return lines, records, tests
-
-
-# ---------------------------------------------------------------------------------------
-# Plots
-# ---------------------------------------------------------------------------------------
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
-
-
-def plot_heads(run: dict, path: Path) -> Path:
-    """Layers x heads heatmaps of one run's per-head metrics."""
-    heads = run["heads"]
-    L = 1 + max(r["layer"] for r in heads)
-    H = 1 + max(r["head"] for r in heads)
-    panels = [(k, t) for k, t in HEATMAPS if any(r.get(k) is not None for r in heads)]
-    fig = Figure(figsize=((1.2 + 0.5 * H) * len(panels), 1.3 + 0.5 * L), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (key, title) in zip(axes, panels):
-        grid = np.full((L, H), np.nan)
-        for r in heads:
-            if r.get(key) is not None:
-                grid[r["layer"], r["head"]] = r[key]
-        cmap = "RdBu_r" if key == "shapley" else "viridis"
-        lim = np.nanmax(np.abs(grid)) if key == "shapley" and np.isfinite(grid).any() else None
-        im = ax.imshow(grid, cmap=cmap, aspect="auto", vmin=-lim if lim else None, vmax=lim)
-        for l in range(L):
-            for h in range(H):
-                if np.isfinite(grid[l, h]):
-                    shade = float(im.norm(grid[l, h]))
-                    dark = shade < 0.6 if cmap == "viridis" else abs(shade - 0.5) > 0.3
-                    ax.text(h, l, f"{grid[l, h]:.3g}", ha="center", va="center", fontsize=7,
-                            color="white" if dark else "black")
-        ax.set_title(title, fontsize=8)
-        ax.set_xticks(range(H))
-        ax.set_yticks(range(L))
-        ax.set_xlabel("head", fontsize=7)
-        ax.set_ylabel("layer", fontsize=7)
-        ax.tick_params(labelsize=7)
-        fig.colorbar(im, ax=ax, shrink=0.8).ax.tick_params(labelsize=6)
-    fig.suptitle(run["run_id"], fontsize=9)
-    return _save(fig, path)
-
-
-def snapshot_series(runs: list[dict], key: str) -> dict[int, list[float]]:
-    """Training step -> the runs' values of one summary metric at that snapshot (missing ones left out)."""
-    by_step = defaultdict(list)
-    for r in runs:
-        for s in r.get("snapshots", []):
-            if s["summary"].get(key) is not None:
-                by_step[s["step"]].append(s["summary"][key])
-    return by_step
-
-
-def _short(label: str) -> str:
-    return label.replace("fusion.", "").replace("scene.", "").replace(",", ", ")
-
-
-def plot_summary(groups: list[Group], path: Path) -> Path | None:
-    """Each metric per grid point: mean ± std bars, one dot per seed."""
-    metrics = [(k, t) for k, t, _ in METRICS if any(v is not None for g in groups for v in g.values(k))]
-    if not metrics:
-        return None
-    cols = min(4, len(metrics))
-    rows = math.ceil(len(metrics) / cols)
-    fig = Figure(figsize=(3.2 * cols + 0.4 * len(groups), 2.9 * rows))
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    x = np.arange(len(groups))
-    for ax, (key, title) in zip(axes, metrics):
-        means = [mean_std(g.values(key)) for g in groups]
-        ax.bar(x, [m for m, _, _ in means], yerr=[0 if math.isnan(s) else s for _, s, _ in means],
-               color="#8fb3d9", capsize=3)
-        for i, g in enumerate(groups):
-            vals = [v for v in g.values(key) if v is not None]
-            ax.plot([i] * len(vals), vals, "k.", markersize=4)
-        ax.set_title(title, fontsize=9)
-        ax.set_xticks(x)
-        ax.set_xticklabels([_short(g.label) for g in groups], fontsize=7, rotation=30, ha="right")
-        ax.tick_params(axis="y", labelsize=7)
-    for ax in axes[len(metrics):]:
-        ax.set_visible(False)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def plot_size(groups: list[Group], path: Path) -> Path | None:
-    """Grounding and matching against fusion parameter count (log x)."""
-    if not sizes_differ({g.fusion_params for g in groups}):
-        return None
-    metrics = [(k, t) for k, t, _ in METRICS[:3] if any(v is not None for g in groups for v in g.values(k))]
-    fig = Figure(figsize=(4 * len(metrics), 3.3))
-    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
-    for ax, (key, title) in zip(axes, metrics):
-        for g in groups:
-            vals = [v for v in g.values(key) if v is not None]
-            if not vals:
-                continue
-            m, s, _ = mean_std(vals)
-            ax.plot([g.fusion_params] * len(vals), vals, ".", color="0.6", markersize=4)
-            ax.errorbar([g.fusion_params], [m], yerr=[0 if math.isnan(s) else s], fmt="o", capsize=3,
-                        label=_short(g.label))
-        ax.set_xscale("log")
-        ax.set_xlabel("fusion parameters", fontsize=8)
-        ax.set_title(title, fontsize=9)
-        ax.tick_params(labelsize=7)
-    axes[0].legend(fontsize=6)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def plot_dynamics(groups: list[Group], path: Path) -> Path | None:
-    """Metrics against training step (snapshots), mean ± std over seeds per grid point."""
-    if not any(len(r.get("snapshots", [])) >= 2 for g in groups for r in g.runs):
-        return None
-    metrics = [(k, t) for k, t in DYNAMICS
-               if any(s["summary"].get(k) is not None for g in groups for r in g.runs for s in r["snapshots"])]
-    cols = min(3, len(metrics))
-    rows = math.ceil(len(metrics) / cols)
-    fig = Figure(figsize=(4 * cols, 3 * rows))
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax, (key, title) in zip(axes, metrics):
-        for g in groups:
-            by_step = snapshot_series(g.runs, key)
-            steps = sorted(by_step)
-            if not steps:
-                continue
-            m = np.array([np.mean(by_step[s]) for s in steps])
-            sd = np.array([np.std(by_step[s], ddof=1) if len(by_step[s]) > 1 else 0.0 for s in steps])
-            ax.plot(steps, m, "o-", label=_short(g.label), markersize=3)
-            ax.fill_between(steps, m - sd, m + sd, alpha=0.2)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("training step", fontsize=8)
-        ax.tick_params(labelsize=7)
-    for ax in axes[len(metrics):]:
-        ax.set_visible(False)
-    axes[0].legend(fontsize=6)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def plot_attention_kinds(results: list[dict], path: Path) -> Path | None:
-    """Dense vs sparse: grounding, entropy and evaluation cost per attention kind (pooled over
-    every other grid value and seed)."""
-    kinds = list(dict.fromkeys(r["attention"] for r in results))
-    if len(kinds) < 2:
-        return None
-    metrics = [("pointing_image_best", "best-head pointing (image)"),
-               ("pointing_audio_best", "best-head pointing (audio)"),
-               ("entropy_mean", "mean normalised entropy"), ("eval_s", "evaluation seconds"),
-               ("fusion_pass_s", "fusion pass seconds (analysis set)")]
-    metrics = [(k, t) for k, t in metrics if any(_value(r, k) is not None for r in results)]
-    fig = Figure(figsize=(3.2 * len(metrics), 3.2))
-    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
-    x = np.arange(len(kinds))
-    for ax, (key, title) in zip(axes, metrics):
-        stats = [mean_std([_value(r, key) for r in results if r["attention"] == k]) for k in kinds]
-        ax.bar(x, [m for m, _, _ in stats], yerr=[0 if math.isnan(s) else s for _, s, _ in stats],
-               color="#d9a38f", capsize=3)
-        for i, k in enumerate(kinds):
-            vals = [_value(r, key) for r in results if r["attention"] == k]
-            vals = [v for v in vals if v is not None]
-            ax.plot([i] * len(vals), vals, "k.", markersize=4)
-        ax.set_xticks(x)
-        ax.set_xticklabels(kinds, fontsize=8)
-        ax.set_title(title, fontsize=9)
-        ax.tick_params(axis="y", labelsize=7)
-    fig.tight_layout()
-    return _save(fig, path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -568,7 +303,7 @@ def write_report(study, results: list[dict], out: str | Path, planned: Sequence[
               "matching accuracy, entropy, redundancy and importance only (n/a in the grounding columns).", ""]
 
     # main table
-    metric_cols = [(k, t, f) for k, t, f in METRICS if any(_value(r, k) is not None for r in results)]
+    metric_cols = [(k, t, f) for k, t, f in METRICS if any(value(r, k) is not None for r in results)]
     header = grid_keys + ["fusion params", "seeds"] + [t for _, t, _ in metric_cols] + [t for _, t, _ in TIMING]
     rows = [[_fmt_level(g.point.get(k)) for k in grid_keys] + [f"{g.fusion_params:,}", str(len(g.runs))] +
             [fmt_ms(g.values(k), f) for k, _, f in metric_cols] + [fmt_ms(g.values(k), f) for k, _, f in TIMING]
@@ -583,9 +318,9 @@ def write_report(study, results: list[dict], out: str | Path, planned: Sequence[
           "of heads with more mass on image than on audio keys. Top-head Shapley share: the "
           "largest |Shapley value| / the sum over heads (large = one head carries the task). Timings are "
           "wall-clock on the machine that ran the study.", ""]
-    base_cols = [(f"{src}_pointing_{mod}_best", f"{src.replace('_', ' ')} pointing ({mod})")
-                 for mod in ("image", "audio") for src in ("uniform", "random_init")]
-    base_cols = [(k, t) for k, t in base_cols if any(_value(r, k) is not None for r in results)]
+    base_cols = [(baseline_pointing_best(src, mod), f"{src.replace('_', ' ')} pointing ({mod})")
+                 for mod in MODALITIES for src in BASELINE_SOURCES]
+    base_cols = [(k, t) for k, t in base_cols if any(value(r, k) is not None for r in results)]
     if base_cols:
         L += ["### Grounding baselines (best 'head' of each baseline, same scenes)", ""]
         L += _md_table(grid_keys + [t for _, t in base_cols],
@@ -628,7 +363,7 @@ def write_report(study, results: list[dict], out: str | Path, planned: Sequence[
 
     if dyn:
         L += ["## Training snapshots (mean ± std over seeds)", ""]
-        keys = [(k, t) for k, t in DYNAMICS if any(s["summary"].get(k) is not None
+        keys = [(k, t) for k, t, _ in DYNAMICS if any(s["summary"].get(k) is not None
                                                    for r in results for s in r.get("snapshots", []))]
         for g in groups:
             series = {k: snapshot_series(g.runs, k) for k, _ in keys}

@@ -1,0 +1,211 @@
+"""Running a study on this machine: `run_study` plans the runs, skips the finished ones, runs the
+rest one after another or in a pool of spawned worker processes, and writes the report from the
+finished runs. `execute_run` is one run: train (or reuse a finished training of the same config),
+analyse the final model and the snapshots, write `runs/<run id>/done.json` (or `error.txt` with
+the traceback when it fails).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import replace
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from multimodal.compare.analyse import analyse_model, seed_everything
+from multimodal.compare.study import (DONE, ERROR, RESULT_FORMAT, RUN_ONLY_KEYS, Run, Study, comparable_config,
+                                      fingerprint, load_study, plan_runs, run_status)
+from multimodal.model import MultimodalModel
+from multimodal.train import TrainConfig, build_model, train
+from multimodal.types import InputError
+
+MODEL = "model"  # checkpoint folder inside a run folder
+
+
+# ---------------------------------------------------------------------------------------
+# One run: train (or load), analyse the final model and the snapshots, write done.json
+# ---------------------------------------------------------------------------------------
+
+
+def _finished_training(model_dir: Path, tc: TrainConfig) -> dict | None:
+    """The train summary of a finished training of this very config, or None."""
+    path = model_dir / "train_summary.json"
+    if not path.is_file() or not (model_dir / "model.safetensors").is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    same_config = comparable_config(summary.get("config", {})) == comparable_config(tc.to_dict())
+    if not same_config or summary.get("steps") != tc.steps:
+        return None
+    return summary
+
+
+def execute_run(run: Run, study: Study, runs_dir: str | Path, progress: bool = True) -> dict:
+    """Train (or load), evaluate and analyse one run; write and return its done.json results.
+
+    Runs with the process's torch threads (a worker process's are set when it starts)."""
+    folder = Path(runs_dir) / run.run_id
+    if run_status(run, study, Path(runs_dir)) == "done":
+        return json.loads((folder / DONE).read_text())
+    tc = run.config
+    model_dir = folder / MODEL
+    summary = _finished_training(model_dir, tc)
+    if summary is None:
+        if folder.exists():
+            shutil.rmtree(folder)  # a half-finished or differently configured run: start clean
+        folder.mkdir(parents=True)
+        seed_everything(run.seed)
+        summary = train(tc, model_dir, resume=False, progress=progress)
+        loaded = False
+    else:
+        (folder / ERROR).unlink(missing_ok=True)
+        loaded = True
+    threads = torch.get_num_threads()
+    model = MultimodalModel.from_pretrained(model_dir, map_location=tc.device)
+    final = analyse_model(model, tc, study, progress=progress)
+    snapshots = []
+    for step in study.snapshots:
+        if step == tc.steps:
+            s = {k: final[k] for k in ("matching", "grounding", "redundancy", "summary", "timing")}
+        else:
+            m = (build_model(tc).to(tc.device) if step == 0 else
+                 MultimodalModel.from_pretrained(model_dir / "snapshots" / f"step_{step}", map_location=tc.device))
+            s = analyse_model(m, tc, study, progress=progress, importance=False)
+            s.pop("heads")
+        snapshots.append({"step": step, **s})
+    history = [{k: v for k, v in h.items() if k != "elapsed_s"} for h in summary.get("history", [])]
+    result = {
+        "format": RESULT_FORMAT, "run_id": run.run_id, "group": run.group, "point": dict(run.point),
+        "seed": run.seed, "fingerprint": fingerprint(run, study), "config": run.config.to_dict(),
+        "fusion_params": sum(p.numel() for p in model.fusion.parameters()),
+        "query": model.cfg.query, "attention": model.cfg.attention,
+        "train": {"steps": summary["steps"], "history": history, "loaded": loaded},
+        **{k: final[k] for k in ("matching", "grounding", "heads", "redundancy", "importance", "summary")},
+        "snapshots": snapshots,
+        "timing": {"train_s": summary["wall_time_s"], **final["timing"], "threads": threads},
+    }
+    tmp = folder / (DONE + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(folder / DONE)
+    (folder / ERROR).unlink(missing_ok=True)
+    return result
+
+
+def without_timing(result: dict) -> dict:
+    """A run's results minus wall-clock numbers and how it was executed: what "the same config and
+    seed give the same numbers" compares."""
+    out = json.loads(json.dumps(result))
+    out.pop("timing", None)
+    out["train"].pop("loaded", None)
+    for key in RUN_ONLY_KEYS:
+        out["config"].pop(key, None)
+    for s in out.get("snapshots", []):
+        s.pop("timing", None)
+    return out
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _record_failure(runs_dir: str | Path, run_id: str) -> str:
+    """The current exception's traceback, written to the run's error.txt and returned."""
+    text = traceback.format_exc()
+    folder = Path(runs_dir) / run_id
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ERROR).write_text(text)
+    return text
+
+
+def _worker_job(job: tuple) -> tuple[str, str | None]:
+    run, study, runs_dir = job
+    try:
+        execute_run(run, study, runs_dir, progress=False)
+        return run.run_id, None
+    except Exception:  # one broken run must not take the others down: recorded, reported, exit code 1
+        return run.run_id, _record_failure(runs_dir, run.run_id)
+
+
+# ---------------------------------------------------------------------------------------
+# A whole study
+# ---------------------------------------------------------------------------------------
+
+
+def run_study(study: Study | str | Path, out: str | Path | None = None, workers: int = 1, progress: bool = True,
+              report: bool = True) -> dict:
+    """Run every run of a study that is not done yet, then write the report.
+
+    `study` is a `Study`, a TOML path or a shipped study's name; `out` the report folder
+    (default `reports/<name>`). With `workers` > 1 independent runs go to that many
+    spawned processes, each with `cores // workers` torch threads. Returns
+    `{"runs": [done.json results in plan order], "ran": [...], "skipped": [...], "failed":
+    {run_id: traceback}, "report": {name: path}}`.
+    """
+    if not isinstance(study, Study):
+        study = load_study(study)
+    if workers < 1:
+        raise InputError(f"workers = {workers} must be >= 1")
+    out = Path(out or Path("reports") / study.name)
+    runs = plan_runs(study)  # every config checked before anything is created
+    runs_dir = out / "runs"
+    status = {r.run_id: run_status(r, study, runs_dir) for r in runs}
+    pending = [r for r in runs if status[r.run_id] != "done"]
+    skipped = [r.run_id for r in runs if status[r.run_id] == "done"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study.json").write_text(json.dumps(study.to_dict(), indent=1))
+    failed: dict[str, str] = {}
+    bar = tqdm(total=len(runs), initial=len(skipped), desc=f"study {study.name}: runs", disable=not progress,
+               position=0)
+    if skipped and progress:
+        bar.write(f"{len(skipped)} of {len(runs)} runs already done: skipped")
+    cores = os.cpu_count() or 1
+    if workers == 1 or len(pending) <= 1:
+        for run in pending:
+            bar.set_postfix_str(run.run_id)
+            try:
+                execute_run(run, study, runs_dir, progress=progress)
+            except Exception:
+                failed[run.run_id] = _record_failure(runs_dir, run.run_id)
+                bar.write(f"run {run.run_id} FAILED (traceback in {runs_dir / run.run_id / ERROR})")
+            bar.update(1)
+    else:
+        n = min(workers, len(pending))
+        threads = max(1, cores // n)
+        jobs = [(replace(r, config=replace(r.config, workers=min(r.config.workers, threads))), study, runs_dir)
+                for r in pending]
+        with ProcessPoolExecutor(n, mp_context=get_context("spawn"), initializer=_worker_init,
+                                 initargs=(threads,)) as pool:
+            for future in as_completed([pool.submit(_worker_job, job) for job in jobs]):
+                run_id, error = future.result()
+                if error:
+                    failed[run_id] = error
+                    bar.write(f"run {run_id} FAILED (traceback in {runs_dir / run_id / ERROR})")
+                else:
+                    bar.write(f"run {run_id} done")
+                bar.update(1)
+    bar.close()
+    results = finished_results(study, runs, runs_dir)
+    paths = report_from(study, results, runs, out) if report else {}
+    return {"runs": results, "ran": [r.run_id for r in pending if r.run_id not in failed], "skipped": skipped,
+            "failed": failed, "report": paths}
+
+
+def finished_results(study: Study, runs: list[Run], runs_dir: Path) -> list[dict]:
+    """The done.json results of the runs that are done (current fingerprint), in plan order."""
+    return [json.loads((runs_dir / r.run_id / DONE).read_text()) for r in runs
+            if run_status(r, study, runs_dir) == "done"]
+
+
+def report_from(study: Study, results: list[dict], runs: list[Run], out: Path) -> dict[str, Path]:
+    from multimodal.compare.report import write_report  # matplotlib: only when a report is written
+
+    return write_report(study, results, out, planned=[r.run_id for r in runs])

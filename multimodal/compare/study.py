@@ -1,0 +1,343 @@
+"""The study file and its runs: `Study` (a TOML file, checked key by key), `plan_runs` (one `Run`
+per grid point and seed, each `TrainConfig` checked before anything trains), the run's
+`fingerprint` (what it computes, so a finished run is skipped and a changed one reruns) and its
+status in a runs folder. The file format is described in `multimodal.compare`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+import tomllib
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from multimodal.data.scenes import ONE_OBJECT, SceneConfig
+from multimodal.fusion import FusionConfig
+from multimodal.train import PRESETS, TrainConfig, build_model, load_config
+from multimodal.types import InputError
+
+STUDY_DIR = Path(__file__).resolve().parents[1] / "studies"  # the shipped studies (multimodal/studies/)
+RESULT_FORMAT = "multimodal-compare-run/1"  # bump when done.json changes meaning: old runs then rerun
+DONE = "done.json"
+ERROR = "error.txt"
+RUN_ONLY_KEYS = ("device", "workers")  # how a run executes, not what it computes: not in its fingerprint
+# TrainConfig fields added after runs were published, at the value that reproduces those runs: left out of
+# the fingerprint at that value, so adding a field does not make every finished run stale
+NEUTRAL_KEYS = {"contrastive_hard_weight": 0.0, "negative_mining": 0.0, "curriculum_steps": 0,
+                "masked_word_weight": 0.0, "freeze": [], "masked_word_rate": 0.3,
+                "curriculum_scene": dict(ONE_OBJECT), "phrase_queries": False, "binding_negatives": 0.0,
+                "encoder_lr_scales": {}, "match_over": "content"}
+NEUTRAL_FUSION_KEYS = {"compete": False, "sinks": 0}  # the same inside the fusion table
+
+
+# ---------------------------------------------------------------------------------------
+# The study file
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    question: str = ""
+    seeds: tuple[int, ...] = (0,)
+    eval_scenes: int = 200  # held-out scenes for matching accuracy and grounding (the same for every run)
+    analysis_scenes: int = 64  # the first scenes of those, for per-head metrics, redundancy and importance
+    shapley_permutations: int = 20  # Monte Carlo permutations for head Shapley values
+    snapshots: tuple[int, ...] = ()  # training steps at which the model is evaluated too (0 = untrained)
+    baselines: bool = True  # uniform-map / random-init / gradient-relevance grounding baselines
+    eval_seed: int = 0  # which held-out scenes (split "test") every run is evaluated on
+    redundancy_threshold: float = 0.3  # sqrt-JS distance under which heads are clustered as redundant
+    base: Mapping[str, Any] = field(default_factory=dict)  # flattened TrainConfig overrides (+ "preset")
+    grid: Mapping[str, tuple] = field(default_factory=dict)  # flattened key -> values, in file order
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["base"], d["grid"] = dict(self.base), {k: list(v) for k, v in self.grid.items()}
+        return d
+
+
+STUDY_KEYS = tuple(f.name for f in fields(Study))
+
+
+def _type_ok(value: Any, ann: str) -> bool:
+    """Does a TOML value fit a dataclass field annotation (as written in the source)?"""
+    if ann == "bool":
+        return isinstance(value, bool)
+    if ann == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if ann == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ann == "str":
+        return isinstance(value, str)
+    if ann.startswith("tuple[int"):
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, "int") for v in value)
+    if ann.startswith("Mapping"):
+        return isinstance(value, Mapping)
+    return True
+
+
+def _annotation(f) -> str:
+    return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+
+
+def config_fields() -> dict[str, str]:
+    """Every key a study may set -> its annotation: TrainConfig fields, fusion.*, scene.*."""
+    out = {f.name: _annotation(f) for f in fields(TrainConfig) if f.name not in ("fusion", "scene")}
+    out.update({f"fusion.{f.name}": _annotation(f) for f in fields(FusionConfig)})
+    out.update({f"scene.{f.name}": _annotation(f) for f in fields(SceneConfig)})
+    return out
+
+
+def _flatten(table: Mapping) -> dict[str, Any]:
+    """`{"fusion": {"dim": 64}}` (TOML's bare dotted keys) and `{"fusion.dim": 64}` alike -> dotted keys."""
+    out = {}
+    for key, value in table.items():
+        if key in ("fusion", "scene") and isinstance(value, Mapping):
+            for sub, v in value.items():
+                out[f"{key}.{sub}"] = v
+        else:
+            out[key] = value
+    return out
+
+
+def _check_key_value(key: str, value: Any, where: str, known: dict[str, str]) -> None:
+    if key not in known:
+        close = [k for k in known if k.split(".")[-1] == key.split(".")[-1]]
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise InputError(f"{where}: unknown key {key!r}{hint}; valid keys: TrainConfig fields "
+                         f"{sorted(k for k in known if '.' not in k)}, fusion.* and scene.* fields")
+    if not _type_ok(value, known[key]):
+        raise InputError(f"{where}: {key} = {value!r} must be {known[key]}")
+
+
+def study_from_dict(d: Mapping[str, Any], source: str = "study") -> Study:
+    """Check a parsed study file and build the `Study`. Each error names the key."""
+    unknown = sorted(set(d) - set(STUDY_KEYS))
+    if unknown:
+        raise InputError(f"{source}: unknown study key(s) {unknown}; valid keys: {list(STUDY_KEYS)}")
+    if "name" not in d:
+        raise InputError(f"{source}: the study needs a name (name = \"...\")")
+    for f in fields(Study):
+        key, ann = f.name, _annotation(f)
+        if key not in ("base", "grid") and key in d and not _type_ok(d[key], ann):
+            raise InputError(f"{source}: {key} = {d[key]!r} must be {ann}")
+    for key in ("eval_scenes", "analysis_scenes", "shapley_permutations"):
+        if key in d and d[key] < 1:
+            raise InputError(f"{source}: {key} = {d[key]} must be >= 1")
+    if "redundancy_threshold" in d and d["redundancy_threshold"] <= 0:
+        raise InputError(f"{source}: redundancy_threshold = {d['redundancy_threshold']} must be > 0")
+    seeds = tuple(d.get("seeds", (0,)))
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise InputError(f"{source}: seeds = {list(seeds)} must be a non-empty list of distinct integers >= 0")
+    snapshots = tuple(d.get("snapshots", ()))
+    if any(s < 0 for s in snapshots) or len(set(snapshots)) != len(snapshots):
+        raise InputError(f"{source}: snapshots = {list(snapshots)} must be distinct training steps >= 0")
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", d["name"]):
+        raise InputError(f"{source}: name = {d['name']!r} may hold only letters, digits, '.', '_' and '-'")
+
+    known = config_fields()
+    for table in ("base", "grid"):
+        if table in d and not isinstance(d[table], Mapping):
+            raise InputError(f"{source}: {table} must be a table ([{table}])")
+    base = _flatten(d.get("base", {}))
+    preset = base.pop("preset", None)
+    if preset is not None and preset not in PRESETS:
+        raise InputError(f"{source}: base.preset = {preset!r} is unknown; presets: {sorted(PRESETS)}")
+    grid = _flatten(d.get("grid", {}))
+    for key, why in (("seed", "the study's seeds = [...] list"), ("snapshots", "the study's snapshots = [...]"),
+                     ("preset", "[base]")):
+        for where, table in (("base", base), ("grid", grid)):
+            if key in table and not (where == "base" and key == "preset"):
+                raise InputError(f"{source}: {where}.{key} is not allowed here: use {why}")
+    for key, value in base.items():
+        _check_key_value(key, value, f"{source} [base]", known)
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise InputError(f"{source} [grid]: {key} = {values!r} must be a non-empty list of values")
+        if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
+            raise InputError(f"{source} [grid]: {key} = {values!r} lists a value twice")
+        for v in values:
+            _check_key_value(key, v, f"{source} [grid]", known)
+    if preset is not None:
+        base = {"preset": preset, **base}
+    return Study(name=d["name"], question=d.get("question", ""), seeds=seeds,
+                 eval_scenes=d.get("eval_scenes", Study.eval_scenes),
+                 analysis_scenes=d.get("analysis_scenes", Study.analysis_scenes),
+                 shapley_permutations=d.get("shapley_permutations", Study.shapley_permutations),
+                 snapshots=tuple(sorted(snapshots)), baselines=d.get("baselines", Study.baselines),
+                 eval_seed=d.get("eval_seed", Study.eval_seed),
+                 redundancy_threshold=float(d.get("redundancy_threshold", Study.redundancy_threshold)),
+                 base=base, grid={k: tuple(v) for k, v in grid.items()})
+
+
+def shipped_studies() -> list[str]:
+    return sorted(p.stem for p in STUDY_DIR.glob("*.toml"))
+
+
+def load_study(path_or_name: str | Path) -> Study:
+    """A study TOML file, or the name of a shipped study (`size`, `attention_kind`, ...)."""
+    path = Path(path_or_name)
+    if not path.is_file() and (STUDY_DIR / f"{path_or_name}.toml").is_file():
+        path = STUDY_DIR / f"{path_or_name}.toml"
+    if not path.is_file():
+        raise InputError(f"no study file {path_or_name!r}; give a TOML file or one of the shipped studies: "
+                         f"{', '.join(shipped_studies())}")
+    try:
+        d = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise InputError(f"cannot read study {path}: {e}")
+    return study_from_dict(d, source=str(path))
+
+
+# ---------------------------------------------------------------------------------------
+# Runs: one per grid point and seed, each with a readable, deterministic id
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Run:
+    run_id: str  # e.g. "fusion.dim=64,fusion.heads=2,seed=0"
+    point: tuple[tuple[str, Any], ...]  # (grid key, value) in grid order
+    seed: int
+    config: TrainConfig
+
+    @property
+    def group(self) -> str:
+        """The grid point without the seed (the runs of one group differ only by seed)."""
+        return point_label(self.point)
+
+
+def _format_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return format(v, "g")
+    if isinstance(v, (str, int)):
+        return str(v)
+    return json.dumps(v, sort_keys=True, separators=(",", ":"))
+
+
+def point_label(point: tuple[tuple[str, Any], ...]) -> str:
+    return ",".join(f"{k}={_format_value(v)}" for k, v in point) or "base"
+
+
+def run_name(point: tuple[tuple[str, Any], ...], seed: int) -> str:
+    text = ",".join([f"{k}={_format_value(v)}" for k, v in point] + [f"seed={seed}"])
+    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)
+
+
+def plan_runs(study: Study, check_models: bool = True) -> list[Run]:
+    """Every run of the study, in grid order then seed order, each config checked.
+
+    Raises `InputError` naming the run and the key before anything has run. With
+    `check_models`, one model per distinct architecture is also built (random weights, no
+    training), which catches encoder specs that cannot be loaded.
+    """
+    base = dict(study.base)
+    preset = base.pop("preset", None)
+    keys = list(study.grid)
+    train_snapshots = tuple(s for s in study.snapshots if s > 0)  # step 0 is the untrained model: built, not saved
+    runs, seen = [], set()
+    for values in itertools.product(*(study.grid[k] for k in keys)):
+        point = tuple(zip(keys, values))
+        for seed in study.seeds:
+            run_id = run_name(point, seed)
+            if run_id in seen:
+                raise InputError(f"two runs would share the folder {run_id!r}; make the grid values differ in "
+                                 "letters or digits")
+            seen.add(run_id)
+            try:
+                tc = load_config(preset, None, {**base, **dict(point), "seed": seed, "snapshots": train_snapshots})
+            except InputError as e:
+                raise InputError(f"run {run_id}: {e}") from None
+            except (TypeError, ValueError) as e:
+                raise InputError(f"run {run_id}: a value of {sorted(base) + keys} has the wrong type ({e})") from None
+            if tc.manifest:
+                raise InputError(f"run {run_id}: manifest = {tc.manifest!r}: compare evaluates grounding on the "
+                                 "procedural scenes, so its runs train on them too; leave manifest out")
+            late = [s for s in study.snapshots if s > tc.steps]
+            if late:
+                raise InputError(f"run {run_id}: snapshots {late} are after the last training step (steps = "
+                                 f"{tc.steps})")
+            runs.append(Run(run_id, point, seed, tc))
+    if check_models:
+        built = set()
+        for run in runs:
+            arch = json.dumps(_architecture(run.config), sort_keys=True)
+            if arch not in built:
+                built.add(arch)
+                try:
+                    build_model(run.config)
+                except InputError as e:
+                    raise InputError(f"run {run.run_id}: {e}") from None
+    return runs
+
+
+def _architecture(tc: TrainConfig) -> dict:
+    return {"fusion": dict(tc.fusion), "match": tc.match,
+            "encoders": [tc.text_encoder, tc.image_encoder, tc.audio_encoder]}
+
+
+def comparable_config(config: Mapping) -> dict:
+    """A config dict without the keys that change how a run executes but not its numbers."""
+    d = json.loads(json.dumps(dict(config)))
+    for key in RUN_ONLY_KEYS:
+        d.pop(key, None)
+    for key, neutral in NEUTRAL_KEYS.items():
+        if d.get(key) == neutral:
+            d.pop(key)
+    for key, neutral in NEUTRAL_FUSION_KEYS.items():
+        if isinstance(d.get("fusion"), dict) and d["fusion"].get(key) == neutral:
+            d["fusion"].pop(key)
+    return d
+
+
+def fingerprint(run: Run, study: Study) -> str:
+    """What a run computes: its training config and the study's evaluation settings."""
+    analysis = {k: getattr(study, k) for k in ("eval_scenes", "analysis_scenes", "shapley_permutations",
+                                               "snapshots", "baselines", "eval_seed", "redundancy_threshold")}
+    text = json.dumps({"format": RESULT_FORMAT, "config": comparable_config(run.config.to_dict()),
+                       "analysis": analysis}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def run_status(run: Run, study: Study, runs_dir: Path) -> str:
+    """'done', 'stale' (finished under another config or study setting), 'failed' or 'pending'."""
+    folder = runs_dir / run.run_id
+    done = folder / DONE
+    if done.is_file():
+        try:
+            ok = json.loads(done.read_text()).get("fingerprint") == fingerprint(run, study)
+        except (OSError, json.JSONDecodeError):
+            ok = False
+        return "done" if ok else "stale"
+    return "failed" if (folder / ERROR).is_file() else "pending"
+
+
+def describe_runs(study: Study, out: str | Path) -> str:
+    """The dry-run listing: every run, its status and its fusion parameter count."""
+    runs = plan_runs(study, check_models=False)
+    runs_dir = Path(out) / "runs"
+    params = {}
+    points = max(1, len(runs) // len(study.seeds))
+    lines = [f"study {study.name}: {len(runs)} runs ({points} grid point{'s' * (points > 1)} x "
+             f"{len(study.seeds)} seed{'s' * (len(study.seeds) > 1)}) -> {out}"]
+    if study.question:
+        lines.append(f"question: {study.question}")
+    counts = defaultdict(int)
+    for r in runs:
+        arch = json.dumps(_architecture(r.config), sort_keys=True)
+        if arch not in params:
+            params[arch] = sum(p.numel() for p in build_model(r.config).fusion.parameters())
+        status = run_status(r, study, runs_dir)
+        counts[status] += 1
+        lines.append(f"  [{status:7s}] {r.run_id}  (steps {r.config.steps}, fusion params {params[arch]:,})")
+    lines.append("to run: " + str(sum(v for k, v in counts.items() if k != "done")) +
+                 f"; done: {counts['done']}" + (f"; stale (config changed, will rerun): {counts['stale']}"
+                                                if counts["stale"] else ""))
+    return "\n".join(lines)
