@@ -8,10 +8,16 @@ from multimodal.data.pool import MAX_SPLIT_SCENES, SPLIT_OFFSETS, split_seeds
 from multimodal.types import InputError
 
 
-def _range(split: str, seed: int, n: int = MAX_SPLIT_SCENES) -> tuple[int, int]:
-    seeds = split_seeds(split, n, seed)
-    assert seeds == list(range(seeds[0], seeds[0] + n))  # contiguous: two ends describe it
-    return seeds[0], seeds[-1] + 1
+def _range(split: str, seed: int) -> tuple[int, int]:
+    """[first, end) of a full-size split: the seeds are contiguous (tested below), so two ends describe it."""
+    first = split_seeds(split, 1, seed)[0]
+    return first, first + MAX_SPLIT_SCENES
+
+
+@pytest.mark.parametrize("split, seed", [("train", 0), ("test", 9), ("val", 10), ("curriculum", 123_456)])
+def test_a_split_is_contiguous_from_its_first_seed(split, seed):
+    seeds = split_seeds(split, MAX_SPLIT_SCENES, seed)
+    assert seeds == list(range(seeds[0], seeds[0] + MAX_SPLIT_SCENES))
 
 
 def test_seeds_0_to_9_keep_their_original_scenes():
