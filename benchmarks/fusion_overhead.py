@@ -2,8 +2,12 @@
 
     python benchmarks/fusion_overhead.py                 # the issue's setting, CPU
     python benchmarks/fusion_overhead.py --device cuda   # on a GPU
+    python benchmarks/fusion_overhead.py --before /tmp/fusion_before.py   # an older fusion.py side by side
 
-Both variants run interleaved on the same inputs, so the ratio is measured in one run.
+All variants run interleaved on the same inputs, so the ratios are measured in one run; each
+reports its median and min, and the ratio of medians and of mins to the same code's forward
+without maps. With `--before PATH` the `CrossAttentionFusion` of that file (same weights) runs
+in the same loop.
 
 Keeping maps means materialising fresh memory: (B, H, Nq, Nk) float32 per layer, 16 MB here.
 With glibc's default allocator every such block is a new mmap and the kernel zero-fills its
@@ -16,6 +20,7 @@ MALLOC_TRIM_THRESHOLD_), which is how a long-running server (demos/run.sh) is st
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import subprocess
@@ -25,6 +30,16 @@ import time
 import torch
 
 from multimodal import CrossAttentionFusion, FusionConfig, ImageGeometry, ModalityTokens
+
+
+def fusion_class(path: str):
+    """`CrossAttentionFusion` of another fusion.py (e.g. a copy of the previous version)."""
+    spec = importlib.util.spec_from_file_location("fusion_before", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module.CrossAttentionFusion
+
 
 REUSE_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
 
@@ -39,6 +54,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--attention", default="softmax")
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--before", help="path of an older fusion.py to run side by side")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--allocator", choices=["both", "current"], default="both",
                     help="both: run once with glibc defaults and once with block reuse; current: this process only")
@@ -54,14 +70,17 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = FusionConfig(dim=args.dim, heads=args.heads, layers=args.layers, num_latents=args.queries,
                        attention=args.attention)
-    fusion = CrossAttentionFusion(cfg).to(args.device).eval()
+    models = {"after": CrossAttentionFusion(cfg).to(args.device).eval()}
+    if args.before:
+        models["before"] = fusion_class(args.before)(cfg).to(args.device).eval()
+        models["before"].load_state_dict(models["after"].state_dict())
     B, N = args.batch, args.keys
     geom = ImageGeometry(grid=(1, N), image_size=(16, 16 * N), patch_size=(16, 16))
     tokens = ModalityTokens(torch.randn(B, N, args.dim, device=args.device),
                             torch.ones(B, N, dtype=torch.bool, device=args.device), "image",
                             torch.zeros(B, N, dtype=torch.bool, device=args.device), geom)
 
-    def timed(maps: bool) -> float:
+    def timed(fusion, maps: bool) -> float:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -71,20 +90,24 @@ def main() -> None:
         assert (out.maps is not None) == maps
         return time.perf_counter() - t0
 
+    runs = {(code, maps): [] for code in models for maps in (False, True)}
     with torch.inference_mode():
         for _ in range(5):  # warm-up
-            timed(False), timed(True)
-        plain, with_maps = [], []
+            for (code, maps) in runs:
+                timed(models[code], maps)
         for _ in range(args.reps):
-            plain.append(timed(False))
-            with_maps.append(timed(True))
-    p, m = statistics.median(plain), statistics.median(with_maps)
+            for (code, maps), times in runs.items():
+                times.append(timed(models[code], maps))
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()}")
     print(f"batch={B} queries={args.queries} keys={N} dim={args.dim} heads={args.heads} "
           f"layers={args.layers} attention={args.attention} reps={args.reps}")
-    print(f"forward without maps: median {p * 1e3:.2f} ms")
-    print(f"forward with maps:    median {m * 1e3:.2f} ms")
-    print(f"map overhead ratio:   {m / p:.3f}  (target <= 1.15)")
+    for code in models:
+        plain, with_maps = runs[code, False], runs[code, True]
+        p, m = statistics.median(plain), statistics.median(with_maps)
+        print(f"[{code}] forward without maps: median {p * 1e3:.2f} ms, min {min(plain) * 1e3:.2f} ms")
+        print(f"[{code}] forward with maps:    median {m * 1e3:.2f} ms, min {min(with_maps) * 1e3:.2f} ms")
+        print(f"[{code}] map overhead ratio:   {m / p:.3f} (medians), {min(with_maps) / min(plain):.3f} (mins)  "
+              f"(target <= 1.15)")
 
 
 if __name__ == "__main__":

@@ -94,7 +94,11 @@ class FusionConfig:
 
 @dataclass(frozen=True)
 class MapRequest:
-    """Which maps to keep: `layers`/`heads` = None means all. Others are never stored."""
+    """Which maps to keep: `layers`/`heads` = None means all.
+
+    Only the named heads of the named layers take the explicit path; every other head runs as
+    if no maps were asked for (fused SDPA where it is exact), so its weights are never computed.
+    """
 
     layers: tuple[int, ...] | None = None
     heads: tuple[int, ...] | None = None
@@ -224,8 +228,25 @@ def attention_function(cfg: FusionConfig) -> Callable[[Tensor, Tensor], Tensor]:
 # ---------------------------------------------------------------------------------------
 
 
+def head_runs(heads: Sequence[int]) -> list[slice]:
+    """Sorted head indices as contiguous runs: slicing (B, H, N, hd) by a run is a view, never a copy."""
+    runs: list[slice] = []
+    for h in heads:
+        if runs and runs[-1].stop == h:
+            runs[-1] = slice(runs[-1].start, h + 1)
+        else:
+            runs.append(slice(h, h + 1))
+    return runs
+
+
 class CrossAttention(nn.Module):
-    """Multi-head attention from queries to keys; maps come back, not through hooks."""
+    """Multi-head attention from queries to keys; maps come back, not through hooks.
+
+    Heads are attended in groups (`attend_heads`): the heads whose weights are asked for take the
+    explicit path and keep their weights; the others go the way a forward without maps goes (fused
+    SDPA for softmax without competition, the explicit path without keeping weights otherwise).
+    Heads never mix, so each head's output is the same whichever group it is in.
+    """
 
     def __init__(self, cfg: FusionConfig):
         super().__init__()
@@ -240,38 +261,82 @@ class CrossAttention(nn.Module):
         self.fused = cfg.attention == "softmax" and not cfg.compete  # SDPA computes exactly softmax attention
         self.dropout = cfg.dropout
 
+    def weights(self, logits: Tensor, k: Tensor, mask: Tensor, query_mask: Tensor, sel: slice | list[int]) -> Tensor:
+        """Logits (B, h, Nq, Nk) of heads `sel` -> weights (B, h, Nq, Nk); `k` (B, h, Nk, hd) feeds the sinks."""
+        if not self.compete:
+            return self.attend(logits, mask)
+        sink_logits = None if self.sinks is None else (self.sinks[sel] / math.sqrt(self.head_dim)) @ k.transpose(-2, -1)
+        return competitive_attention(logits, mask, query_mask, sink_logits=sink_logits)  # (B, h, Nq, Nk)
+
+    def attend_heads(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, query_mask: Tensor, sel: slice | list[int],
+                     keep: bool) -> tuple[Tensor, Tensor | None]:
+        """Heads `sel` of q (B, H, Nq, hd), k/v (B, H, Nk, hd) -> output (B, h, Nq, hd), weights if `keep`."""
+        p = self.dropout if self.training else 0.0
+        if self.fused and not keep:
+            return F.scaled_dot_product_attention(q[:, sel], k[:, sel], v[:, sel], attn_mask=mask, dropout_p=p), None
+        scale = math.sqrt(self.head_dim)
+        if torch.is_grad_enabled():  # explicit, differentiable (gradient relevance, importance)
+            ks = k[:, sel]  # (B, h, Nk, hd)
+            w = self.weights((q[:, sel] / scale) @ ks.transpose(-2, -1), ks, mask, query_mask, sel)  # (B, h, Nq, Nk)
+            return F.dropout(w, p, self.training) @ v[:, sel], (w if keep else None)  # (B, h, Nq, hd)
+        B, Nq, Nk = q.shape[0], q.shape[2], k.shape[2]
+        heads = range(self.heads)[sel] if isinstance(sel, slice) else sel
+        o = q.new_empty(B, len(heads), Nq, self.head_dim)  # (B, h, Nq, hd)
+        if self.fused:  # softmax, kept: the logits are written where the weights go and normalised in place
+            w = q.new_empty(B, len(heads), Nq, Nk)  # (B, h, Nq, Nk), the only tensor of that size
+            # few, large ops: one per item or one per head, whichever is fewer (k and v stay views)
+            cuts = ([((slice(None), j), (slice(None), h)) for j, h in enumerate(heads)] if len(heads) < B
+                    else [((i,), (i, sel)) for i in range(B)])  # (where in w and o, which of q, k, v)
+            for at, of in cuts:
+                torch.matmul(q[of] / scale, k[of].transpose(-2, -1), out=w[at])  # (..., Nq, Nk)
+            if not bool(mask.all()):
+                w.masked_fill_(~mask, float("-inf"))
+            torch.softmax(w, -1, out=w)
+            for at, of in cuts:
+                torch.matmul(F.dropout(w[at], p, self.training), v[of], out=o[at])  # (..., Nq, hd)
+            return o, w
+        # the other kinds, one item at a time: per-item logits and sorts stay small; only kept weights are allocated
+        w = q.new_empty(B, len(heads), Nq, Nk) if keep else None  # (B, h, Nq, Nk)
+        for i in range(B):
+            ki = k[i:i + 1, sel]  # (1, h, Nk, hd)
+            wi = self.weights((q[i:i + 1, sel] / scale) @ ki.transpose(-2, -1), ki, mask[i:i + 1],
+                              query_mask[i:i + 1], sel)[0]  # (h, Nq, Nk)
+            if keep:
+                w[i] = wi
+            torch.matmul(F.dropout(wi, p, self.training), v[i, sel], out=o[i])  # (h, Nq, hd)
+        return o, w
+
     def forward(self, x: Tensor, kv: Tensor, key_mask: Tensor, head_mask: Tensor | None = None,
-                need_weights: bool = False, query_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                need_weights: bool = False, query_mask: Tensor | None = None,
+                heads: Sequence[int] | None = None) -> tuple[Tensor, Tensor | None]:
+        """`need_weights` returns the weights (B, h, Nq, Nk) of `heads`, in that order (None: all H heads)."""
         B, Nq, D = x.shape
         Nk = kv.shape[1]
         H, hd = self.heads, self.head_dim
         q = self.q(x).view(B, Nq, H, hd).transpose(1, 2)  # (B, H, Nq, hd)
         k, v = self.kv(kv).view(B, Nk, 2, H, hd).permute(2, 0, 3, 1, 4)  # 2 x (B, H, Nk, hd)
         mask = key_mask[:, None, None, :]  # (B, 1, 1, Nk), True = attend
-        p = self.dropout if self.training else 0.0
-        if self.fused and not need_weights:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, Nq, hd)
-            w = None
-        elif self.compete:  # columns couple all queries: one pass over the whole (B, H, Nq, Nk)
-            qm = (torch.ones(B, Nq, dtype=torch.bool, device=x.device) if query_mask is None else query_mask)
-            logits = (q / math.sqrt(hd)) @ k.transpose(-2, -1)  # (B, H, Nq, Nk)
-            sink_logits = None if self.sinks is None else (self.sinks / math.sqrt(hd)) @ k.transpose(-2, -1)
-            w = competitive_attention(logits, mask, qm[:, None, :, None], sink_logits=sink_logits)  # (B, H, Nq, Nk)
-            o = F.dropout(w, p, self.training) @ v  # (B, H, Nq, hd)
-        elif torch.is_grad_enabled():  # explicit, differentiable (gradient relevance, importance)
-            logits = (q / math.sqrt(hd)) @ k.transpose(-2, -1)  # (B, H, Nq, Nk)
-            w = self.attend(logits, mask)  # (B, H, Nq, Nk)
-            o = F.dropout(w, p, self.training) @ v  # (B, H, Nq, hd)
-        else:  # explicit, one item at a time: logits stay in cache, only the kept maps are allocated
-            w = q.new_empty(B, H, Nq, Nk)
-            o = q.new_empty(B, H, Nq, hd)
-            for i in range(B):
-                logits = (q[i:i + 1] / math.sqrt(hd)) @ k[i:i + 1].transpose(-2, -1)  # (1, H, Nq, Nk)
-                if self.attend is softmax_attention and bool(mask[i].all()):
-                    torch.softmax(logits[0], -1, out=w[i])  # (H, Nq, Nk), written in place
-                else:
-                    w[i] = self.attend(logits, mask[i:i + 1])[0]  # (H, Nq, Nk)
-                torch.matmul(F.dropout(w[i], p, self.training), v[i], out=o[i])  # (H, Nq, hd)
+        qm = torch.ones(B, Nq, dtype=torch.bool, device=x.device) if query_mask is None else query_mask
+        qm = qm[:, None, :, None]  # (B, 1, Nq, 1), True = a real query (compete only)
+        asked = (list(range(H)) if heads is None else list(heads)) if need_weights else []
+        kept = list(dict.fromkeys(asked))  # in the order asked: no reordering copy
+        groups = [(run, False) for run in head_runs([h for h in range(H) if h not in kept])]
+        if kept:  # one group: a view of the heads when they are an ascending run
+            runs = head_runs(kept)
+            groups.append((runs[0] if len(runs) == 1 else kept, True))
+        if len(groups) == 1:  # every head on one path
+            o, w = self.attend_heads(q, k, v, mask, qm, *groups[0])
+        else:
+            o, w = q.new_empty(B, H, Nq, hd), None  # (B, H, Nq, hd), filled group by group
+            for sel, keep in groups:
+                o[:, sel], wg = self.attend_heads(q, k, v, mask, qm, sel, keep)
+                w = wg if keep else w
+        if need_weights and not kept:
+            w = q.new_empty(B, 0, Nq, Nk)
+        elif need_weights and (asked != kept or (len(kept) < H and torch.is_grad_enabled())):
+            # a subset comes back cut out, a copy (heads asked twice, twice), as it did when cut from all heads:
+            # no output depends on it, so gradient relevance, whose rule averages every head, refuses it
+            w = w[:, [kept.index(h) for h in asked]]  # (B, h, Nq, Nk)
         if head_mask is not None:
             o = o * head_mask.to(o.dtype).view(1, H, 1, 1)  # a masked head contributes exactly 0
         o = o.transpose(1, 2).reshape(B, Nq, D)  # (B, Nq, D)
@@ -314,10 +379,10 @@ class FusionLayer(nn.Module):
         self.norm_ff = nn.LayerNorm(cfg.dim)
         self.ffn = FeedForward(cfg)
 
-    def forward(self, x, kv, key_mask, query_mask, head_mask=None, need_weights=False):
+    def forward(self, x, kv, key_mask, query_mask, head_mask=None, need_weights=False, heads=None):
         if self.self_attn is not None:
             x = x + self.self_attn(self.norm_sa(x), query_mask)
-        a, w = self.attn(self.norm_q(x), self.norm_kv(kv), key_mask, head_mask, need_weights, query_mask)
+        a, w = self.attn(self.norm_q(x), self.norm_kv(kv), key_mask, head_mask, need_weights, query_mask, heads)
         x = x + a
         x = x + self.ffn(self.norm_ff(x))
         return x, w, a
@@ -379,7 +444,7 @@ class CrossAttentionFusion(nn.Module):
         """Fuse. `head_mask` is (layers, heads), 1 keeps a head and 0 removes it.
 
         `return_maps=True` (or a `MapRequest` naming layers/heads) returns `AttentionMaps`;
-        layers nobody asked for run on the fused SDPA path and store nothing.
+        layers and heads nobody asked for run as without maps (fused SDPA where exact) and store nothing.
         """
         cfg = self.cfg
         given = {t.modality: t for t in (inputs.values() if isinstance(inputs, Mapping) else inputs)}
@@ -428,10 +493,10 @@ class CrossAttentionFusion(nn.Module):
         attended = torch.zeros_like(x)
         for l, layer in enumerate(self.layers):
             need = request is not None and l in want_layers
-            x, w, a = layer(x, kv, key_mask, query_mask, None if head_mask is None else head_mask[l], need)
+            x, w, a = layer(x, kv, key_mask, query_mask, None if head_mask is None else head_mask[l], need, want_heads)
             attended = attended + a
             if need:
-                weights[l] = w[:, want_heads] if len(want_heads) < cfg.heads else w  # (B, h, Nq, Nk)
+                weights[l] = w  # (B, h, Nq, Nk), only the wanted heads were computed
         x = self.norm_out(x)
         qm = query_mask.to(x.dtype)[..., None]  # (B, Nq, 1)
         pooled = (x * qm).sum(1) / qm.sum(1).clamp_min(1)  # (B, D)

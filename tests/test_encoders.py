@@ -378,3 +378,106 @@ def test_bad_inputs_through_encoders(encoders):
     for enc in encoders.values():
         with pytest.raises(InputError, match="at least one"):
             enc.preprocess([])
+
+
+# -- capturing a subset of layers --------------------------------------------------------
+
+SUBSETS = [[1], [2, 0], [-1]]
+
+
+@pytest.fixture(scope="module")
+def deep_encoders():
+    """3-layer built-ins: a subset can sit before, between and after layers that are not captured."""
+    torch.manual_seed(0)
+    return {"text": build_encoder("text", "bert-tiny-scenes", num_hidden_layers=3),
+            "image": build_encoder("image", "vit-tiny-scenes", depth=3),
+            "audio": build_encoder("audio", "ast-tiny-scenes", num_hidden_layers=3)}
+
+
+class CountFused(torch.overrides.TorchFunctionMode):
+    """Counts the calls of fused attention (`F.scaled_dot_product_attention`) inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += func is torch.nn.functional.scaled_dot_product_attention
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("modality", ["text", "image", "audio"])
+def test_capturing_a_layer_subset_equals_the_eager_capture_of_those_layers(deep_encoders, modality):
+    enc = deep_encoders[modality]
+    batch = enc.preprocess(sample_inputs(modality))  # text: padded; audio: two windows for the first clip
+
+    def hooks():  # transformers keeps hooks of its own once output_attentions was used: ours must go
+        return [(n, list(m._forward_hooks), list(m._forward_pre_hooks)) for n, m in enc.model.named_modules()]
+
+    with torch.no_grad():
+        plain = enc(batch)
+        every = enc(batch, capture_attention=True)  # transformers eager output_attentions / timm explicit path
+        before = hooks()
+        for subset in SUBSETS:
+            with CountFused() as fused:
+                part = enc(batch, capture_attention=subset)
+            layers = sorted({l % 3 for l in subset})
+            # the other layers stay fused; audio: one call per layer, the first windows then go eager
+            assert fused.calls == (3 if modality == "audio" else 3 - len(layers))
+            assert len(part.self_attention) == len(layers)
+            for a, l in zip(part.self_attention, layers):
+                assert a.shape == every.self_attention[l].shape
+                if l == 0:  # same input as the eager run: bit for bit
+                    assert torch.equal(a, every.self_attention[0])
+                torch.testing.assert_close(a, every.self_attention[l], atol=1e-6, rtol=0)
+            torch.testing.assert_close(part.tokens, plain.tokens, atol=1e-5, rtol=1e-5)  # eager == fused
+    if modality == "text":
+        assert every.self_attention[0][1][..., ~every.mask[1]].abs().max() == 0  # padding keys get no weight
+        assert enc.model.config._attn_implementation == "sdpa"
+    assert hooks() == before
+    if modality == "image":
+        assert all(blk.attn.fused_attn for blk in enc.model.blocks)
+
+
+def test_text_layer_subset_with_autograd_and_without_known_attention_modules(deep_encoders, monkeypatch):
+    import multimodal.encoders.registry as registry
+
+    enc = deep_encoders["text"]
+    batch = enc.preprocess(sample_inputs("text"))
+    with torch.no_grad():
+        every = enc(batch, capture_attention=True).self_attention
+    recorded = enc(batch, capture_attention=[2]).self_attention  # autograd on: out-of-place, differentiable
+    assert recorded[0].requires_grad
+    torch.testing.assert_close(recorded[0].detach(), every[2], atol=1e-6, rtol=0)
+    monkeypatch.setattr(registry, "attention_modules", lambda model: None)  # e.g. an unknown architecture
+    with torch.no_grad():
+        fallback = enc(batch, capture_attention=[2, 0]).self_attention  # eager output_attentions, then cut
+    assert torch.equal(fallback[0], every[0]) and torch.equal(fallback[1], every[2])
+
+
+@pytest.mark.parametrize("per_call", [16, 2], ids=["one-call", "chunks"])
+def test_audio_layer_subset_captures_only_the_first_windows(deep_encoders, monkeypatch, per_call):
+    import multimodal.encoders.audio as audio_module
+
+    enc = deep_encoders["audio"]
+    batch = enc.preprocess([noise(6.5), noise(1.0, seed=1)])  # 3 windows, then 1 (padded to 3)
+    with torch.no_grad():
+        every = enc(batch, capture_attention=True).self_attention
+        monkeypatch.setattr(audio_module, "WINDOWS_PER_CALL", per_call)  # 2: windows 0-1, 2-3 and 4-5 per call
+        with CountFused() as fused:
+            part = enc(batch, capture_attention=[1])
+    assert fused.calls == 3 * (6 // per_call if per_call < 6 else 1)  # each call: one fused attention per layer
+    assert len(part.self_attention) == 1 and part.self_attention[0].shape[0] == 2
+    torch.testing.assert_close(part.self_attention[0], every[1], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("modality", ["text", "image", "audio"])
+def test_bad_layer_subsets_are_refused(encoders, modality):
+    enc = encoders[modality]
+    batch = enc.preprocess(sample_inputs(modality))
+    with pytest.raises(InputError, match="layer"):
+        enc(batch, capture_attention=[2])  # the built-ins have 2 layers
+    with pytest.raises(InputError, match="list of layer indices"):
+        enc(batch, capture_attention=["0"])
+    with torch.no_grad():
+        assert enc(batch, capture_attention=[]).self_attention is None

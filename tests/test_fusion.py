@@ -385,3 +385,117 @@ def test_entmax15_gradients_are_finite_where_the_support_is_a_single_key():
     assert torch.isfinite(logits.grad).all()
     assert logits.grad[0, 0, 1].abs().sum() > 0  # the dense row does learn
     torch.testing.assert_close(p.sum(-1), torch.ones(1, 1, 2))
+
+
+# -- partial map requests: only the asked heads take the explicit path ---------------------
+
+PARTIAL_REQUESTS = [MapRequest(layers=(1,), heads=(2,)), MapRequest(layers=(0,), heads=(3, 0)),
+                    MapRequest(heads=(1, 2)), MapRequest(layers=(0, 1), heads=(0, 2, 3)), MapRequest(layers=(1,))]
+PARTIAL_MODELS = {  # query source, attention kind, other config; text is padded (keys or queries)
+    "latents-softmax": ("latents", "softmax", {}),
+    "text-softmax": ("text", "softmax", {}),
+    "image-softmax-self": ("image", "softmax", {"query_self_attention": True}),
+    "latents-topk": ("latents", "topk", {"top_k": 2}),
+    "image-sparsemax": ("image", "sparsemax", {}),
+    "text-entmax15": ("text", "entmax15", {}),
+    "text-compete": ("text", "softmax", {"compete": True}),
+    "text-compete-sinks": ("text", "softmax", {"compete": True, "sinks": 2}),
+    "latents-compete-sinks": ("latents", "softmax", {"compete": True, "sinks": 2}),
+}
+ABLATE = torch.tensor([[1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 0.0, 1.0]])
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
+@pytest.mark.parametrize("model", list(PARTIAL_MODELS))
+def test_partial_request_equals_all_heads_cut(model, grad):
+    query, kind, extra = PARTIAL_MODELS[model]
+    fusion = make(query=query, attention=kind, **extra)
+    inputs = [text_tokens(lengths=[6, 3]), image_tokens(), audio_tokens()]
+    with torch.set_grad_enabled(grad):
+        for head_mask in (None, ABLATE):
+            full = fusion(inputs, head_mask=head_mask, return_maps=True)
+            plain = fusion(inputs, head_mask=head_mask)
+            for request in PARTIAL_REQUESTS:
+                part = fusion(inputs, head_mask=head_mask, return_maps=request)
+                heads = list(request.heads or range(4))
+                assert part.maps.layers == list(request.layers or (0, 1))
+                for l in part.maps.layers:
+                    assert part.maps.heads[l] == heads
+                    close(part.maps.weights[l], full.maps.weights[l][:, heads])
+                for out in (full, plain):
+                    close(part.queries, out.queries)
+                    close(part.pooled, out.pooled)
+                    close(part.attended, out.attended)
+
+
+@pytest.mark.parametrize("model", ["latents-softmax", "text-entmax15", "text-compete-sinks"])
+def test_partial_request_computes_weights_of_the_asked_heads_only(model):
+    """The rest go the way a forward without maps goes: fused SDPA for plain softmax, never kept."""
+    query, kind, extra = PARTIAL_MODELS[model]
+    fusion = make(query=query, attention=kind, **extra)
+    calls = []
+    for l, layer in enumerate(fusion.layers):
+        def spy(*args, _l=l, _f=layer.attn.attend_heads, **kwargs):
+            o, w = _f(*args, **kwargs)
+            sel = args[5]
+            heads = list(range(4))[sel] if isinstance(sel, slice) else list(sel)
+            calls.append((_l, heads, w is not None))
+            return o, w
+        layer.attn.attend_heads = spy  # our own module's instance: counts the groups each layer attends
+    inputs = [text_tokens(lengths=[6, 3]), image_tokens()]
+    with torch.no_grad():
+        fusion(inputs, return_maps=MapRequest(layers=(1,), heads=(2, 0)))
+    kept = [(l, h) for l, h, keep in calls if keep]
+    assert kept == [(1, [2, 0])]  # in the order asked
+    assert sorted(h for l, heads, keep in calls if l == 0 for h in heads) == [0, 1, 2, 3]
+    assert sorted(h for l, heads, keep in calls if l == 1 and not keep for h in heads) == [1, 3]
+    if fusion.layers[0].attn.fused:  # the others are contiguous runs (views), fused
+        assert [(l, h) for l, h, keep in calls if not keep] == [(0, [0, 1, 2, 3]), (1, [1]), (1, [3])]
+
+
+@pytest.mark.parametrize("model", ["latents-softmax", "image-sparsemax", "text-compete-sinks"])
+def test_partial_request_with_autograd_is_a_copy_as_when_cut(model):
+    """With autograd recording, all heads' maps are the weights the output used (gradient relevance
+    differentiates the score by them); a head subset comes back as the cut copy it always was, which
+    no output depends on, so gradient relevance refuses it (test_relevance) instead of averaging a subset."""
+    query, kind, extra = PARTIAL_MODELS[model]
+    fusion = make(query=query, attention=kind, **extra)
+    inputs = [text_tokens(lengths=[6, 3]), image_tokens()]
+    full = fusion(inputs, return_maps=True)
+    (g_full,) = torch.autograd.grad(full.pooled.square().sum(), full.maps.weights[1])
+    assert g_full.abs().sum() > 0
+    part = fusion(inputs, return_maps=MapRequest(layers=(1,), heads=(3, 1)))
+    close(part.maps.weights[1], full.maps.weights[1][:, [3, 1]])
+    assert part.maps.weights[1].requires_grad
+    assert torch.autograd.grad(part.pooled.square().sum(), part.maps.weights[1], allow_unused=True) == (None,)
+
+
+def test_partial_request_leaves_every_heads_output_as_without_maps():
+    fusion = make(query="text")
+    inputs = [text_tokens(lengths=[6, 3]), image_tokens(), audio_tokens()]
+    per_head = []
+    hooks = [layer.attn.out.register_forward_pre_hook(lambda mod, args: per_head.append(args[0].view(2, 6, 4, 8)))
+             for layer in fusion.layers]  # (B, Nq, H, hd): each head's output before the output projection
+    try:
+        with torch.no_grad():
+            fusion(inputs)
+            fusion(inputs, return_maps=MapRequest(layers=(0, 1), heads=(1,)))
+            fusion(inputs, return_maps=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    plain, part, full = per_head[0:2], per_head[2:4], per_head[4:6]
+    for l in range(2):
+        close(part[l], plain[l])
+        close(part[l], full[l])
+
+
+def test_empty_head_request_keeps_empty_maps():
+    fusion = make()
+    out = fusion([text_tokens(), image_tokens()], return_maps=MapRequest(heads=()))
+    assert out.maps.weights[0].shape == (2, 0, 5, 23)
+    close(out.queries, fusion([text_tokens(), image_tokens()]).queries)

@@ -1,7 +1,7 @@
 """Modality encoders: a spec string (built-in name, local directory or hub name) -> an encoder.
 
 Every encoder is an `nn.Module` with `modality`, `dim`, `spec`, `preprocess(raw_list)`,
-`forward(batch, capture_attention=False) -> ModalityTokens`, `encode(raw_list)`,
+`forward(batch, capture_attention=False) -> ModalityTokens` (True, or a list of layers), `encode(raw_list)`,
 `config_dict()` and `save_pretrained(dir)`.
 """
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from transformers import ASTConfig, ASTFeatureExtractor, ASTModel, AutoConfig, AutoModel
 
 from multimodal.encoders.registry import (
-    config_from_json, eager_attention, json_config, register_builtin, register_encoder)
+    config_from_json, forward_with_attention, json_config, register_builtin, register_encoder)
 from multimodal.io import SAMPLE_RATE, AudioClip, load_audio, resample
 from multimodal.types import AudioGeometry, InputError, ModalityTokens
 
@@ -70,8 +70,8 @@ class AudioEncoder(nn.Module):
 
     `self_attention` (when asked) covers the FIRST window only: per layer `(B, heads, 2 + Nw,
     2 + Nw)`, where index 0/1 are AST's CLS/distillation tokens and `2 + t * freq_bins + f`
-    is output token `t * freq_bins + f` (window 0 holds the first `max_length` frames).
-    Weights are post-dropout, so capture in eval mode.
+    is output token `t * freq_bins + f` (window 0 holds the first `max_length` frames); every
+    layer, or only the layers asked for. Capture in eval mode (eager weights are post-dropout).
     """
 
     modality = "audio"
@@ -178,7 +178,9 @@ class AudioEncoder(nn.Module):
         w = torch.arange(windows) * self.max_length  # (W,)
         return (w[:, None] + t[None, :]).reshape(-1)  # (W*T,)
 
-    def forward(self, batch: dict[str, Any], capture_attention: bool = False) -> ModalityTokens:
+    def forward(self, batch: dict[str, Any], capture_attention: bool | Sequence[int] = False) -> ModalityTokens:
+        """`capture_attention`: True for every layer's self-attention (eager `output_attentions`), or a list
+        of layers for only those (`self_attention[i]` is the i-th of them in layer order; the rest stay SDPA)."""
         p = next(self.model.parameters())
         x = batch["features"].to(p.device, p.dtype)  # (B, W, L, M)
         B, W, L, M = x.shape
@@ -187,13 +189,11 @@ class AudioEncoder(nn.Module):
         hidden, first_window = [], []
         for start in range(0, B * W, WINDOWS_PER_CALL):
             chunk = x[start:start + WINDOWS_PER_CALL]  # (n, L, M)
-            if capture_attention:
-                with eager_attention(self.model):
-                    out = self.model(input_values=chunk, output_attentions=True)
-                keep = [r - start for r in range(start, start + chunk.shape[0]) if r % W == 0]
-                first_window.append([a[keep] for a in out.attentions])  # per layer (k, H, 2+F*T, 2+F*T)
-            else:
-                out = self.model(input_values=chunk)
+            keep = [r - start for r in range(start, start + chunk.shape[0]) if r % W == 0]  # items' first windows
+            out, maps = forward_with_attention(self.model, {"input_values": chunk},
+                                               capture_attention if keep else False, rows=keep)
+            if maps is not None:
+                first_window.append(maps)  # per layer (k, H, 2+F*T, 2+F*T)
             h = out.last_hidden_state[:, AST_PREFIX:]  # (n, F*T, D), conv order: f-major
             hidden.append(h.reshape(-1, Fq, T, h.shape[-1]).transpose(1, 2))  # (n, T, F, D)
         tokens = torch.cat(hidden).reshape(B, W * T * Fq, -1)  # (B, W*T*F, D), time-major
@@ -205,7 +205,7 @@ class AudioEncoder(nn.Module):
         geometry = AudioGeometry(times=times, freq_bins=Fq, sample_rate=SAMPLE_RATE,
                                  durations=list(batch["durations"]), hop_seconds=HOP_SECONDS, num_prefix=0)
         attention = None
-        if capture_attention:
+        if first_window:
             # reorder AST's [CLS, DIST, f-major patches] to [CLS, DIST, time-major patches]
             order = torch.arange(Fq * T).reshape(Fq, T).T.reshape(-1) + AST_PREFIX  # (T*F,)
             perm = torch.cat([torch.arange(AST_PREFIX), order]).to(tokens.device)
@@ -214,7 +214,7 @@ class AudioEncoder(nn.Module):
         return ModalityTokens(tokens=tokens, mask=mask, modality="audio", special=torch.zeros_like(mask),
                               geometry=geometry, self_attention=attention)
 
-    def encode(self, clips: Sequence[Any], capture_attention: bool = False) -> ModalityTokens:
+    def encode(self, clips: Sequence[Any], capture_attention: bool | Sequence[int] = False) -> ModalityTokens:
         return self.forward(self.preprocess(clips), capture_attention)
 
 

@@ -24,7 +24,7 @@ from timm.models import (VisionTransformer, build_model_with_cfg, generate_defau
                          save_for_hf)
 from torch import Tensor, nn
 
-from multimodal.encoders.registry import register_builtin, register_encoder
+from multimodal.encoders.registry import layer_subset, register_builtin, register_encoder
 from multimodal.io import load_image
 from multimodal.types import ImageGeometry, InputError, ModalityTokens
 
@@ -126,14 +126,18 @@ class ImageEncoder(nn.Module):
         std = torch.tensor(self.std).view(1, 3, 1, 1)
         return {"pixel_values": (x - mean) / std, "original_sizes": [(img.height, img.width) for img in loaded]}
 
-    def forward(self, batch: dict[str, Any], capture_attention: bool = False) -> ModalityTokens:
+    def forward(self, batch: dict[str, Any], capture_attention: bool | Sequence[int] = False) -> ModalityTokens:
+        """`capture_attention`: True for every block's self-attention, or a list of blocks for only those
+        (`self_attention[i]` is the i-th of them in block order); the other blocks stay on the fused path."""
         p = next(self.model.parameters())
         x = batch["pixel_values"].to(p.device, p.dtype)  # (B, 3, H, W)
         attention = None
-        if capture_attention:
-            with explicit_attention(self.model.blocks) as maps:
+        blocks = list(self.model.blocks)
+        layers = layer_subset(capture_attention, len(blocks))
+        if capture_attention is True or layers:  # only the blocks asked for leave the fused path
+            with explicit_attention(blocks if layers is None else [blocks[l] for l in layers]) as maps:
                 tokens = self.model.forward_features(x)  # (B, P + gh*gw, D)
-            attention = list(maps)  # per block (B, heads, N, N)
+            attention = list(maps)  # per captured block, in block order (B, heads, N, N)
         else:
             tokens = self.model.forward_features(x)  # (B, P + gh*gw, D)
         pe = self.model.patch_embed
@@ -152,7 +156,7 @@ class ImageEncoder(nn.Module):
         return ModalityTokens(tokens=tokens, mask=mask, modality="image", special=special,
                               geometry=geometry, self_attention=attention)
 
-    def encode(self, images: Sequence[Any], capture_attention: bool = False) -> ModalityTokens:
+    def encode(self, images: Sequence[Any], capture_attention: bool | Sequence[int] = False) -> ModalityTokens:
         return self.forward(self.preprocess(images), capture_attention)
 
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, BertTokenizer
 
 from multimodal.encoders.registry import (
-    config_from_json, eager_attention, json_config, register_builtin, register_encoder)
+    config_from_json, forward_with_attention, json_config, register_builtin, register_encoder)
 from multimodal.io import check_text
 from multimodal.types import InputError, ModalityTokens, TextGeometry
 
@@ -104,8 +104,9 @@ BUILTIN_TOKENIZERS = {"bert-tiny-scenes": scenes_tokenizer}
 class TextEncoder(nn.Module):
     """transformers text model -> `ModalityTokens` with token strings and character spans.
 
-    `self_attention` (when asked) is the model's per-layer `(B, heads, N, N)` weights, taken
-    in eager mode; they are post-dropout, so capture in eval mode.
+    `self_attention` (when asked) is the model's per-layer `(B, heads, N, N)` weights as eager
+    attention computes them, for every layer or only the layers asked for; capture in eval mode
+    (eager weights are post-dropout).
 
     With `phrase_pooling`, every token of a phrase comes out as the phrase's mean (`phrase_groups`),
     so one attention distribution per phrase has to find the thing with all its attributes.
@@ -202,18 +203,14 @@ class TextEncoder(nn.Module):
         batch["geometry"] = TextGeometry(texts=texts, tokens=tokens, spans=spans)
         return batch
 
-    def forward(self, batch: dict[str, Any], capture_attention: bool = False) -> ModalityTokens:
+    def forward(self, batch: dict[str, Any], capture_attention: bool | Sequence[int] = False) -> ModalityTokens:
+        """`capture_attention`: True for every layer's self-attention (eager `output_attentions`), or a list
+        of layers for only those (`self_attention[i]` is the i-th of them in layer order; the rest stay SDPA)."""
         device = next(self.model.parameters()).device
         inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
-        attention = None
-        if capture_attention:
-            with eager_attention(self.model):
-                out = self.model(**inputs, output_attentions=True)
-            if not out.attentions:
-                raise RuntimeError(f"{type(self.model).__name__} returned no attention weights")
-            attention = list(out.attentions)  # per layer (B, heads, N, N)
-        else:
-            out = self.model(**inputs)
+        out, attention = forward_with_attention(self.model, inputs, capture_attention)  # per layer (B, heads, N, N)
+        if attention is not None and not attention:
+            raise RuntimeError(f"{type(self.model).__name__} returned no attention weights")
         hidden = out.last_hidden_state  # (B, N, D)
         if self.phrase_pooling:
             hidden = pool_phrases(hidden, batch_phrase_groups(batch).to(device))
@@ -222,7 +219,7 @@ class TextEncoder(nn.Module):
                               special=batch["special"].to(device), geometry=batch["geometry"],
                               self_attention=attention)
 
-    def encode(self, texts: Sequence[str], capture_attention: bool = False) -> ModalityTokens:
+    def encode(self, texts: Sequence[str], capture_attention: bool | Sequence[int] = False) -> ModalityTokens:
         return self.forward(self.preprocess(texts), capture_attention)
 
 
