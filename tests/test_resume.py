@@ -39,6 +39,15 @@ TINY = {"fusion.dim": 32, "fusion.heads": 2, "fusion.layers": 1}
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_as_a_terminal_gives_it():
+    """Python's own Ctrl-C handler, even when the suite was started with SIGINT ignored (a shell's
+    background job, some CI runners): that is the setting whose Ctrl-C training handles."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def rich(**overrides):
     return load_config("smoke", overrides={**RICH, **overrides})
 
