@@ -34,9 +34,9 @@ def eval_scores(maps: AttentionMaps, layer: int, truth) -> dict[str, np.ndarray]
 
 @pytest.fixture(scope="module")
 def sample():
-    if not (inference.DEFAULT_CHECKPOINT / "config.json").is_file():
-        pytest.skip("no embedded default model in assets/default")
-    model, _ = inference.load_model()
+    assert (inference.DEFAULT_CHECKPOINT / "config.json").is_file(), "the embedded default model is committed"
+    model, source = inference.load_model()
+    assert source == inference.DEFAULT_CHECKPOINT
     assets = inference.ASSETS
     inputs = inference.load_inputs(assets / "sample.png", assets / "sample.wav",
                                    (assets / "sample.txt").read_text(encoding="utf-8").strip(), A.APP_LIMITS)
