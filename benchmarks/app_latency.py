@@ -30,8 +30,9 @@ import numpy as np
 import soundfile as sf
 from PIL import Image
 
+from common import REUSE_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
-REUSE_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
 CAPTION = "a red circle and a rising chirp"
 AUDIO_SECONDS = 4.0
 SR = 16_000

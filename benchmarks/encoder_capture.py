@@ -25,23 +25,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import statistics
 import subprocess
 import sys
 import time
 
 import torch
+from common import run_under_both_allocators, status_kb
 
 from multimodal.encoders.text import bert_tiny_scenes
 
 TARGET_TIME = 1.25  # one layer captured: <= 1.25x the SDPA forward
 TARGET_SAVING = 0.40  # and at least 40% less memory than eager output_attentions
 VARIANTS = ("sdpa", "eager", "layer")
-# how a long-running server is started (demos/run.sh): freed blocks are kept for reuse, not unmapped
-REUSE_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
-
 
 def build(args):
     torch.manual_seed(0)
@@ -63,8 +59,6 @@ def capture(args, variant: str):
     return {"sdpa": False, "eager": True, "layer": [args.layer]}[variant]
 
 
-def status_kb(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+)", open("/proc/self/status").read()).group(1))
 
 
 def one_memory_run(args, variant: str) -> dict:
@@ -95,11 +89,7 @@ def main() -> None:
     ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.allocator == "both" and not args.child:
-        argv = [a for a in sys.argv[1:] if not a.startswith("--allocator")] + ["--allocator", "current"]
-        for title, extra in (("glibc default allocator", {}), ("glibc with freed blocks reused", REUSE_ENV)):
-            env = {k: v for k, v in os.environ.items() if k not in REUSE_ENV} | extra
-            print(f"== {title}", flush=True)
-            subprocess.run([sys.executable, __file__, *argv], env=env, check=True)
+        run_under_both_allocators(__file__)
         return
     if args.child:
         print(json.dumps(one_memory_run(args, args.child)))

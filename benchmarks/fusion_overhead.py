@@ -20,28 +20,16 @@ MALLOC_TRIM_THRESHOLD_), which is how a long-running server (demos/run.sh) is st
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
+from common import fusion_class, run_under_both_allocators
 
 from multimodal import CrossAttentionFusion, FusionConfig, ImageGeometry, ModalityTokens
 
 
-def fusion_class(path: str):
-    """`CrossAttentionFusion` of another fusion.py (e.g. a copy of the previous version)."""
-    spec = importlib.util.spec_from_file_location("fusion_before", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module.CrossAttentionFusion
 
-
-REUSE_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
 
 
 def main() -> None:
@@ -60,11 +48,7 @@ def main() -> None:
                     help="both: run once with glibc defaults and once with block reuse; current: this process only")
     args = ap.parse_args()
     if args.allocator == "both" and not args.device.startswith("cuda"):
-        argv = [a for a in sys.argv[1:] if not a.startswith("--allocator")] + ["--allocator", "current"]
-        for name, extra in (("glibc default allocator", {}), ("glibc with freed blocks reused", REUSE_ENV)):
-            env = {k: v for k, v in os.environ.items() if k not in REUSE_ENV} | extra
-            print(f"== {name}", flush=True)
-            subprocess.run([sys.executable, __file__, *argv], env=env, check=True)
+        run_under_both_allocators(__file__)
         return
 
     torch.manual_seed(0)

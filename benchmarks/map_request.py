@@ -22,33 +22,21 @@ allocator's history more than what the forward keeps alive.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
 import time
 
 import torch
+from common import fusion_class, run_under_both_allocators, status_kb
 
-from multimodal import CrossAttentionFusion, FusionConfig, ImageGeometry, MapRequest, ModalityTokens
+from multimodal import FusionConfig, ImageGeometry, MapRequest, ModalityTokens
 
 TARGET_MEMORY = 2.0  # peak above no-maps <= 2x the maps a one-head request keeps
 TARGET_TIME = 1.05  # and time <= 1.05x no-maps
-# how a long-running server is started (demos/run.sh): freed blocks are kept for reuse, not unmapped
-REUSE_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
 
-
-def fusion_class(path: str | None):
-    if not path:
-        return CrossAttentionFusion
-    spec = importlib.util.spec_from_file_location("fusion_before", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module.CrossAttentionFusion
 
 
 def build_fusion(args, impl: str):
@@ -69,8 +57,6 @@ def request(args, variant: str):
     return {"none": False, "one-head": MapRequest(layers=(args.layer,), heads=(args.head,)), "all": True}[variant]
 
 
-def status_kb(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+)", open("/proc/self/status").read()).group(1))
 
 
 def one_memory_run(args, impl: str, variant: str) -> dict:
@@ -105,11 +91,7 @@ def main() -> None:
     ap.add_argument("--child", nargs=2, metavar=("IMPL", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.allocator == "both" and not args.child:
-        argv = [a for a in sys.argv[1:] if not a.startswith("--allocator")] + ["--allocator", "current"]
-        for title, extra in (("glibc default allocator", {}), ("glibc with freed blocks reused", REUSE_ENV)):
-            env = {k: v for k, v in os.environ.items() if k not in REUSE_ENV} | extra
-            print(f"== {title}", flush=True)
-            subprocess.run([sys.executable, __file__, *argv], env=env, check=True)
+        run_under_both_allocators(__file__)
         return
     if args.child:
         print(json.dumps(one_memory_run(args, *args.child)))
