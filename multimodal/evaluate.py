@@ -20,8 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from multimodal.analysis.grounding import (METRICS, TIME_TOLERANCE_COLUMNS, audio_columns,  # noqa: F401
-                                           phrase_tokens, score_phrase)
+from multimodal.analysis.grounding import METRICS, audio_columns, phrase_tokens, score_phrase
 from multimodal.data.pool import ScenePool, split_seeds
 from multimodal.data.scenes import SceneConfig, hard_negative
 from multimodal.data.truth import GroundTruth, from_scene

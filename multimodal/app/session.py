@@ -48,7 +48,7 @@ from multimodal import inference
 from multimodal.analysis.grounding import phrase_grounding
 from multimodal.analysis.metrics import entropy_per_query, head_metric_table
 from multimodal.app.limits import (APP_LIMITS, KEEP_OUTPUT_SECONDS, MAX_OUTPUT_DIRS, MAX_TEXT_CHARS, THUMB_SIDE)
-from multimodal.data.truth import GroundTruth, _object_mask, _scene_masks, load_ground_truth  # noqa: F401
+from multimodal.data.truth import GroundTruth, load_ground_truth
 from multimodal.drawing import write_all
 from multimodal.inference import Inputs, check_subset, describe_model, load_inputs
 from multimodal.io import AudioClip
