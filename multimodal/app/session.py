@@ -94,14 +94,9 @@ def head_mask_from(off: Sequence[str] | None, layers: int, heads: int) -> torch.
     return mask
 
 
-def content_queries(maps: AttentionMaps, item: int = 0) -> torch.Tensor:
-    """(Nq,) bool: real, non-special queries (text tokens without CLS/SEP, every latent)."""
-    return maps.content_queries()[item]
-
-
 def query_labels(maps: AttentionMaps, item: int = 0) -> list[tuple[int, str]]:
     """(query index, label) for every content query: "3: red" for text tokens, "latent 3" otherwise."""
-    idx = torch.nonzero(content_queries(maps, item)).flatten().tolist()
+    idx = torch.nonzero(maps.content_queries()[item]).flatten().tolist()
     geom = maps.query_geometry
     if isinstance(geom, TextGeometry):
         return [(i, f"{i}: {geom.tokens[item][i]}") for i in idx]
@@ -482,7 +477,7 @@ def draw_concentration(maps: AttentionMaps, out: Path) -> list[Path]:
     that names what the colour means here.
     """
     geom: TextGeometry = maps.query_geometry
-    keep = content_queries(maps).numpy() & np.array([bool(t) for t in geom.tokens[0]])
+    keep = maps.content_queries()[0].numpy() & np.array([bool(t) for t in geom.tokens[0]])
     tokens = [t for t, k in zip(geom.tokens[0], keep) if k]
     written = []
     for layer in maps.layers:

@@ -98,19 +98,14 @@ def from_manifest_row(row) -> GroundTruth:
 
 
 def load_scene_json(json_path: str | Path) -> GroundTruth:
-    """A scene JSON of `save_scene` with its object masks read from the label PNG beside it."""
-    from multimodal.data.scenes import load_scene_truth
-
+    """A scene JSON of `save_scene` with its object masks read from the label PNG beside it
+    (`load_ground_truth`, which must find them: a scene without its masks is refused)."""
     json_path = Path(json_path)
     gt = load_ground_truth(json_path)
-    try:
-        masks = load_scene_truth(json_path)["masks"]
-    except (OSError, KeyError, TypeError, ValueError) as e:
-        raise InputError(f"scene {json_path.name}: its label PNG could not be read ({e})") from None
-    if masks is None or len(masks) != len(gt.objects):
-        raise InputError(f"scene {json_path.name}: the label PNG does not hold one mask per object")
-    gt.objects = [{"mask": m} for m in masks]
-    gt.image_size = tuple(int(v) for v in masks.shape[1:])
+    if not gt.objects or any("mask" not in o for o in gt.objects):
+        raise InputError(f"scene {json_path.name}: its label PNG is missing, unreadable or does not hold one "
+                         "mask per object")
+    gt.image_size = tuple(int(v) for v in gt.objects[0]["mask"].shape)
     return gt
 
 
