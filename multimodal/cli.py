@@ -1,4 +1,9 @@
-"""One command-line entry with subcommands: `multimodal maps ...`, `multimodal demo ...` (also `python -m multimodal`)."""
+"""One command-line entry with subcommands: `multimodal maps ...`, `multimodal demo ...` (also `python -m multimodal`).
+
+Heavy libraries (torch, transformers, timm, gradio) are imported inside the subcommand that needs
+them, and only the chosen subcommand's parser is built in full, so `multimodal --help` and a
+mistyped command answer without loading any of them.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,18 @@ import json
 import sys
 import textwrap
 from pathlib import Path
+
+from multimodal.errors import InputError
+
+# each subcommand's one-line help, shown by `multimodal --help`
+SUMMARY = {
+    "maps": "write every head's attention map over the given inputs",
+    "demo": "serve the Gradio app (per-head overlays, metrics, ablation)",
+    "scenes": "write procedural scenes (image, audio, caption, ground truth) to files",
+    "train": "train a model on procedural scenes (caption/scene matching)",
+    "eval": "matching accuracy and per-head grounding on held-out scenes",
+    "compare": "run a study: train/evaluate a grid of configurations and write a report",
+}
 
 def _int_list(text: str) -> tuple[int, ...]:
     try:
@@ -17,8 +34,6 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 def _out_folder(path: str | Path) -> Path:
     """An output folder given on the command line: refused when it names an existing file."""
-    from multimodal.types import InputError
-
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise InputError(f"--out {path} is an existing file; give a folder (it is created if missing)")
@@ -26,8 +41,6 @@ def _out_folder(path: str | Path) -> Path:
 
 
 def _read_text_file(path: str) -> str:
-    from multimodal.types import InputError
-
     try:
         return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -134,7 +147,7 @@ def cmd_scenes(args) -> int:
 def add_train_parser(sub) -> None:
     from multimodal.train import PRESETS
 
-    p = sub.add_parser("train", help="train a model on procedural scenes (caption/scene matching)",
+    p = sub.add_parser("train", help=SUMMARY["train"],
                        description="Train encoders + fusion block on caption/scene matching with one-attribute "
                                    "hard negatives. Config: --preset, then --config FILE.toml, then --set key=value "
                                    "(fusion.* and scene.* reach those tables). Writes a checkpoint directory "
@@ -200,7 +213,7 @@ def cmd_train(args) -> int:
 
 
 def add_eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="matching accuracy and per-head grounding on held-out scenes",
+    p = sub.add_parser("eval", help=SUMMARY["eval"],
                        description="Evaluate a checkpoint on held-out procedural scenes: matching accuracy "
                                    "against one-attribute hard negatives, and for every layer and head the "
                                    "pointing game and energy inside the region for image objects and audio "
@@ -263,7 +276,7 @@ def add_compare_parser(sub) -> None:
         "share, JS redundancy, ablation / gradient / Shapley importance). Writes OUT/report.md, OUT/plots/*.png, "
         "OUT/results.csv, OUT/results.json and one folder per run in OUT/runs/. Finished runs are skipped on a "
         f"re-run. Shipped studies (give the name instead of a file): {', '.join(shipped_studies())}.")
-    p = sub.add_parser("compare", help="run a study: train/evaluate a grid of configurations and write a report",
+    p = sub.add_parser("compare", help=SUMMARY["compare"],
                        description=textwrap.fill(description, 88, break_on_hyphens=False), epilog=STUDY_EXAMPLE,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", help="study TOML file, or the name of a shipped study (e.g. size)")
@@ -282,8 +295,6 @@ def add_compare_parser(sub) -> None:
 def cmd_compare(args) -> int:
     from multimodal.compare import (ERROR, describe_runs, finished_results, load_study, plan_runs, report_from,
                                     run_study)
-    from multimodal.types import InputError
-
     study = load_study(args.study)
     out = Path(args.out or Path("reports") / study.name)
     if args.dry_run:
@@ -319,11 +330,8 @@ def add_model_args(p: argparse.ArgumentParser, query: str, heads: int) -> None:
     p.add_argument("--fusion-layers", type=int, default=2, help="layers for a model built on the fly")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="multimodal", description="Multimodal attention sandbox.")
-    sub = ap.add_subparsers(dest="command", required=True)
-
-    m = sub.add_parser("maps", help="write every head's attention map over the given inputs",
+def add_maps_parser(sub) -> None:
+    m = sub.add_parser("maps", help=SUMMARY["maps"],
                        description="Run a model on any of --image/--audio/--text and write per-head overlay "
                                    "PNGs (one grid per layer and modality), text highlights (HTML) and the raw "
                                    "maps (maps.npz + maps.json).")
@@ -345,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=cmd_maps)
 
-    d = sub.add_parser("demo", help="serve the Gradio app (per-head overlays, metrics, ablation)",
+
+def add_demo_parser(sub) -> None:
+    d = sub.add_parser("demo", help=SUMMARY["demo"],
                        description="Serve the attention sandbox in the browser: upload an image, an audio clip "
                                    "and/or a caption; see every head's map, per-head metrics, and switch heads "
                                    "off. Binds to 127.0.0.1 and makes no share link unless asked.")
@@ -356,7 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
     d.set_defaults(func=cmd_demo)
 
-    sc = sub.add_parser("scenes", help="write procedural scenes (image, audio, caption, ground truth) to files",
+
+def add_scenes_parser(sub) -> None:
+    sc = sub.add_parser("scenes", help=SUMMARY["scenes"],
                         description="Write scenes of the procedural corpus the default model trains on: "
                                     "NAME.png, NAME.wav, NAME.json (caption, phrase spans, objects, events) and "
                                     "NAME_masks.png; with --manifest also a manifest.jsonl for `train --set "
@@ -371,16 +383,26 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--manifest", action="store_true", help="also write manifest.jsonl")
     sc.set_defaults(func=cmd_scenes)
 
-    add_train_parser(sub)
-    add_eval_parser(sub)
-    add_compare_parser(sub)
+
+def build_parser(full: set[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; `full` names the subcommands whose parsers are built in full (None: all). The
+    others are one help line each: enough for `multimodal --help`, never parsed."""
+    ap = argparse.ArgumentParser(prog="multimodal", description="Multimodal attention sandbox.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    builders = {"maps": add_maps_parser, "demo": add_demo_parser, "scenes": add_scenes_parser,
+                "train": add_train_parser, "eval": add_eval_parser, "compare": add_compare_parser}
+    for name in SUMMARY:
+        if full is None or name in full:
+            builders[name](sub)
+        else:
+            sub.add_parser(name, help=SUMMARY[name], add_help=False)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    from multimodal.types import InputError
-
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    chosen = next((a for a in argv if not a.startswith("-")), None)  # the subcommand (options come after it)
+    args = build_parser({chosen} & set(SUMMARY)).parse_args(argv)
     try:
         return args.func(args)
     except InputError as e:

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from multimodal.io import AudioClip
-from multimodal.overlays import audio_head_grid, image_head_grid, log_mel, text_head_grid, text_html
+from multimodal.overlays import audio_head_grid, image_head_grid, log_mel, save_png, text_head_grid, text_html
 from multimodal.types import AttentionMaps, InputError
 
 
@@ -83,8 +83,7 @@ def write_all(maps: AttentionMaps, out_dir: str | Path, *, image=None, audio=Non
     written = list(maps.save(out_dir / "maps"))
     for layer in maps.layers:
         for r in render_layer(maps, layer, image=image, audio=audio, item=item, query=query):
-            path = out_dir / f"layer{layer}_{r.modality}.png"
-            r.image.save(path)
+            path = save_png(r.image, out_dir / f"layer{layer}_{r.modality}.png")
             written.append(path)
             if r.html is not None:
                 html_path = path.with_suffix(".html")

@@ -119,7 +119,7 @@ def evaluate(model: MultimodalModel, scenes: int = 500, seed: int = 0, batch_siz
     t0 = time.perf_counter()
     model.eval()
     cfg = scene_cfg or SceneConfig(**model.meta.get("train_config", {}).get("scene", {}))
-    pool = ScenePool.build(model, split_seeds("test", scenes, seed), cfg, 1, "generating test scenes")
+    pool = ScenePool.build(split_seeds("test", scenes, seed), cfg)
     random_model = random_init_like(model, seed + 12345) if baselines else None
     tally = GroundingTally()
     gen = torch.Generator().manual_seed(seed)

@@ -39,6 +39,7 @@ class FusionConfig:
     num_latents: int = 16  # only for query="latents"
     attention: str = "softmax"  # one of ATTENTION_KINDS
     top_k: int = 8  # keys kept per query for attention="topk"
+    partial_sort: int = 0  # sparsemax/entmax15: sort only each row's k largest logits first (0: all); exact either way
     query_self_attention: bool = False  # queries also attend to each other (decoder-style) in each layer
     compete: bool = False  # queries compete for keys: softmax over queries first, then rows renormalised (Slot Attention)
     sinks: int = 0  # with compete: learned background queries per head that take keys' shares but are not outputs
@@ -69,6 +70,8 @@ class FusionConfig:
             bad("sinks", "background queries only exist in the competition for keys: use compete=True (or sinks=0)")
         if self.top_k <= 0:
             bad("top_k", "must be >= 1")
+        if self.partial_sort < 0:
+            bad("partial_sort", "must be >= 0 (0 sorts every logit)")
         if not 0.0 <= self.dropout < 1.0:
             bad("dropout", "must be in [0, 1)")
         for m, d in dict(self.input_dims).items():
@@ -130,21 +133,57 @@ def _shifted(logits: Tensor, mask: Tensor) -> Tensor:
     return z.masked_fill(~mask, _MASKED)
 
 
+def _descending(z: Tensor, k: int) -> Tensor:
+    """The k largest values of each row, largest first (k <= 0 or k >= Nk: the whole row sorted)."""
+    if 0 < k < z.shape[-1]:
+        return z.topk(k, -1).values  # a partial sort
+    return z.sort(-1, descending=True).values
+
+
+def _threshold(z: Tensor, k: int, threshold: Callable[[Tensor], tuple[Tensor, Tensor]]) -> Tensor:
+    """Each row's threshold from its k largest values; rows whose support may reach past them
+    (support = k) are done again from the whole sorted row, so the result is exact for any k."""
+    tau, support = threshold(_descending(z, k))  # (..., 1) each
+    if 0 < k < z.shape[-1]:
+        unsure = (support == k).squeeze(-1)  # (...,)
+        if bool(unsure.any()):
+            tau = tau.clone()
+            tau[unsure] = threshold(_descending(z[unsure], 0))[0]
+    return tau
+
+
+def _sparsemax_threshold(zs: Tensor) -> tuple[Tensor, Tensor]:
+    """Sorted rows (..., n) -> sparsemax threshold tau and support size within them, (..., 1) each."""
+    rho = torch.arange(1, zs.shape[-1] + 1, device=zs.device, dtype=zs.dtype)
+    cum = zs.cumsum(-1)
+    support = (1 + rho * zs > cum).sum(-1, keepdim=True)  # (..., 1)
+    return (cum.gather(-1, support - 1) - 1) / support.to(zs.dtype), support
+
+
+def _entmax15_threshold(zs: Tensor) -> tuple[Tensor, Tensor]:
+    """Sorted halved rows (..., n) -> 1.5-entmax threshold and support size within them, (..., 1) each."""
+    rho = torch.arange(1, zs.shape[-1] + 1, device=zs.device, dtype=zs.dtype)
+    mean = zs.cumsum(-1) / rho
+    mean_sq = (zs ** 2).cumsum(-1) / rho
+    delta = (1 - rho * (mean_sq - mean ** 2)) / rho
+    support = ((mean - delta.clamp_min(0).sqrt()) <= zs).sum(-1, keepdim=True).clamp_min(1)  # (..., 1)
+    delta_star = delta.gather(-1, support - 1).clamp_min(1e-12)  # >= 0 up to rounding
+    return mean.gather(-1, support - 1) - delta_star.sqrt(), support
+
+
 class SparsemaxFunction(torch.autograd.Function):
     """Sparsemax (Martins & Astudillo 2016): p = [z - tau]_+, exact, sort-based.
 
+    With `k` > 0 only each row's k largest logits are sorted (a partial sort); rows whose support
+    turns out to hold k or more keys are sorted in full, so the result is the same for any k.
     Backward: J = diag(s) - s s^T / |S|, s the indicator of the support S = {p > 0}. A logit
     exactly at tau (p = 0) is outside S and gets no gradient, as in the `entmax` package.
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, mask: Tensor) -> Tensor:
+    def forward(ctx, logits: Tensor, mask: Tensor, k: int = 0) -> Tensor:
         z = _shifted(logits, mask)
-        zs = z.sort(-1, descending=True).values  # (B, H, Nq, Nk)
-        rho = torch.arange(1, z.shape[-1] + 1, device=z.device, dtype=z.dtype)
-        cum = zs.cumsum(-1)
-        support = (1 + rho * zs > cum).sum(-1, keepdim=True)  # (B, H, Nq, 1)
-        tau = (cum.gather(-1, support - 1) - 1) / support.to(z.dtype)
+        tau = _threshold(z, k, _sparsemax_threshold)  # (B, H, Nq, 1)
         p = (z - tau).clamp_min(0).to(logits.dtype)  # (B, H, Nq, Nk)
         ctx.save_for_backward(p)
         return p
@@ -155,27 +194,21 @@ class SparsemaxFunction(torch.autograd.Function):
         (p,) = ctx.saved_tensors
         s = (p > 0).to(grad.dtype)  # (B, H, Nq, Nk)
         g = grad * s
-        return g - s * (g.sum(-1, keepdim=True) / s.sum(-1, keepdim=True)), None
+        return g - s * (g.sum(-1, keepdim=True) / s.sum(-1, keepdim=True)), None, None
 
 
 class Entmax15Function(torch.autograd.Function):
     """1.5-entmax (Peters et al. 2019): p = [z/2 - tau]_+^2, exact sort-based algorithm.
 
+    `k` > 0: a partial sort, exact for any k, as in `SparsemaxFunction`.
     Backward: J = diag(g) - g g^T / sum(g) with g = sqrt(p), which is 0 off the support
     {p > 0} (a logit exactly at the threshold gets no gradient), as in the `entmax` package.
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, mask: Tensor) -> Tensor:
+    def forward(ctx, logits: Tensor, mask: Tensor, k: int = 0) -> Tensor:
         z = _shifted(logits, mask) / 2
-        zs = z.sort(-1, descending=True).values  # (B, H, Nq, Nk)
-        rho = torch.arange(1, z.shape[-1] + 1, device=z.device, dtype=z.dtype)
-        mean = zs.cumsum(-1) / rho
-        mean_sq = (zs ** 2).cumsum(-1) / rho
-        delta = (1 - rho * (mean_sq - mean ** 2)) / rho
-        support = ((mean - delta.clamp_min(0).sqrt()) <= zs).sum(-1, keepdim=True).clamp_min(1)  # (B, H, Nq, 1)
-        delta_star = delta.gather(-1, support - 1).clamp_min(1e-12)  # >= 0 up to rounding
-        tau_star = mean.gather(-1, support - 1) - delta_star.sqrt()
+        tau_star = _threshold(z, k, _entmax15_threshold)  # (B, H, Nq, 1)
         p = (z - tau_star).clamp_min(0) ** 2
         p = (p / p.sum(-1, keepdim=True)).to(logits.dtype)  # exact up to rounding; renormalise it away
         ctx.save_for_backward(p)
@@ -187,19 +220,19 @@ class Entmax15Function(torch.autograd.Function):
         (p,) = ctx.saved_tensors
         g = p.sqrt()  # (B, H, Nq, Nk)
         v = grad * g
-        return v - g * (v.sum(-1, keepdim=True) / g.sum(-1, keepdim=True)), None
+        return v - g * (v.sum(-1, keepdim=True) / g.sum(-1, keepdim=True)), None, None
 
 
-def sparsemax_attention(logits: Tensor, mask: Tensor) -> Tensor:
-    return SparsemaxFunction.apply(logits, mask)
+def sparsemax_attention(logits: Tensor, mask: Tensor, k: int = 0) -> Tensor:
+    return SparsemaxFunction.apply(logits, mask, k)
 
 
-def entmax15_attention(logits: Tensor, mask: Tensor) -> Tensor:
-    return Entmax15Function.apply(logits, mask)
+def entmax15_attention(logits: Tensor, mask: Tensor, k: int = 0) -> Tensor:
+    return Entmax15Function.apply(logits, mask, k)
 
 
 def competitive_attention(logits: Tensor, mask: Tensor, query_mask: Tensor, eps: float = 1e-8,
-                          sink_logits: Tensor | None = None) -> Tensor:
+                          sink_logits: Tensor | None = None, groups: int = 1) -> Tensor:
     """Slot-Attention normalisation (Locatello et al. 2020): each key shares itself out among the
     queries (softmax over queries), then each query's row is renormalised over the keys.
 
@@ -207,11 +240,15 @@ def competitive_attention(logits: Tensor, mask: Tensor, query_mask: Tensor, eps:
     no share (their rows come out uniform over the valid keys). Rows sum to 1 like every kind.
     `sink_logits` (B, H, S, Nk), when given, are background queries that compete for every key
     and are then dropped: a key no real query claims goes to them instead of being spread thin.
+    `groups` > 1: the Nq queries are that many independent sets (captions asking about one scene)
+    of Nq / groups each, and each set competes for the keys on its own, with its own sinks.
     """
-    z = logits.masked_fill(~query_mask, float("-inf"))
+    B, H, Nq, Nk = logits.shape
+    z = logits.masked_fill(~query_mask, float("-inf")).view(B, H, groups, Nq // groups, Nk)
     if sink_logits is not None:
-        z = torch.cat([z, sink_logits], dim=-2)  # (B, H, Nq + S, Nk)
-    share = z.softmax(-2)[..., : logits.shape[-2], :]  # (B, H, Nq, Nk), columns sum to <= 1
+        sinks = sink_logits[:, :, None].expand(-1, -1, groups, -1, -1)  # (B, H, groups, S, Nk)
+        z = torch.cat([z, sinks], dim=-2)  # (B, H, groups, Nq / groups + S, Nk)
+    share = z.softmax(-2)[..., : Nq // groups, :].reshape(B, H, Nq, Nk)  # columns sum to <= 1 per group
     share = (share + eps).masked_fill(~query_mask, 1.0).masked_fill(~mask, 0.0)
     return share / share.sum(-1, keepdim=True)
 
@@ -219,8 +256,11 @@ def competitive_attention(logits: Tensor, mask: Tensor, query_mask: Tensor, eps:
 def attention_function(cfg: FusionConfig) -> Callable[[Tensor, Tensor], Tensor]:
     if cfg.attention == "topk":
         return lambda logits, mask: topk_attention(logits, mask, cfg.top_k)
-    return {"softmax": softmax_attention, "sparsemax": sparsemax_attention,
-            "entmax15": entmax15_attention}[cfg.attention]
+    if cfg.attention == "sparsemax":
+        return lambda logits, mask: sparsemax_attention(logits, mask, cfg.partial_sort)
+    if cfg.attention == "entmax15":
+        return lambda logits, mask: entmax15_attention(logits, mask, cfg.partial_sort)
+    return softmax_attention
 
 
 # ---------------------------------------------------------------------------------------
@@ -261,23 +301,26 @@ class CrossAttention(nn.Module):
         self.fused = cfg.attention == "softmax" and not cfg.compete  # SDPA computes exactly softmax attention
         self.dropout = cfg.dropout
 
-    def weights(self, logits: Tensor, k: Tensor, mask: Tensor, query_mask: Tensor, sel: slice | list[int]) -> Tensor:
-        """Logits (B, h, Nq, Nk) of heads `sel` -> weights (B, h, Nq, Nk); `k` (B, h, Nk, hd) feeds the sinks."""
+    def weights(self, logits: Tensor, k: Tensor, mask: Tensor, query_mask: Tensor, sel: slice | list[int],
+                groups: int = 1) -> Tensor:
+        """Logits (B, h, Nq, Nk) of heads `sel` -> weights (B, h, Nq, Nk); `k` (B, h, Nk, hd) feeds the sinks;
+        `groups`: how many independent query sets share each item's keys (they compete separately)."""
         if not self.compete:
             return self.attend(logits, mask)
         sink_logits = None if self.sinks is None else (self.sinks[sel] / math.sqrt(self.head_dim)) @ k.transpose(-2, -1)
-        return competitive_attention(logits, mask, query_mask, sink_logits=sink_logits)  # (B, h, Nq, Nk)
+        return competitive_attention(logits, mask, query_mask, sink_logits=sink_logits, groups=groups)
 
     def attend_heads(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, query_mask: Tensor, sel: slice | list[int],
-                     keep: bool) -> tuple[Tensor, Tensor | None]:
-        """Heads `sel` of q (B, H, Nq, hd), k/v (B, H, Nk, hd) -> output (B, h, Nq, hd), weights if `keep`."""
+                     keep: bool, groups: int = 1) -> tuple[Tensor, Tensor | None]:
+        """Heads `sel` of q (B, H, Nq, hd), k/v (B, H, Nk, hd) -> output (B, h, Nq, hd), weights if `keep`;
+        `groups` query sets of Nq / groups each ask each item's keys."""
         p = self.dropout if self.training else 0.0
         if self.fused and not keep:
             return F.scaled_dot_product_attention(q[:, sel], k[:, sel], v[:, sel], attn_mask=mask, dropout_p=p), None
         scale = math.sqrt(self.head_dim)
         if torch.is_grad_enabled():  # explicit, differentiable (gradient relevance, importance)
             ks = k[:, sel]  # (B, h, Nk, hd)
-            w = self.weights((q[:, sel] / scale) @ ks.transpose(-2, -1), ks, mask, query_mask, sel)  # (B, h, Nq, Nk)
+            w = self.weights((q[:, sel] / scale) @ ks.transpose(-2, -1), ks, mask, query_mask, sel, groups)
             return F.dropout(w, p, self.training) @ v[:, sel], (w if keep else None)  # (B, h, Nq, hd)
         B, Nq, Nk = q.shape[0], q.shape[2], k.shape[2]
         heads = range(self.heads)[sel] if isinstance(sel, slice) else sel
@@ -300,7 +343,7 @@ class CrossAttention(nn.Module):
         for i in range(B):
             ki = k[i:i + 1, sel]  # (1, h, Nk, hd)
             wi = self.weights((q[i:i + 1, sel] / scale) @ ki.transpose(-2, -1), ki, mask[i:i + 1],
-                              query_mask[i:i + 1], sel)[0]  # (h, Nq, Nk)
+                              query_mask[i:i + 1], sel, groups)[0]  # (h, Nq, Nk)
             if keep:
                 w[i] = wi
             torch.matmul(F.dropout(wi, p, self.training), v[i, sel], out=o[i])  # (h, Nq, hd)
@@ -309,15 +352,22 @@ class CrossAttention(nn.Module):
     def forward(self, x: Tensor, kv: Tensor, key_mask: Tensor, head_mask: Tensor | None = None,
                 need_weights: bool = False, query_mask: Tensor | None = None,
                 heads: Sequence[int] | None = None) -> tuple[Tensor, Tensor | None]:
-        """`need_weights` returns the weights (B, h, Nq, Nk) of `heads`, in that order (None: all H heads)."""
-        B, Nq, D = x.shape
-        Nk = kv.shape[1]
+        """`need_weights` returns the weights (Bq, h, Nq, Nk) of `heads`, in that order (None: all H heads).
+
+        x (Bq, Nq, D) may hold G = Bq / B query items per key item of kv (B, Nk, D), in a row (query
+        item i asks key item i // G): the keys are projected once and each key item's G query sets
+        are attended as one longer set (G * Nq queries), which gives every row what G copies of the
+        keys would (competition stays within each set).
+        """
+        Bq, Nq, D = x.shape
+        B, Nk = kv.shape[:2]
+        G = Bq // B
         H, hd = self.heads, self.head_dim
-        q = self.q(x).view(B, Nq, H, hd).transpose(1, 2)  # (B, H, Nq, hd)
+        q = self.q(x).view(B, G * Nq, H, hd).transpose(1, 2)  # (B, H, G*Nq, hd)
         k, v = self.kv(kv).view(B, Nk, 2, H, hd).permute(2, 0, 3, 1, 4)  # 2 x (B, H, Nk, hd)
         mask = key_mask[:, None, None, :]  # (B, 1, 1, Nk), True = attend
-        qm = torch.ones(B, Nq, dtype=torch.bool, device=x.device) if query_mask is None else query_mask
-        qm = qm[:, None, :, None]  # (B, 1, Nq, 1), True = a real query (compete only)
+        qm = torch.ones(Bq, Nq, dtype=torch.bool, device=x.device) if query_mask is None else query_mask
+        qm = qm.reshape(B, G * Nq)[:, None, :, None]  # (B, 1, G*Nq, 1), True = a real query (compete only)
         asked = (list(range(H)) if heads is None else list(heads)) if need_weights else []
         kept = list(dict.fromkeys(asked))  # in the order asked: no reordering copy
         groups = [(run, False) for run in head_runs([h for h in range(H) if h not in kept])]
@@ -325,21 +375,23 @@ class CrossAttention(nn.Module):
             runs = head_runs(kept)
             groups.append((runs[0] if len(runs) == 1 else kept, True))
         if len(groups) == 1:  # every head on one path
-            o, w = self.attend_heads(q, k, v, mask, qm, *groups[0])
+            o, w = self.attend_heads(q, k, v, mask, qm, *groups[0], G)
         else:
-            o, w = q.new_empty(B, H, Nq, hd), None  # (B, H, Nq, hd), filled group by group
+            o, w = q.new_empty(B, H, G * Nq, hd), None  # (B, H, G*Nq, hd), filled group by group
             for sel, keep in groups:
-                o[:, sel], wg = self.attend_heads(q, k, v, mask, qm, sel, keep)
+                o[:, sel], wg = self.attend_heads(q, k, v, mask, qm, sel, keep, G)
                 w = wg if keep else w
         if need_weights and not kept:
-            w = q.new_empty(B, 0, Nq, Nk)
+            w = q.new_empty(Bq, 0, Nq, Nk)
         elif need_weights and (asked != kept or (len(kept) < H and torch.is_grad_enabled())):
             # a subset comes back cut out, a copy (heads asked twice, twice), as it did when cut from all heads:
             # no output depends on it, so gradient relevance, whose rule averages every head, refuses it
-            w = w[:, [kept.index(h) for h in asked]]  # (B, h, Nq, Nk)
+            w = w[:, [kept.index(h) for h in asked]]  # (B, h, G*Nq, Nk)
+        if need_weights and G > 1:  # back to one row of maps per query item
+            w = w.view(B, w.shape[1], G, Nq, Nk).transpose(1, 2).reshape(Bq, w.shape[1], Nq, Nk)
         if head_mask is not None:
             o = o * head_mask.to(o.dtype).view(1, H, 1, 1)  # a masked head contributes exactly 0
-        o = o.transpose(1, 2).reshape(B, Nq, D)  # (B, Nq, D)
+        o = o.transpose(1, 2).reshape(Bq, Nq, D)  # (Bq, Nq, D)
         return self.out(o), w
 
 
@@ -445,6 +497,9 @@ class CrossAttentionFusion(nn.Module):
 
         `return_maps=True` (or a `MapRequest` naming layers/heads) returns `AttentionMaps`;
         layers and heads nobody asked for run as without maps (fused SDPA where exact) and store nothing.
+        The query modality may have G times the key modalities' batch (G captions per scene, in a row):
+        the keys are then embedded and projected once per scene, not once per caption, and every output
+        (maps included, one row per query item) equals fusing G copies of each scene.
         """
         cfg = self.cfg
         given = {t.modality: t for t in (inputs.values() if isinstance(inputs, Mapping) else inputs)}
@@ -457,8 +512,12 @@ class CrossAttentionFusion(nn.Module):
         if not key_mods:
             raise InputError(f"nothing to attend to: give at least one input besides the {cfg.query} queries")
         B = given[key_mods[0]].tokens.shape[0]
-        if any(t.tokens.shape[0] != B for t in given.values()):
-            raise InputError("all modalities must have the same batch size")
+        if any(given[m].tokens.shape[0] != B for m in key_mods):
+            raise InputError("all key modalities must have the same batch size")
+        Bq = B if cfg.query == "latents" else given[cfg.query].tokens.shape[0]
+        if Bq % B:
+            raise InputError(f"the {cfg.query} queries' batch ({Bq}) must be the keys' batch ({B}) or a multiple of "
+                             "it (G query items per key item, in a row)")
         if head_mask is not None and tuple(head_mask.shape) != (cfg.layers, cfg.heads):
             raise InputError(f"head_mask must be (layers, heads) = ({cfg.layers}, {cfg.heads}), "
                              f"got {tuple(head_mask.shape)}")
@@ -503,9 +562,12 @@ class CrossAttentionFusion(nn.Module):
 
         maps = None
         if request is not None:
+            key_special = torch.cat([given[m].special for m in key_mods], 1)  # (B, Nk)
+            if Bq != B:  # one row per query item, as the maps have
+                key_mask, key_special = key_mask.repeat_interleave(Bq // B, 0), key_special.repeat_interleave(Bq // B, 0)
             maps = AttentionMaps(
                 weights=weights, heads={l: want_heads for l in weights}, segments=segments,
-                key_mask=key_mask, key_special=torch.cat([given[m].special for m in key_mods], 1),
+                key_mask=key_mask, key_special=key_special,
                 query_source=cfg.query, query_mask=query_mask,
                 key_geometry={m: given[m].geometry for m in key_mods},
                 query_geometry=query_geometry, num_heads=cfg.heads, query_special=query_special)

@@ -220,12 +220,26 @@ class MultimodalModel(nn.Module):
 
 
 def score_candidates(model: MultimodalModel, scene_batch: dict, captions: list[str], per_scene: int,
-                     return_maps=False) -> tuple[Tensor, FusionOutput]:
+                     return_maps=False, share_scene: bool = True) -> tuple[Tensor, ModelOutput]:
     """Scores of `per_scene` captions against each scene of a preprocessed scene batch (captions
     grouped by scene, in order): `((B, per_scene) scores, the fusion output)`. The scene side is
-    encoded once and repeated for its captions."""
+    encoded, embedded and projected once per scene, whatever the number of captions (the fusion
+    block takes `per_scene` query items per key item); the output's tokens are the scene's once and
+    the captions' (B * per_scene). `share_scene=False` fuses `per_scene` copies of each scene's
+    tokens instead (the same scores up to rounding; kept to measure and check the shared way), as
+    a model whose queries are not the captions always does (`candidate_inputs`)."""
     tokens = model.encode(scene_batch)
-    tokens = {m: t.repeat(per_scene) for m, t in tokens.items()}
     tokens["text"] = model.encoders["text"](model.encoders["text"].preprocess(captions))
-    out = model.fuse(tokens, return_maps=return_maps)
+    out = model.fuse(candidate_inputs(model, tokens, per_scene, share_scene), return_maps=return_maps)
+    out.tokens = tokens
     return out.score.view(-1, per_scene), out  # (B, per_scene)
+
+
+def candidate_inputs(model: MultimodalModel, tokens: Mapping[str, ModalityTokens], per_scene: int,
+                     share_scene: bool = True) -> dict[str, ModalityTokens]:
+    """Fusion inputs for `per_scene` captions (text, B * per_scene) per scene (the other modalities,
+    B): the scene's tokens once when the captions are the queries (the fusion block then projects
+    them once), else repeated per caption (a caption among the keys needs a scene of its own)."""
+    if share_scene and model.cfg.query == "text":
+        return dict(tokens)
+    return {m: t if m == "text" else t.repeat(per_scene) for m, t in tokens.items()}

@@ -15,11 +15,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from multimodal.errors import InputError  # noqa: F401  (raised here; imported from here by the rest)
+
 MODALITIES = ("text", "image", "audio")
-
-
-class InputError(ValueError):
-    """Bad user input (a file, a text, a config value). The message says what to do."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -135,10 +133,6 @@ class ModalityTokens:
         """Each item n times in a row (B -> B*n), e.g. to score n captions against one scene."""
         return ModalityTokens(self.tokens.repeat_interleave(n, 0), self.mask.repeat_interleave(n, 0), self.modality,
                               self.special.repeat_interleave(n, 0), self.geometry)
-
-    def every(self, n: int) -> "ModalityTokens":
-        """Items 0, n, 2n, ... (undoes `repeat(n)`)."""
-        return ModalityTokens(self.tokens[::n], self.mask[::n], self.modality, self.special[::n], self.geometry)
 
 
 # ---------------------------------------------------------------------------------------

@@ -499,3 +499,74 @@ def test_empty_head_request_keeps_empty_maps():
     out = fusion([text_tokens(), image_tokens()], return_maps=MapRequest(heads=()))
     assert out.maps.weights[0].shape == (2, 0, 5, 23)
     close(out.queries, fusion([text_tokens(), image_tokens()]).queries)
+
+
+@pytest.mark.parametrize("kind", [{}, {"compete": True, "sinks": 2}, {"compete": True}, {"attention": "sparsemax"},
+                                  {"attention": "entmax15"}, {"attention": "topk", "top_k": 3}],
+                         ids=["softmax", "compete+sinks", "compete", "sparsemax", "entmax15", "topk"])
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "inference"])
+def test_several_captions_per_scene_equal_the_scene_repeated(kind, grad):
+    """Query batch = G x key batch: each scene's keys projected once, its G captions attending as
+    one set (competing within their own caption only) give what G copies of the scene give."""
+    fusion = make(query="text", query_self_attention=True, **kind)
+    G = 3
+    text = text_tokens(B=2 * G, lengths=[6, 3, 5, 6, 2, 4])
+    audio = audio_tokens()
+    audio.mask[1, -4:] = False  # padded keys in the second scene
+    scene = [image_tokens(), audio]
+    request = MapRequest(heads=(3, 1))
+    with torch.set_grad_enabled(grad):
+        shared = fusion([text, *scene], return_maps=request)
+        repeated = fusion([text, *(t.repeat(G) for t in scene)], return_maps=request)
+    assert (shared.queries - repeated.queries).abs().max().item() <= 1e-5
+    assert (shared.attended - repeated.attended).abs().max().item() <= 1e-5
+    for l in range(2):
+        assert shared.maps.weights[l].shape == (2 * G, 2, 6, 17 + 15)
+        assert (shared.maps.weights[l] - repeated.maps.weights[l]).abs().max().item() <= 1e-6
+    assert torch.equal(shared.maps.key_mask, repeated.maps.key_mask)
+    assert torch.equal(shared.maps.key_special, repeated.maps.key_special)
+
+
+def test_a_query_batch_that_is_not_a_multiple_of_the_scenes_is_refused():
+    fusion = make(query="text")
+    with pytest.raises(InputError, match=r"queries' batch \(5\) must be the keys' batch \(2\) or a multiple"):
+        fusion([text_tokens(B=5), image_tokens(), audio_tokens()])
+    with pytest.raises(InputError, match="all key modalities must have the same batch size"):
+        fusion([text_tokens(B=2), image_tokens(B=2), audio_tokens(B=1)])
+
+
+@pytest.mark.parametrize("attend", [sparsemax_attention, entmax15_attention], ids=["sparsemax", "entmax15"])
+@pytest.mark.parametrize("k", [1, 3, 8, 40, 100])
+def test_a_partial_sort_gives_the_full_sorts_values_and_gradients(attend, k):
+    """Rows whose support fits in the k largest logits are done from them; the rest again in full."""
+    g = torch.Generator().manual_seed(k)
+    logits = torch.randn(2, 3, 5, 40, generator=g) * torch.tensor([0.1, 1.0, 4.0])[None, :, None, None]
+    logits[0, 0, 0] = 0.0  # a row of ties: every key in the support
+    mask = torch.ones(2, 1, 1, 40, dtype=torch.bool)
+    mask[1, ..., 30:] = False
+    upstream = torch.randn(2, 3, 5, 40, generator=g)
+    out = {}
+    for kk in (0, k):
+        z = logits.clone().requires_grad_(True)
+        p = attend(z, mask, kk)
+        p.backward(upstream)
+        out[kk] = (p.detach(), z.grad)
+    support = (out[0][0] > 0).sum(-1)
+    if k < 40:  # the row of ties (support 40) is done again from the full sort
+        assert bool((support >= k).any()) and bool((support < k).any()) == (k > 1)
+    assert (out[k][0] - out[0][0]).abs().max().item() <= 1e-6
+    assert (out[k][1] - out[0][1]).abs().max().item() <= 1e-6
+    assert torch.all(out[k][0][1, ..., 30:] == 0)
+
+
+def test_partial_sort_is_a_fusion_setting_that_changes_no_output():
+    fusion = make(attention="entmax15")
+    inputs = [text_tokens(lengths=[6, 3]), image_tokens(), audio_tokens()]
+    fast = make(attention="entmax15", partial_sort=4)
+    fast.load_state_dict(fusion.state_dict())
+    with torch.no_grad():
+        a, b = fusion(inputs, return_maps=True), fast(inputs, return_maps=True)
+    assert (a.queries - b.queries).abs().max().item() <= 1e-5
+    assert all((a.maps.weights[l] - b.maps.weights[l]).abs().max().item() <= 1e-6 for l in a.maps.weights)
+    with pytest.raises(InputError, match="partial_sort"):
+        FusionConfig(partial_sort=-1)

@@ -164,3 +164,38 @@ def test_maps_command_bad_input_is_a_clear_error(tmp_path, capsys):
                "--image", str(bad), "--text", "a red square", "--out", str(tmp_path / "o")])
     assert rc == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_the_command_line_loads_no_heavy_library_until_a_subcommand_needs_it():
+    """`multimodal --help`, a subcommand's own help and a mistyped command answer without torch,
+    transformers, timm or gradio; `train --help` lists the presets, so it loads the training code."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom multimodal.cli import main\n"
+             "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+             "heavy = sorted(m for m in ('torch', 'transformers', 'timm', 'gradio') if m in sys.modules)\n"
+             "print('HEAVY', ','.join(heavy))\n")
+    for argv, heavy in ((["--help"], ""), (["maps", "--help"], ""), (["mpas"], ""), (["eval", "--help"], ""),
+                        (["train", "--help"], "timm,torch,transformers")):  # no gradio: the app is not training's
+        done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=120)
+        assert f"HEAVY {heavy}\n" in done.stdout, (argv, done.stdout[-300:], done.stderr[-300:])
+        if argv == ["--help"]:
+            assert all(c in done.stdout for c in ("maps", "demo", "scenes", "train", "eval", "compare"))
+        if argv == ["train", "--help"]:
+            assert "default, smoke" in done.stdout
+        if argv == ["mpas"]:
+            assert "invalid choice: 'mpas'" in done.stderr
+
+
+def test_the_package_names_its_api_without_importing_torch_first():
+    import subprocess
+    import sys
+
+    code = ("import sys, multimodal\nassert 'torch' not in sys.modules\n"
+            "from multimodal import CrossAttentionFusion, InputError, MapRequest\n"
+            "assert 'torch' in sys.modules and CrossAttentionFusion.__module__ == 'multimodal.fusion'\n"
+            "assert issubclass(InputError, ValueError) and 'MapRequest' in dir(multimodal)\n"
+            "try:\n    multimodal.nothing_here\nexcept AttributeError as e:\n    print('OK', e)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "OK module 'multimodal' has no attribute 'nothing_here'" in done.stdout, done.stderr

@@ -58,3 +58,67 @@ def test_every_pair_of_small_seeds_and_splits_is_disjoint():
 def test_bad_requests_are_refused_by_name(args, words):
     with pytest.raises(InputError, match=words):
         split_seeds(*args)
+
+
+# ---------------------------------------------------------------------------------------
+# The pool: scenes generated when first drawn, audio features computed once per scene
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model():
+    from multimodal.train import build_model, load_config
+
+    return build_model(load_config("smoke"))
+
+
+def test_a_lazy_pool_generates_only_the_scenes_drawn_and_batches_as_an_eager_one(model):
+    import torch
+
+    from multimodal.data.pool import ScenePool
+    from multimodal.data.scenes import SceneConfig, generate_scene
+    from multimodal.io import AudioClip
+
+    seeds = split_seeds("train", 8000, 0)
+    lazy = ScenePool.build(seeds, SceneConfig())
+    assert len(lazy.scenes) == 8000 and lazy.scenes.generated == 0
+    idx = [3, 7999, 3]
+    got = lazy.batch(model, idx)
+    assert lazy.scenes.generated == 2 and sorted(lazy.audio_rows) == [3, 7999]
+    scenes = [generate_scene(seeds[i]) for i in idx]
+    assert lazy.scenes[-1].caption == scenes[1].caption and lazy.scenes[3].caption == scenes[0].caption
+    want = {"image": model.encoders["image"].preprocess([s.image for s in scenes]),
+            "audio": model.encoders["audio"].preprocess([AudioClip(s.audio, s.sample_rate, None) for s in scenes])}
+    assert torch.equal(got["image"]["pixel_values"], want["image"]["pixel_values"])
+    assert torch.equal(got["audio"]["features"], want["audio"]["features"])
+    assert torch.equal(got["audio"]["frames"], want["audio"]["frames"])
+    assert got["audio"]["durations"] == want["audio"]["durations"]
+    eager = ScenePool.build(seeds[:8], SceneConfig(), workers=1)
+    assert isinstance(eager.scenes, list) and eager.scenes[3].caption == scenes[0].caption
+    with pytest.raises(IndexError):
+        lazy.scenes[8000]
+    with pytest.raises(InputError, match="workers = -1"):
+        ScenePool.build(seeds, SceneConfig(), workers=-1)
+
+
+def test_clips_of_different_lengths_are_padded_per_batch_as_preprocess_pads_them(model):
+    """Manifest rows: each clip's features are kept at its own length and padded to the batch's longest."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from multimodal.data.pool import ScenePool
+    from multimodal.io import AudioClip
+
+    rate = 16000
+    rng = np.random.default_rng(0)
+    clips = [rng.normal(0, 0.1, int(rate * s)).astype(np.float32) for s in (1.0, 7.5, 2.0)]
+    items = [SimpleNamespace(caption=f"c{i}", image=None, audio=a) for i, a in enumerate(clips)]
+    pool = ScenePool.from_items(items, rate, hard_negatives=False)
+    audio_only = SimpleNamespace(encoders={"audio": model.encoders["audio"]})
+    for idx in ([0, 2], [1, 0], [2, 1, 0]):
+        got = pool.batch(audio_only, idx)["audio"]
+        want = model.encoders["audio"].preprocess([AudioClip(clips[i], rate, None) for i in idx])
+        assert got["features"].shape == want["features"].shape
+        assert torch.equal(got["features"], want["features"]) and torch.equal(got["frames"], want["frames"])

@@ -138,8 +138,8 @@ def test_hard_contrastive_term_prefers_the_candidate_that_matches_its_scene():
         model.fusion.input_proj[m] = torch.nn.Identity()
     e = torch.eye(4)
     keys = torch.stack([e[0:2], e[2:4]])  # (B=2, 2 keys, 4)
-    image = ModalityTokens(keys.repeat_interleave(2, 0), torch.ones(4, 2, dtype=torch.bool), "image",
-                           torch.zeros(4, 2, dtype=torch.bool), None)
+    image = ModalityTokens(keys, torch.ones(2, 2, dtype=torch.bool), "image",  # once per scene
+                           torch.zeros(2, 2, dtype=torch.bool), None)
     mismatch = torch.stack([-e[0], torch.zeros(4)])  # one content token, one padding row
     one_token = torch.tensor([True, False])
 
@@ -240,15 +240,44 @@ def test_masked_word_loss_reads_the_masked_words_from_the_scene():
     scenes = [generate_scene(s) for s in (1, 2)]
     captions = [c for s in scenes for c in (s.caption, "a red star")]  # 2 candidates per scene, true first
     image = model.encoders["image"].encode([s.image for s in scenes])
-    tokens = {"image": image.repeat(2)}
+    tokens = {"image": image}  # once per scene, as score_candidates gives them
     loss = masked_word_loss(model, tokens, captions, 2, rate=0.3, rng=np.random.default_rng(0))
     assert loss.ndim == 0 and math.isfinite(float(loss)) and float(loss) > 0
     loss.backward()
     grads = [p.grad for p in model.encoders["image"].parameters() if p.grad is not None]
     assert grads and any(float(g.abs().sum()) > 0 for g in grads)  # the words are read from the image
-    other = {"image": model.encoders["image"].encode([s.image[::-1] for s in scenes]).repeat(2)}
+    other = {"image": model.encoders["image"].encode([s.image[::-1] for s in scenes])}
     with torch.no_grad():  # same masked positions (same rng seed), another image: another loss
         flipped = masked_word_loss(model, other, captions, 2, rate=0.3, rng=np.random.default_rng(0))
     assert float(flipped) != pytest.approx(float(loss), abs=1e-6)
     with pytest.raises(InputError, match="bilinear"):
         smoke(masked_word_weight=1.0, match="mean")
+
+
+def test_a_training_step_projects_each_scene_once_and_loses_nothing_by_it():
+    """The loop's step (each scene's tokens once, its captions attending as one set) gives the loss,
+    accuracy, draws and updated weights of the step that copied the scene per candidate."""
+    import copy
+
+    from multimodal.data.pool import ScenePool, split_seeds
+    from multimodal.train import parameter_groups
+    from multimodal.train.config import scene_config
+    from multimodal.train.loop import training_step
+
+    tc = smoke(contrastive_hard_weight=0.5)
+    pool = ScenePool.build(split_seeds("train", 8, 0), scene_config(tc))
+    base = build_model(tc).train()
+    results = {}
+    for share in (True, False):
+        model = copy.deepcopy(base)
+        opt = torch.optim.AdamW(parameter_groups(model, tc), lr=tc.lr)
+        rng, mining = np.random.default_rng(0), NegativeMining(tc.negative_mining)
+        torch.manual_seed(0)  # the same dropout draws
+        loss, acc = training_step(model, opt, pool, [0, 1, 2, 3], tc, rng, mining, 1e-3, share_scene=share)
+        results[share] = (loss, acc, rng.integers(1 << 30), dict(mining.error), model)
+    (loss, acc, draw, error, shared), (loss_r, acc_r, draw_r, error_r, repeated) = results[True], results[False]
+    assert loss == pytest.approx(loss_r, rel=1e-6) and acc == acc_r and draw == draw_r and error == error_r
+    assert math.isfinite(loss) and loss > 0
+    moved = max((p - q).abs().max().item() for p, q in zip(shared.parameters(), base.parameters()))
+    differ = max((p - q).abs().max().item() for p, q in zip(shared.parameters(), repeated.parameters()))
+    assert moved > 1e-4 and differ < 1e-2 * moved  # the step moved the weights, both ways alike

@@ -54,7 +54,7 @@ from multimodal.inference import Inputs, check_subset, describe_model, load_inpu
 from multimodal.io import AudioClip
 from multimodal.model import MultimodalModel
 from multimodal.overlays import text_html, text_panels
-from multimodal.overlays.common import colorbar, grid, value_range
+from multimodal.overlays.common import colorbar, grid, save_png, value_range
 from multimodal.types import AttentionMaps, InputError, TextGeometry
 
 log = logging.getLogger("multimodal.demo")
@@ -489,7 +489,7 @@ def draw_concentration(maps: AttentionMaps, out: Path) -> list[Path]:
         labels = [f"L{layer} H{h}" for h in maps.heads[layer]] + ["mean"]
         title = f"text: layer {layer}, concentration per query token"
         path = out / f"layer{layer}_text_concentration.png"
-        grid(panels, labels, 1, title, legend).save(path)
+        save_png(grid(panels, labels, 1, title, legend), path)
         path.with_suffix(".html").write_text(text_html(tokens, rows[-1], vmin=vmin, vmax=vmax))  # same scale
         written += [path, path.with_suffix(".html")]
     return written

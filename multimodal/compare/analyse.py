@@ -24,7 +24,7 @@ from multimodal.compare.summary import HEAD_GROUNDING, head_grounding, summarise
 from multimodal.data.pool import ScenePool, split_seeds
 from multimodal.data.scenes import SceneConfig, hard_negative
 from multimodal.evaluate import evaluate
-from multimodal.model import MultimodalModel
+from multimodal.model import MultimodalModel, candidate_inputs
 from multimodal.train import TrainConfig, matching_loss, scene_config
 from multimodal.types import AttentionMaps, AudioGeometry, ImageGeometry, ModalityTokens, TextGeometry
 
@@ -77,7 +77,7 @@ class AnalysisSet:
     @classmethod
     @torch.no_grad()
     def build(cls, model: MultimodalModel, scenes: int, seed: int, scene_cfg: SceneConfig) -> "AnalysisSet":
-        pool = ScenePool.build(model, split_seeds("test", scenes, seed), scene_cfg, 1, "generating analysis scenes")
+        pool = ScenePool.build(split_seeds("test", scenes, seed), scene_cfg)
         rng = np.random.default_rng(seed + 1)
         text = model.encoders["text"]
         true, pairs, sizes = [], [], []
@@ -88,8 +88,7 @@ class AnalysisSet:
             caps = [s.caption for s in group]
             interleaved = [c for s in group for c in (s.caption, hard_negative(s, rng)[0])]
             true.append({**scene_tokens, "text": text(text.preprocess(caps))})
-            pairs.append({**{m: t.repeat(2) for m, t in scene_tokens.items()},
-                          "text": text(text.preprocess(interleaved))})
+            pairs.append(candidate_inputs(model, {**scene_tokens, "text": text(text.preprocess(interleaved))}, 2))
             sizes.append(len(idx))
         return cls(true, pairs, sizes)
 
@@ -106,7 +105,10 @@ class AnalysisSet:
         b = 0
         while i >= self.sizes[b]:
             i, b = i - self.sizes[b], b + 1
-        return {m: _rows(t, 2 * i, 2 * i + 2) for m, t in self.pairs[b].items()}
+        pair = self.pairs[b]
+        shared = pair["text"].tokens.shape[0] != next(t for m, t in pair.items() if m != "text").tokens.shape[0]
+        return {m: _rows(t, 2 * i, 2 * i + 2) if m == "text" or not shared else _rows(t, i, i + 1)
+                for m, t in pair.items()}
 
 
 @torch.no_grad()

@@ -1,19 +1,24 @@
 """The scene pool training and evaluation draw from, and the seed splits that keep them apart.
 
-Procedural scenes are generated once per pool (in worker processes when asked) and their audio
-features are computed once; image features are computed per batch. Seeds come from disjoint
+Procedural scenes are generated when first drawn (or all up front, in worker processes, when
+asked) and kept; each scene's audio features are computed once, when a batch first needs them;
+image features are computed per batch. Start-up therefore scales with the steps a run takes, not
+with the size of its pool. Seeds come from disjoint
 ranges per split (`split_seeds`), so a model never trains on the scenes it is tested on.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from typing import TYPE_CHECKING
 
+import torch
 from tqdm import tqdm
 
-from multimodal.data.scenes import SceneConfig, generate_scene
+from multimodal.data.scenes import Scene, SceneConfig, generate_scene
 from multimodal.io import AudioClip
 from multimodal.types import InputError
 
@@ -53,42 +58,92 @@ def split_seeds(split: str, n: int, seed: int) -> list[int]:
 
 def _make_scene(args):
     seed, cfg = args
-    s = generate_scene(seed, cfg)
-    return s
+    return generate_scene(seed, cfg)
+
+
+class LazyScenes(Sequence):
+    """The scenes of a list of seeds, each generated the first time it is asked for, then kept:
+    a run that draws 2,000 scenes of an 8,000-scene pool generates 2,000."""
+
+    def __init__(self, seeds: Sequence[int], cfg: SceneConfig):
+        self.seeds, self.cfg = list(seeds), cfg
+        self._made: dict[int, Scene] = {}
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = range(len(self))[i]  # an index error past the end, negative indices from the end
+        scene = self._made.get(i)
+        if scene is None:
+            scene = self._made[i] = generate_scene(self.seeds[i], self.cfg)
+        return scene
+
+    @property
+    def generated(self) -> int:
+        return len(self._made)
 
 
 @dataclass
 class ScenePool:
-    scenes: list  # Scene objects or manifest rows (.caption, .image, .audio kept for preprocessing)
-    audio_batch: dict  # audio encoder batch for every scene, built once
+    """Scenes (or manifest rows: anything with .caption, .image, .audio) and their audio features,
+    computed the first time a batch needs them and kept (per scene, so a batch pays only for its new
+    scenes)."""
+
+    scenes: Sequence  # Scene objects (a LazyScenes) or manifest rows
+    sample_rate: int
     hard_negatives: bool = True  # one-attribute negatives exist (procedural scenes only)
+    audio_rows: dict[int, tuple] = field(default_factory=dict, repr=False)  # scene -> (windows, frames, duration)
 
     @classmethod
-    def build(cls, model: MultimodalModel, seeds: list[int], cfg: SceneConfig, workers: int,
-              desc: str) -> "ScenePool":
-        ctx = get_context("fork") if workers > 1 else None
+    def build(cls, seeds: list[int], cfg: SceneConfig, workers: int = 0, desc: str = "generating scenes",
+              progress: bool = True) -> "ScenePool":
+        """The scenes of `seeds`: generated when first drawn (`workers` = 0), or all of them now,
+        in `workers` processes (with a progress bar titled `desc` unless `progress` is False)."""
+        if workers < 0:
+            raise InputError(f"workers = {workers} must be >= 0 (0: generate each scene when first drawn)")
+        if workers == 0:
+            return cls(LazyScenes(seeds, cfg), cfg.sample_rate)
         jobs = [(s, cfg) for s in seeds]
-        if ctx is not None:
-            with ctx.Pool(workers) as pool:
-                scenes = list(tqdm(pool.imap(_make_scene, jobs, chunksize=64), total=len(jobs), desc=desc))
+        if workers > 1:
+            with get_context("fork").Pool(workers) as pool:
+                scenes = list(tqdm(pool.imap(_make_scene, jobs, chunksize=64), total=len(jobs), desc=desc,
+                                   disable=not progress))
         else:
-            scenes = [_make_scene(j) for j in tqdm(jobs, desc=desc)]
-        return cls.from_items(model, scenes, cfg.sample_rate)
+            scenes = [_make_scene(j) for j in tqdm(jobs, desc=desc, disable=not progress)]
+        return cls(scenes, cfg.sample_rate)
 
     @classmethod
-    def from_items(cls, model: MultimodalModel, items: list, sample_rate: int, hard_negatives: bool = True
-                   ) -> "ScenePool":
-        audio = None
-        if "audio" in model.encoders:
-            audio = model.encoders["audio"].preprocess([AudioClip(s.audio, sample_rate, None) for s in items])
-        return cls(items, audio, hard_negatives)
+    def from_items(cls, items: list, sample_rate: int, hard_negatives: bool = True) -> "ScenePool":
+        return cls(list(items), sample_rate, hard_negatives)
+
+    def _audio(self, model: MultimodalModel, idx: list[int]) -> dict:
+        """The audio encoder batch of scenes idx, from each scene's features (computed once)."""
+        encoder = model.encoders["audio"]
+        new = [i for i in dict.fromkeys(idx) if i not in self.audio_rows]
+        if new:
+            b = encoder.preprocess([AudioClip(self.scenes[i].audio, self.sample_rate, None) for i in new])
+            L = b["features"].shape[2]
+            for j, i in enumerate(new):
+                frames = int(b["frames"][j])
+                windows = max(1, math.ceil(frames / L))
+                self.audio_rows[i] = (b["features"][j, :windows].clone(), frames, b["durations"][j])
+        rows = [self.audio_rows[i] for i in idx]
+        W = max(r[0].shape[0] for r in rows)
+        pad = float(encoder.normalise(torch.tensor(0.0)))  # a window of padding, as preprocess writes it
+        features = rows[0][0].new_full((len(rows), W, *rows[0][0].shape[1:]), pad)  # (B, W, L, mels)
+        for j, (f, _, _) in enumerate(rows):
+            features[j, :f.shape[0]] = f
+        return {"features": features, "frames": torch.tensor([r[1] for r in rows]),
+                "durations": [r[2] for r in rows]}
 
     def batch(self, model: MultimodalModel, idx: list[int]) -> dict[str, dict]:
+        """The image and audio encoder batches of scenes idx (for the model's encoders)."""
         out = {}
         if "image" in model.encoders:
             out["image"] = model.encoders["image"].preprocess([self.scenes[i].image for i in idx])
-        if self.audio_batch is not None:
-            a = self.audio_batch
-            out["audio"] = {"features": a["features"][idx], "frames": a["frames"][idx],
-                            "durations": [a["durations"][i] for i in idx]}
+        if "audio" in model.encoders:
+            out["audio"] = self._audio(model, idx)
         return out

@@ -240,9 +240,14 @@ def default_cols(n: int) -> int:
     return n if n <= 4 else math.ceil(math.sqrt(n))
 
 
+# zlib level of every PNG the sandbox writes: 1 encodes a map grid in about a quarter of the time of
+# PIL's default (6) for files about a fifth larger; the app writes one per layer and modality per request
+PNG_COMPRESS_LEVEL = 1
+
+
 def save_png(img: Image.Image, path: str | Path) -> Path:
-    """Write a PNG (creating parent folders); returns the path."""
+    """Write a PNG fast (PNG_COMPRESS_LEVEL), creating parent folders; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, format="PNG")
+    img.save(path, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return path

@@ -32,7 +32,7 @@ class TrainConfig:
     warmup: int = 100
     hard_negatives: int = 3  # one-attribute negatives per scene per step
     easy_negatives: int = 1  # other scenes' captions per scene per step
-    pool_scenes: int = 8000  # scenes generated once (features cached) and reused each epoch
+    pool_scenes: int = 8000  # scenes drawn from, each generated once (when first drawn) and reused each epoch
     val_scenes: int = 256  # held-out scenes for the periodic evaluation
     eval_every: int = 500
     checkpoint_every: int = 500
@@ -59,7 +59,7 @@ class TrainConfig:
     curriculum_scene: Mapping[str, Any] = field(default_factory=lambda: dict(ONE_OBJECT))
     manifest: str = ""  # a JSONL manifest of your own pairs (multimodal.data.manifest) instead of scenes
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    workers: int = 2  # processes generating the scene pool
+    workers: int = 0  # 0: each scene is generated when first drawn; N: the whole pool up front, in N processes
     snapshots: tuple[int, ...] = ()  # steps after which the model is also saved to OUT/snapshots/step_N
 
     def __post_init__(self):
@@ -73,6 +73,8 @@ class TrainConfig:
                              f"{', '.join(MODALITIES)} with scales >= 0")
         if self.steps < 1 or self.batch_size < 1:
             raise InputError("steps and batch_size must be >= 1")
+        if self.workers < 0:
+            raise InputError(f"workers={self.workers} must be >= 0 (0: generate each scene when first drawn)")
         if self.pool_scenes < self.batch_size:
             raise InputError(f"pool_scenes={self.pool_scenes} must be >= batch_size={self.batch_size}")
         if not 0.0 <= self.binding_negatives <= 1.0:
@@ -98,7 +100,7 @@ class TrainConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "smoke": {"steps": 6, "batch_size": 4, "pool_scenes": 8, "val_scenes": 8, "eval_every": 3,
-              "checkpoint_every": 3, "workers": 1, "warmup": 2},
+              "checkpoint_every": 3, "warmup": 2},
 }
 DOTTED_TABLES = ("fusion", "scene", "curriculum_scene")  # the fields a dotted key (`fusion.heads`) reaches into
 

@@ -364,6 +364,35 @@ def _deferred_sigint():
 # ---------------------------------------------------------------------------------------
 
 
+def training_step(model: MultimodalModel, opt: torch.optim.Optimizer, pool: ScenePool, idx: list[int],
+                  tc: TrainConfig, rng: np.random.Generator, mining: NegativeMining, lr: float,
+                  share_scene: bool = True) -> tuple[float, float]:
+    """One optimiser step on the pool's scenes `idx` at learning rate `lr` (times each group's scale):
+    (loss, share of hard negatives the true caption outscored). Draws the candidate captions from
+    `rng` and updates `mining`. Each scene is encoded and projected once for all its candidates;
+    `share_scene=False` repeats its tokens per candidate instead (the same loss; for benchmarks)."""
+    per_scene = 1 + tc.hard_negatives + tc.easy_negatives
+    captions, kinds = candidate_captions(pool, idx, tc, rng, mining.weights())
+    scores, out = score_candidates(model, pool.batch(model, idx), captions, per_scene, share_scene=share_scene)
+    mining.update(scores.detach(), kinds)
+    loss = matching_loss(scores)
+    if tc.contrastive_weight:
+        loss = loss + tc.contrastive_weight * contrastive_loss(model, out.tokens, per_scene, tc.contrastive_temperature,
+                                                               tc.contrastive_hard_weight)
+    if tc.masked_word_weight:
+        loss = loss + tc.masked_word_weight * masked_word_loss(model, out.tokens, captions, per_scene,
+                                                               tc.masked_word_rate, rng)
+    for g in opt.param_groups:
+        g["lr"] = lr * g["lr_scale"]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    opt.step()
+    negatives = scores[:, 1:1 + tc.hard_negatives] if tc.hard_negatives else scores[:, 1:]
+    return loss.item(), float((scores[:, :1] > negatives).float().mean())
+
+
+
 def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
           overwrite: bool = False) -> dict:
     """Train from step 0, or with `resume` go on from out_dir's checkpoint exactly where it stopped.
@@ -387,7 +416,6 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
     for m in set(tc.freeze) & set(model.encoders):
         for p in model.encoders[m].parameters():
             p.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(parameter_groups(model, tc), lr=tc.lr)
     step, history, loop = 0, [], None
     if resumed:
@@ -410,24 +438,22 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
     if tc.manifest:
         from multimodal.data.manifest import SAMPLE_RATE as MANIFEST_RATE
 
-        train_pool = ScenePool.from_items(model, train_rows, MANIFEST_RATE, hard_negatives=False)
-        val_pool = ScenePool.from_items(model, val_rows or train_rows, MANIFEST_RATE, hard_negatives=False)
+        train_pool = ScenePool.from_items(train_rows, MANIFEST_RATE, hard_negatives=False)
+        val_pool = ScenePool.from_items(val_rows or train_rows, MANIFEST_RATE, hard_negatives=False)
         if len(train_pool.scenes) < tc.batch_size:
             tc = replace(tc, batch_size=len(train_pool.scenes))
     else:
-        train_pool = ScenePool.build(model, split_seeds("train", tc.pool_scenes, tc.seed), scfg, tc.workers,
-                                     "generating training scenes")
-        val_pool = ScenePool.build(model, split_seeds("val", tc.val_scenes, tc.seed), scfg, 1,
-                                   "generating validation scenes")
+        train_pool = ScenePool.build(split_seeds("train", tc.pool_scenes, tc.seed), scfg, tc.workers,
+                                     "generating training scenes", progress)
+        val_pool = ScenePool.build(split_seeds("val", tc.val_scenes, tc.seed), scfg)
     # the curriculum's own pool until its last step (a manifest has none)
     in_curriculum = bool(tc.curriculum_steps) and not tc.manifest and (
         loop["pool"] == "curriculum" if loop else step < tc.curriculum_steps)
     pool = train_pool
     if in_curriculum and step < tc.curriculum_steps:
         n = min(tc.pool_scenes, tc.curriculum_steps * tc.batch_size)  # at most one pass over them
-        pool = ScenePool.build(model, split_seeds("curriculum", n, tc.seed), curriculum_scene_config(tc),
-                               tc.workers, "generating curriculum scenes")
-    per_scene = 1 + tc.hard_negatives + tc.easy_negatives
+        pool = ScenePool.build(split_seeds("curriculum", n, tc.seed), curriculum_scene_config(tc), tc.workers,
+                               "generating curriculum scenes", progress)
 
     def lr_at(s):
         if s < tc.warmup:
@@ -469,6 +495,7 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
             stale_summary = False
 
     saved_step = step if resumed else None  # the step of the checkpoint on disk
+    setup_s = None  # from the start to the first step: model, pools, resume
     with (tqdm(total=tc.steps, initial=step, desc="training", disable=not progress) as bar,
           _deferred_sigint() as interrupted):
         while step < tc.steps:
@@ -481,27 +508,11 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
                 order, cursor = np_rng.permutation(len(pool.scenes)), 0
             idx = order[cursor:cursor + tc.batch_size].tolist()
             cursor += tc.batch_size
-            captions, kinds = candidate_captions(pool, idx, tc, np_rng, mining.weights())
-            scores, out = score_candidates(model, pool.batch(model, idx), captions, per_scene)
-            mining.update(scores.detach(), kinds)
-            loss = matching_loss(scores)
-            if tc.contrastive_weight:
-                loss = loss + tc.contrastive_weight * contrastive_loss(model, out.tokens, per_scene,
-                                                                       tc.contrastive_temperature,
-                                                                       tc.contrastive_hard_weight)
-            if tc.masked_word_weight:
-                loss = loss + tc.masked_word_weight * masked_word_loss(model, out.tokens, captions, per_scene,
-                                                                       tc.masked_word_rate, np_rng)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step) * g["lr_scale"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            if setup_s is None:
+                setup_s = time.perf_counter() - t_start
+            loss, acc = training_step(model, opt, pool, idx, tc, np_rng, mining, lr_at(step))
             step += 1
-            negatives = scores[:, 1:1 + tc.hard_negatives] if tc.hard_negatives else scores[:, 1:]
-            acc = float((scores[:, :1] > negatives).float().mean())
-            ema_loss = loss.item() if ema_loss is None else 0.95 * ema_loss + 0.05 * loss.item()
+            ema_loss = loss if ema_loss is None else 0.95 * ema_loss + 0.05 * loss
             ema_acc = acc if ema_acc is None else 0.95 * ema_acc + 0.05 * acc
             bar.update(1)
             bar.set_postfix(loss=f"{ema_loss:.3f}", acc=f"{ema_acc:.3f}")
@@ -522,7 +533,7 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
                     checkpoint()
                 raise TrainingInterrupted(step, tc.steps, out_dir)
     wall = time.perf_counter() - t_start
-    summary = {"steps": step, "wall_time_s": wall, "device": tc.device, "history": history,
+    summary = {"steps": step, "wall_time_s": wall, "setup_s": setup_s, "device": tc.device, "history": history,
                "config": tc.to_dict()}
     _write_atomic(out_dir / SUMMARY, json.dumps(summary, indent=1))
     return summary

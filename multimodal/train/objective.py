@@ -71,11 +71,11 @@ class NegativeMining:
 def other_caption(pool: ScenePool, i: int, rng: np.random.Generator) -> str:
     """A caption of another item that differs from item i's (an easy negative)."""
     own = pool.scenes[i].caption
-    if all(s.caption == own for s in pool.scenes):
-        raise InputError("every item has the same caption: nothing to contrast with")
-    j = int(rng.integers(len(pool.scenes)))
+    j, tries = int(rng.integers(len(pool.scenes))), 1
     while pool.scenes[j].caption == own:
-        j = int(rng.integers(len(pool.scenes)))
+        if tries % 64 == 0 and all(s.caption == own for s in pool.scenes):  # only then look at every item
+            raise InputError("every item has the same caption: nothing to contrast with")
+        j, tries = int(rng.integers(len(pool.scenes))), tries + 1
     return pool.scenes[j].caption
 
 
@@ -101,8 +101,8 @@ def contrastive_loss(model: MultimodalModel, tokens: dict[str, ModalityTokens], 
     no attention map does.
     """
     fusion = model.fusion
-    text = tokens["text"]
-    keep = slice(None, None, per_scene)  # the true captions and one copy of each scene
+    text = tokens["text"]  # per_scene captions per scene, true caption first; the scene's tokens once
+    keep = slice(None, None, per_scene)  # the true captions
 
     def captions(rows: slice) -> tuple[Tensor, Tensor]:
         """Projected, L2-normalised caption tokens (N, Nt, D) and their content mask (N, Nt)."""
@@ -112,8 +112,8 @@ def contrastive_loss(model: MultimodalModel, tokens: dict[str, ModalityTokens], 
     keys, k_mask = [], []
     for m in ("image", "audio"):
         if m in tokens:
-            keys.append(F.normalize(fusion.input_proj[m](tokens[m].tokens[keep]), dim=-1))
-            k_mask.append(tokens[m].mask[keep] & ~tokens[m].special[keep])
+            keys.append(F.normalize(fusion.input_proj[m](tokens[m].tokens), dim=-1))
+            k_mask.append(tokens[m].mask & ~tokens[m].special)
     k, k_mask = torch.cat(keys, 1), torch.cat(k_mask, 1)  # (B, Nk, D), (B, Nk)
 
     def pair_similarity(sim: Tensor, tm: Tensor) -> Tensor:
@@ -162,7 +162,7 @@ def masked_word_loss(model: MultimodalModel, tokens: dict[str, ModalityTokens], 
         chosen[b, options[int(rng.integers(len(options)))]] = True
     targets = ids[chosen].to(model.device)  # (M,)
     batch = {**batch, "input_ids": ids.masked_fill(chosen, mask_id)}
-    fused_in = {m: t.every(per_scene) for m, t in tokens.items() if m != "text"}
+    fused_in = {m: t for m, t in tokens.items() if m != "text"}  # the scenes' tokens, once each
     fused_in["text"] = text(batch)
     fused = model.fusion(fused_in)
     words = model.match_asked(model.fusion.input_proj["text"](text.model.get_input_embeddings().weight))  # (V, D)
