@@ -115,6 +115,8 @@ def contrastive_loss(model: MultimodalModel, tokens: dict[str, ModalityTokens], 
             keys.append(F.normalize(fusion.input_proj[m](tokens[m].tokens), dim=-1))
             k_mask.append(tokens[m].mask & ~tokens[m].special)
     k, k_mask = torch.cat(keys, 1), torch.cat(k_mask, 1)  # (B, Nk, D), (B, Nk)
+    if bool((k_mask == k_mask[:1]).all()):  # the same keys count in every scene (same-size inputs): keep only those
+        k, k_mask = k[:, k_mask[0]], None  # no masked entries in the (B, B, Nt, Nk) similarities; the same values
 
     def pair_similarity(sim: Tensor, tm: Tensor) -> Tensor:
         """(..., Nt, Nk) token cosines -> (...,) mean over content tokens of the best key."""
@@ -122,7 +124,9 @@ def contrastive_loss(model: MultimodalModel, tokens: dict[str, ModalityTokens], 
         return (sim.amax(-1) * tm).sum(-1) / tm.sum(-1).clamp_min(1)
 
     t, t_mask = captions(keep)  # (B, Nt, D), (B, Nt)
-    sim = torch.einsum("itd,jkd->ijtk", t, k).masked_fill(~k_mask[None, :, None, :], -2.0)
+    sim = torch.einsum("itd,jkd->ijtk", t, k)
+    if k_mask is not None:
+        sim = sim.masked_fill(~k_mask[None, :, None, :], -2.0)
     pair = pair_similarity(sim, t_mask[:, None, :])  # (B_text, B_scene)
     target = torch.arange(pair.shape[0], device=pair.device)
     logits = pair / temperature
@@ -131,7 +135,9 @@ def contrastive_loss(model: MultimodalModel, tokens: dict[str, ModalityTokens], 
         B = k.shape[0]
         t_all, m_all = captions(slice(None))  # every candidate: (B*P, Nt, D), P = per_scene
         t_own = t_all.view(B, per_scene, *t_all.shape[1:])  # (B, P, Nt, D)
-        sim = torch.einsum("bptd,bkd->bptk", t_own, k).masked_fill(~k_mask[:, None, None, :], -2.0)
+        sim = torch.einsum("bptd,bkd->bptk", t_own, k)
+        if k_mask is not None:
+            sim = sim.masked_fill(~k_mask[:, None, None, :], -2.0)
         own = pair_similarity(sim, m_all.view(B, per_scene, -1))  # (B, P): candidate p against scene b
         loss = loss + hard_weight * F.cross_entropy(own / temperature, torch.zeros_like(target))
     return loss
