@@ -24,6 +24,10 @@ MATCH_HEADS = {
 TARGETS = {"matching": 0.95, "pointing": 0.90, "energy_gain": 3.0, "train_minutes": 20.0}
 
 
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def _met(value: float, target: float) -> str:
     return f"**{value:.3f}** (target {target:g}: {'met' if value >= target else f'missed by {target - value:.3f}'})"
 
@@ -97,32 +101,57 @@ def model_card(checkpoint: str | Path) -> str:
     for k, v in result["matching"].items():
         if k != "all":
             lines.append(f"| {k} | {v['accuracy']:.3f} | {v['pairs']} |")
+    every = result.get("matching_every_kind")
+    if every:
+        lines += ["", "Every kind of negative on every scene that allows it (one table row per kind, so rare kinds "
+                  "such as order get enough pairs to measure; rejected = the negative alone scores no match):", "",
+                  "| negative type | accuracy | rejected | pairs |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['accuracy']:.3f} | {v['rejected']:.3f} | {v['pairs']} |" for k, v in every.items()]
+    true = result.get("true_captions")
+    if true:
+        lines += ["", "True captions scored as a match (p > 0.5), by the number of events they name:", "",
+                  "| captions | matched | count |", "|---|---|---|"]
+        lines += [f"| {k} | {v['matched']:.3f} | {v['captions']} |" for k, v in true.items()]
     for mod, s in result["summary"].items():
         base = result["baselines"].get(mod, {})
         uniform = base.get("uniform", {}).get("mean_energy")
         ratio = s["mean_energy"] / uniform if uniform else float("nan")
         gain = s.get("mean_energy_gain", ratio)  # per phrase: energy / its region's share, as eval.md reports it
+        strict = s.get("best_pointing_strict")
         lines += ["", f"### {mod} grounding", "",
-                  f"- best head (L{s['best_head']['layer']} H{s['best_head']['head']}) pointing game: "
-                  f"{_met(s['best_pointing'], TARGETS['pointing'])}",
+                  *([f"- best head (L{s['best_head_strict']['layer']} H{s['best_head_strict']['head']}) pointing game, "
+                     f"strict (the peak inside the referent): {_met(strict, TARGETS['pointing'])}"]
+                    if strict is not None else []),
+                  f"- best head (L{s['best_head']['layer']} H{s['best_head']['head']}) pointing game"
+                  + (f", tolerant ({'one patch' if mod == 'image' else 'one time column'} of tolerance): "
+                     f"{s['best_pointing']:.3f} (the lenient reading; the target is set on the strict one)"
+                     if strict is not None else f": {_met(s['best_pointing'], TARGETS['pointing'])}"),
                   f"- mean over heads of energy inside the region: {s['mean_energy']:.3f}, "
                   f"{_met(gain, TARGETS['energy_gain'])} x the uniform map (per phrase, energy over the region's "
                   f"share, as in the table below; the ratio of the means is {ratio:.2f} x the uniform map's "
                   f"{uniform:.3f})" if uniform else "", "",
-                  "| source | best-head pointing | mean pointing | mean energy |", "|---|---|---|---|"]
+                  "| source | best-head pointing, strict | best-head pointing | mean pointing, strict | mean pointing "
+                  "| mean energy |", "|---|---|---|---|---|---|"]
         heads = [r for r in result["heads"] if r["modality"] == mod]
-        mean_pointing = sum(r["pointing"] for r in heads) / len(heads)
-        lines.append(f"| this model | {s['best_pointing']:.3f} | {mean_pointing:.3f} | {s['mean_energy']:.3f} |")
+
+        def _mean(key):
+            values = [r[key] for r in heads if r.get(key) is not None]
+            return f"{sum(values) / len(values):.3f}" if values else "-"
+
+        lines.append(f"| this model | {_f(strict)} | {s['best_pointing']:.3f} | {_mean('pointing_strict')} | "
+                     f"{_mean('pointing')} | {s['mean_energy']:.3f} |")
         for src, b in base.items():
-            lines.append(f"| {src.replace('_', ' ')} | {b['best_pointing']:.3f} | {b['mean_pointing']:.3f} | "
-                         f"{b['mean_energy']:.3f} |")
-        lines += ["", "| layer | head | pointing | energy | energy / region share |", "|---|---|---|---|---|"]
+            lines.append(f"| {src.replace('_', ' ')} | {_f(b.get('best_pointing_strict'))} | {b['best_pointing']:.3f} | "
+                         f"{_f(b.get('mean_pointing_strict'))} | {b['mean_pointing']:.3f} | {b['mean_energy']:.3f} |")
+        lines += ["", "| layer | head | pointing, strict | pointing | energy | energy / region share |",
+                  "|---|---|---|---|---|---|"]
         for r in heads:
-            lines.append(f"| {r['layer']} | {r['head']} | {r['pointing']:.3f} | {r['energy']:.3f} | "
-                         f"{r['energy_gain']:.2f} |")
+            lines.append(f"| {r['layer']} | {r['head']} | {_f(r.get('pointing_strict'))} | {r['pointing']:.3f} | "
+                         f"{r['energy']:.3f} | {r['energy_gain']:.2f} |")
     lines += ["", "Pointing: the phrase's tokens' head map (renormalised within the modality) has its "
-              "maximum inside the referent (image: the object mask, 1-patch tolerance; audio: the event "
-              "interval, 1-column tolerance). Energy: the share of the map's mass inside the referent. "
+              "maximum inside the referent: strict, the peak on the object mask / the peak column's centre "
+              "inside the event interval; tolerant, within 15 px (one 16 px patch) / one time column of it. "
+              "Energy: the share of the map's mass inside the referent. "
               "Definitions: docs/metrics.md section 5.", "",
               "## Limits", "",
               "- It only knows the scene vocabulary; any other word is an unknown token, and real photos or "

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from multimodal.analysis.grounding import METRICS, audio_columns, phrase_tokens, score_phrase
-from multimodal.data.pool import ScenePool, split_seeds
-from multimodal.data.scenes import SceneConfig, hard_negative
+from multimodal.analysis.grounding import (METRICS, POINTING_TOLERANCE_PX, TIME_TOLERANCE_COLUMNS, audio_columns,
+                                          phrase_tokens, score_phrase)
+from multimodal.data.pool import MAX_SPLIT_SCENES, ScenePool, split_seeds
+from multimodal.data.scenes import CHANGE_TYPES, SceneConfig, change_kinds, hard_negative
 from multimodal.data.truth import GroundTruth, from_scene
 from multimodal.model import MultimodalModel, score_candidates
 from multimodal.types import AttentionMaps, InputError
@@ -108,10 +109,32 @@ def _relevance_maps(model: MultimodalModel, batch, captions) -> tuple[AttentionM
     return rel_maps, {l: _modality_maps(rel_maps, l) for l in rel_maps.layers}
 
 
+def _every_kind(model: MultimodalModel, batch: dict, group: list, kinds, rng: np.random.Generator,
+                every: dict) -> list[float]:
+    """Each scene's caption against one negative of each of `kinds` it allows (tallied into
+    `every[kind]` = [true outscores it, it alone scores no match, pairs]); returns the true captions' logits."""
+    caps, allowed = [], [change_kinds(s) for s in group]
+    for s, ok in zip(group, allowed):  # the caption again where a kind does not apply (not tallied)
+        caps += [s.caption] + [hard_negative(s, rng, change_type=k)[0] if k in ok else s.caption for k in kinds]
+    with torch.no_grad():
+        scores, _ = score_candidates(model, batch, caps, 1 + len(kinds))
+    for ok, row in zip(allowed, scores.tolist()):
+        for j, k in enumerate(kinds):
+            if k in ok:
+                every[k][0] += int(row[0] > row[1 + j])
+                every[k][1] += int(row[1 + j] <= 0)
+                every[k][2] += 1
+    return scores[:, 0].tolist()
+
+
 def evaluate(model: MultimodalModel, scenes: int = 500, seed: int = 0, batch_size: int = 32,
              scene_cfg: SceneConfig | None = None, baselines: bool = True, progress: bool = True,
-             grounding: bool = True) -> dict:
-    """Matching accuracy by negative type and, with `grounding`, per-head grounding (+ baselines)."""
+             grounding: bool = True, min_pairs: int = 200) -> dict:
+    """Matching accuracy by negative type and, with `grounding`, per-head grounding (+ baselines).
+
+    Also every kind of negative on every scene that allows it; a kind that fewer than `min_pairs`
+    of the scenes allow is measured on further test scenes (up to 10x `scenes` in all) until it has
+    `min_pairs` pairs, so rare kinds (event order: two-event captions only) are measured, not guessed."""
     if grounding and model.cfg.query != "text":
         raise InputError("grounding evaluation scores text-phrase queries: it needs a model with query='text' "
                          "(grounding=False measures matching only)")
@@ -119,12 +142,15 @@ def evaluate(model: MultimodalModel, scenes: int = 500, seed: int = 0, batch_siz
     t0 = time.perf_counter()
     model.eval()
     cfg = scene_cfg or SceneConfig(**model.meta.get("train_config", {}).get("scene", {}))
-    pool = ScenePool.build(split_seeds("test", scenes, seed), cfg)
+    pool = ScenePool.build(split_seeds("test", min(10 * scenes, MAX_SPLIT_SCENES), seed), cfg)  # more only if needed
     random_model = random_init_like(model, seed + 12345) if baselines else None
     tally = GroundingTally()
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
+    every_rng = np.random.default_rng([seed, 1])  # the every-kind negatives: the random draw above is unchanged
     wins = defaultdict(lambda: [0, 0])
+    every = defaultdict(lambda: [0, 0, 0])  # kind -> [true caption outscores it, it scored no match, pairs]
+    matched = defaultdict(lambda: [0, 0])  # which true captions -> [scored a match (p > 0.5), captions]
     for start in tqdm(range(0, scenes, batch_size), desc="evaluating", disable=not progress):
         idx = list(range(start, min(start + batch_size, scenes)))
         batch = pool.batch(model, idx)
@@ -140,6 +166,12 @@ def evaluate(model: MultimodalModel, scenes: int = 500, seed: int = 0, batch_siz
             for key in (k, "all"):
                 wins[key][0] += int(p > n)
                 wins[key][1] += 1
+        true_scores = _every_kind(model, batch, group, CHANGE_TYPES, every_rng, every)
+        for s, score in zip(group, true_scores):
+            events = sum(p["target"] == "event" for p in s.phrases)
+            for key in ("all", f"{events} event{'s' if events != 1 else ''}"):
+                matched[key][0] += int(score > 0)
+                matched[key][1] += 1
         if not grounding:
             continue
         with torch.no_grad():
@@ -155,7 +187,23 @@ def evaluate(model: MultimodalModel, scenes: int = 500, seed: int = 0, batch_siz
                          group, rout.maps, gen)
             rel_maps, rel = _relevance_maps(model, batch, [s.caption for s in group])
             ground_batch(tally, "grad_relevance", rel, group, rel_maps, gen)
-    return summarise(model, tally, wins, scenes, time.perf_counter() - t0)
+    # kinds fewer than min_pairs scenes allow (order needs a caption with two events): more test scenes
+    # after the first `scenes`, each scored only against the kinds still short
+    start, end = scenes, len(pool.scenes)
+    while start < end and (short := [k for k in CHANGE_TYPES if every[k][2] < min_pairs]):
+        idx = list(range(start, min(start + batch_size, end)))
+        group = [pool.scenes[i] for i in idx]
+        keep = [i for i, s in zip(idx, group) if set(short) & set(change_kinds(s))]
+        if keep:
+            _every_kind(model, pool.batch(model, keep), [pool.scenes[i] for i in keep], short, every_rng, every)
+        start += batch_size
+    result = summarise(model, tally, wins, scenes, time.perf_counter() - t0)
+    result["matching_every_kind"] = {k: {"accuracy": w / n, "rejected": r / n, "pairs": n}
+                                     for k, (w, r, n) in every.items()}
+    result["every_kind_scenes"] = start  # test scenes the every-kind table drew from (the first `scenes`, then more)
+    result["every_kind_min_pairs"] = min_pairs
+    result["true_captions"] = {k: {"matched": m / n, "captions": n} for k, (m, n) in sorted(matched.items())}
+    return result
 
 
 def summarise(model, tally: GroundingTally, wins, scenes: int, seconds: float) -> dict:
@@ -172,6 +220,7 @@ def summarise(model, tally: GroundingTally, wins, scenes: int, seconds: float) -
                     continue
                 rows.append({"modality": mod, "layer": l, "head": h,
                              "pointing": tally.mean(key + ("pointing",)),
+                             "pointing_strict": tally.mean(key + ("pointing_strict",)),
                              "energy": tally.mean(key + ("energy",)),
                              "energy_gain": tally.mean(key + ("energy_gain",)),
                              "phrases": len(tally.rows[key + ("pointing",)])})
@@ -179,9 +228,12 @@ def summarise(model, tally: GroundingTally, wins, scenes: int, seconds: float) -
             continue
         result["heads"] += rows
         best = max(rows, key=lambda r: r["pointing"])
+        strict = max(rows, key=lambda r: r["pointing_strict"])
         result["summary"][mod] = {
             "best_head": {"layer": best["layer"], "head": best["head"]},
             "best_pointing": best["pointing"],
+            "best_head_strict": {"layer": strict["layer"], "head": strict["head"]},
+            "best_pointing_strict": strict["pointing_strict"],
             "mean_energy": float(np.mean([r["energy"] for r in rows])),
             "mean_energy_gain": float(np.mean([r["energy_gain"] for r in rows])),
         }
@@ -190,11 +242,21 @@ def summarise(model, tally: GroundingTally, wins, scenes: int, seconds: float) -
             if not keys:
                 continue
             pts = [tally.mean(k) for k in keys]
+            strict = [tally.mean(k[:4] + ("pointing_strict",)) for k in keys]
             ens = [tally.mean(k[:4] + ("energy",)) for k in keys]
             result["baselines"].setdefault(mod, {})[source] = {
                 "best_pointing": float(np.max(pts)), "mean_pointing": float(np.mean(pts)),
+                "best_pointing_strict": float(np.max(strict)), "mean_pointing_strict": float(np.mean(strict)),
                 "mean_energy": float(np.mean(ens))}
     return result
+
+
+TOLERANCE = {"image": f"within {POINTING_TOLERANCE_PX} px of the mask",
+             "audio": f"within {TIME_TOLERANCE_COLUMNS:g} time column of the event"}
+
+
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def markdown(result: dict) -> str:
@@ -203,19 +265,41 @@ def markdown(result: dict) -> str:
              "| negative type | accuracy | pairs |", "|---|---|---|"]
     for k, v in result["matching"].items():
         lines.append(f"| {k} | {v['accuracy']:.3f} | {v['pairs']} |")
+    if result.get("matching_every_kind"):
+        lines += ["", "## Every kind of negative on every scene that allows it", "",
+                  "Each scene's caption against one negative of every kind of change the scene allows (the "
+                  f"table above draws one kind per scene); a kind fewer than {result.get('every_kind_min_pairs')} "
+                  "of them allow is measured on further test scenes "
+                  f"({result.get('every_kind_scenes', result['scenes'])} scanned in all). "
+                  "Rejected: the negative alone scores no match (p <= 0.5).",
+                  "", "| negative type | accuracy | rejected | pairs |", "|---|---|---|---|"]
+        for k, v in result["matching_every_kind"].items():
+            lines.append(f"| {k} | {v['accuracy']:.3f} | {v['rejected']:.3f} | {v['pairs']} |")
+    if result.get("true_captions"):
+        lines += ["", "## True captions scored as a match (p > 0.5)", "", "| captions | matched | count |",
+                  "|---|---|---|"]
+        for k, v in result["true_captions"].items():
+            lines.append(f"| {k} | {v['matched']:.3f} | {v['captions']} |")
+    where = {"image": "on the object's mask", "audio": "inside the event"}
     for mod, s in result["summary"].items():
+        strict = s.get("best_pointing_strict")  # None in reports written before strict pointing
         lines += ["", f"## {mod} grounding", "",
-                  f"Best head L{s['best_head']['layer']} H{s['best_head']['head']}: pointing "
-                  f"{s['best_pointing']:.3f}; mean over heads of energy inside the region {s['mean_energy']:.3f} "
-                  f"({s['mean_energy_gain']:.2f}x the uniform map).", "",
-                  "| source | best pointing | mean pointing | mean energy |", "|---|---|---|---|"]
+                  (f"Strict pointing (the peak {where[mod]}): best head L{s['best_head_strict']['layer']} "
+                   f"H{s['best_head_strict']['head']}, {strict:.3f}. " if strict is not None else "")
+                  + f"Tolerant pointing ({TOLERANCE[mod]}): best head L{s['best_head']['layer']} "
+                  f"H{s['best_head']['head']}, {s['best_pointing']:.3f}. Mean over heads of energy inside the "
+                  f"region {s['mean_energy']:.3f} ({s['mean_energy_gain']:.2f}x the uniform map).", "",
+                  "| source | best pointing, strict | best pointing | mean pointing, strict | mean pointing "
+                  "| mean energy |", "|---|---|---|---|---|---|"]
         for src, b in result["baselines"].get(mod, {}).items():
-            lines.append(f"| {src} | {b['best_pointing']:.3f} | {b['mean_pointing']:.3f} | {b['mean_energy']:.3f} |")
-        lines += ["", "| layer | head | pointing | energy | energy / uniform |", "|---|---|---|---|---|"]
+            lines.append(f"| {src} | {_f(b.get('best_pointing_strict'))} | {b['best_pointing']:.3f} | "
+                         f"{_f(b.get('mean_pointing_strict'))} | {b['mean_pointing']:.3f} | {b['mean_energy']:.3f} |")
+        lines += ["", "| layer | head | pointing, strict | pointing | energy | energy / uniform |",
+                  "|---|---|---|---|---|---|"]
         for r in result["heads"]:
             if r["modality"] == mod:
-                lines.append(f"| {r['layer']} | {r['head']} | {r['pointing']:.3f} | {r['energy']:.3f} | "
-                             f"{r['energy_gain']:.2f} |")
+                lines.append(f"| {r['layer']} | {r['head']} | {_f(r.get('pointing_strict'))} | {r['pointing']:.3f} | "
+                             f"{r['energy']:.3f} | {r['energy_gain']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

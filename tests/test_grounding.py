@@ -61,3 +61,23 @@ def test_temporal_pointing():
     assert temporal_pointing(maps, times, torch.tensor([[0.2, 0.3]]), 0.0).item()
     assert not temporal_pointing(maps, times, torch.tensor([[0.0, 0.1]]), 0.1).item()
     assert temporal_pointing(maps, times, torch.tensor([[0.0, 0.1]]), 0.16).item()
+
+
+def test_strict_and_tolerant_pointing_read_the_same_peak():
+    """A peak one cell beside the object: a tolerant hit, a strict miss; on the object: both hit.
+    An event peak one column after the event: tolerant hit, strict miss."""
+    from multimodal.analysis.grounding import score_event, score_object
+
+    mask = torch.zeros(64, 64, dtype=torch.bool)
+    mask[16:32, 16:32] = True  # cell (1, 1) of a 4 x 4 grid of 16 px cells
+    m = torch.zeros(2, 4, 4)
+    m[0, 1, 1] = 1.0  # head 0 peaks on the object
+    m[1, 1, 2] = 1.0  # head 1 one cell to the right (its upsampled peak is near x = 40, 8 px from the mask)
+    s = score_object(m, mask, torch.Generator().manual_seed(0))
+    assert s["pointing"].tolist() == [True, True] and s["pointing_strict"].tolist() == [True, False]
+    times = torch.tensor([0.05, 0.15, 0.25, 0.35, 0.45])
+    a = torch.zeros(2, 5)
+    a[0, 2], a[1, 3] = 1.0, 1.0  # head 0 peaks at 0.25 s, head 1 at 0.35 s
+    e = score_event(a, times, (0.2, 0.3), None, torch.Generator().manual_seed(0))
+    assert e["pointing"].tolist() == [True, True] and e["pointing_strict"].tolist() == [True, False]
+    assert e["energy"].tolist() == [1.0, 0.0]

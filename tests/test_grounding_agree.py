@@ -16,7 +16,8 @@ from multimodal.data.truth import GroundTruth, from_manifest_row, from_scene, lo
 from multimodal.types import AttentionMaps, AudioGeometry, TextGeometry
 
 COLUMNS = {("image", "pointing"): "pointing image", ("image", "energy"): "energy in object",
-           ("audio", "pointing"): "pointing audio", ("audio", "energy"): "mass in event"}
+           ("audio", "pointing"): "pointing audio", ("audio", "energy"): "mass in event",
+           ("image", "pointing_strict"): "pointing image, strict", ("audio", "pointing_strict"): "pointing audio, strict"}
 
 
 def eval_scores(maps: AttentionMaps, layer: int, truth) -> dict[str, np.ndarray]:

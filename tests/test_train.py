@@ -79,7 +79,7 @@ def test_train_on_a_manifest_skips_bad_rows_by_number(tmp_path, capsys):
 def test_eval_reports_every_head_and_the_baselines(tmp_path):
     train(smoke(steps=2), tmp_path / "run", progress=False)
     model = MultimodalModel.from_pretrained(tmp_path / "run")
-    result = evaluate(model, scenes=6, seed=0, progress=False)
+    result = evaluate(model, scenes=6, seed=0, progress=False, min_pairs=4, batch_size=4)
     json_path, md_path = write_report(result, tmp_path / "run")
     saved = json.loads(open(json_path).read())
     assert 0.0 <= saved["matching"]["all"]["accuracy"] <= 1.0 and saved["matching"]["all"]["pairs"] == 6
@@ -91,6 +91,34 @@ def test_eval_reports_every_head_and_the_baselines(tmp_path):
         assert heads == {(l, h) for l in range(2) for h in range(2)}, mod
         assert set(saved["baselines"][mod]) == {"uniform", "random_init", "grad_relevance"}
         assert 0.0 <= saved["summary"][mod]["best_pointing"] <= 1.0
+        for r in saved["heads"]:  # the strict reading (peak inside the region) never exceeds the tolerant one
+            if r["modality"] == mod:
+                assert 0.0 <= r["pointing_strict"] <= r["pointing"] <= 1.0
+        assert saved["summary"][mod]["best_pointing_strict"] <= saved["summary"][mod]["best_pointing"]
+        assert f"Strict pointing (the peak {'on the object' if mod == 'image' else 'inside the event'}" in text
+    # every kind of negative on every scene that allows it, kinds short of min_pairs on further scenes;
+    # true captions scored as a match, by event count
+    from collections import Counter
+
+    from multimodal.data.pool import split_seeds
+    from multimodal.data.scenes import CHANGE_TYPES, change_kinds
+
+    scanned = saved["every_kind_scenes"]
+    assert scanned > 6  # six scenes allow fewer than 4 order (or direction) negatives
+    scenes = [generate_scene(s) for s in split_seeds("test", scanned, 0)]
+    expect = Counter(k for s in scenes[:6] for k in change_kinds(s))
+    for start in range(6, scanned, 4):  # batch_size 4: each further batch counts only the kinds still short
+        short = [k for k in CHANGE_TYPES if expect[k] < 4]
+        assert short, "scanned past the point where every kind had its pairs"
+        expect.update(k for s in scenes[start:start + 4] for k in change_kinds(s) if k in short)
+    assert {k: v["pairs"] for k, v in saved["matching_every_kind"].items()} == dict(expect)
+    assert all(v["pairs"] >= 4 for v in saved["matching_every_kind"].values())
+    scenes = scenes[:6]
+    events = [sum(p["target"] == "event" for p in s.phrases) for s in scenes]
+    assert saved["true_captions"]["all"]["captions"] == 6
+    for n in set(events):
+        assert saved["true_captions"][f"{n} event{'s' if n != 1 else ''}"]["captions"] == events.count(n)
+    assert "## Every kind of negative" in text and "## True captions scored as a match" in text
     # the model card quotes eval's own figures: the per-phrase energy gain (as eval.md) and the ratio of means
     card = model_card(tmp_path / "run")
     for mod in ("image", "audio"):

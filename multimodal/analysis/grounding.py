@@ -8,10 +8,11 @@ image resolution. Audio maps are `(N, T)` over time columns with centres `times 
 call them, so the page and the published numbers agree on the same scene. A phrase's map is
 the mean, over the content text tokens its character span covers, of each head's rows
 renormalised within the modality. Objects: pointing game at the mask's resolution (the
-image's; no downscaling) with POINTING_TOLERANCE_PX, energy inside the mask, and that energy
-over the mask's area fraction. Events: temporal pointing with a tolerance of
-TIME_TOLERANCE_COLUMNS time-column spacings, mass inside the interval over the valid columns
-(validity from the key mask), and that mass over chance.
+image's; no downscaling) with POINTING_TOLERANCE_PX (tolerant) and on the mask itself (strict),
+energy inside the mask, and that energy over the mask's area fraction. Events: temporal
+pointing with a tolerance of TIME_TOLERANCE_COLUMNS time-column spacings (tolerant) and inside
+the interval (strict), mass inside the interval over the valid columns (validity from the key
+mask), and that mass over chance. Both pointing readings come from the same peak.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ if TYPE_CHECKING:
 
 POINTING_TOLERANCE_PX = 15  # TorchRay's pointing game
 TIME_TOLERANCE_COLUMNS = 1.0  # temporal pointing tolerance, in time-column spacings
-METRICS = ("pointing", "energy", "energy_gain")  # what score_phrase returns per head
+# what score_phrase returns per head: pointing with the tolerance (TOLERANT) and without (STRICT: the peak
+# inside the mask / the peak column's centre inside the event), from the same peak; energy; energy over chance
+METRICS = ("pointing", "pointing_strict", "energy", "energy_gain")
 
 
 def upsample_map(maps: Tensor, size: tuple[int, int]) -> Tensor:
@@ -47,19 +50,25 @@ def _dilate(masks: Tensor, radius: int) -> Tensor:
     return hit[:, 0] > 0.5
 
 
+def _argmax_random_ties(a: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """(N, K) -> (N,) index of each row's maximum, ties broken at random (a uniform map does not
+    "point" at its first entry)."""
+    top = a.amax(1, keepdim=True)
+    ties = a >= top - 1e-7 * top.abs().clamp_min(1e-12)  # (N, K)
+    noise = torch.rand(a.shape, generator=generator)
+    return torch.where(ties, noise, torch.full_like(noise, -1.0)).argmax(1)
+
+
+def image_peak(maps: Tensor, size: tuple[int, int], generator: torch.Generator | None = None) -> Tensor:
+    """(N, gh, gw) -> (N,) flat pixel index of each map's maximum at image resolution `size`."""
+    return _argmax_random_ties(upsample_map(maps, size).flatten(1), generator)
+
+
 def pointing_game(maps: Tensor, masks: Tensor, tolerance: int = POINTING_TOLERANCE_PX,
                   generator: torch.Generator | None = None) -> Tensor:
-    """(N,) bool hits: the map's maximum at image resolution lies within `tolerance` px of the mask.
-
-    Ties are broken at random (a uniform map does not "point" at the top-left corner).
-    """
-    up = upsample_map(maps, tuple(masks.shape[-2:]))  # (N, H, W)
-    flat = up.flatten(1)  # (N, H*W)
-    top = flat.amax(1, keepdim=True)
-    ties = flat >= top - 1e-7 * top.abs().clamp_min(1e-12)  # (N, H*W)
-    noise = torch.rand(flat.shape, generator=generator)
-    idx = torch.where(ties, noise, torch.full_like(noise, -1.0)).argmax(1)  # (N,)
-    return _near_mask(masks, idx, tolerance)
+    """(N,) bool hits: the map's maximum at image resolution lies within `tolerance` px of the mask
+    (0: on a mask pixel). Ties are broken at random."""
+    return _near_mask(masks, image_peak(maps, tuple(masks.shape[-2:]), generator), tolerance)
 
 
 def _near_mask(masks: Tensor, idx: Tensor, radius: int) -> Tensor:
@@ -114,17 +123,19 @@ def interval_mass(maps: Tensor, times: Tensor, intervals: Tensor, valid: Tensor 
     return mass, chance
 
 
-def temporal_pointing(maps: Tensor, times: Tensor, intervals: Tensor, tolerance: float,
-                      valid: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
-    """(N,) bool: the map's peak column centre lies in [t0 - tol, t1 + tol] (random tie-break)."""
+def temporal_peak(maps: Tensor, times: Tensor, valid: Tensor | None = None,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """(N, T) -> (N,) centre time of each map's peak column among the valid ones (random tie-break)."""
     a = maps.float()
     if valid is not None:
         a = a.masked_fill(~valid, float("-inf"))
-    top = a.amax(1, keepdim=True)
-    ties = a >= top - 1e-7 * top.abs().clamp_min(1e-12)
-    noise = torch.rand(a.shape, generator=generator)
-    idx = torch.where(ties, noise, torch.full_like(noise, -1.0)).argmax(1)  # (N,)
-    peak = times.float()[idx]
+    return times.float()[_argmax_random_ties(a, generator)]
+
+
+def temporal_pointing(maps: Tensor, times: Tensor, intervals: Tensor, tolerance: float,
+                      valid: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """(N,) bool: the map's peak column centre lies in [t0 - tol, t1 + tol] (random tie-break)."""
+    peak = temporal_peak(maps, times, valid, generator)
     return (peak >= intervals[:, 0] - tolerance) & (peak <= intervals[:, 1] + tolerance)
 
 
@@ -166,28 +177,35 @@ def column_spacing(times: Tensor) -> float:
 def score_object(m: Tensor, mask: Tensor, generator: torch.Generator | None = None,
                  tolerance: int = POINTING_TOLERANCE_PX) -> dict[str, Tensor]:
     """One object phrase, per head: `m (h, gh, gw)`, `mask (H, W)` bool at image resolution ->
-    {"pointing": (h,) bool, "energy": (h,), "energy_gain": (h,) energy / area fraction}."""
+    {"pointing": (h,) bool within `tolerance` px, "pointing_strict": (h,) bool on the mask (the same
+    peak), "energy": (h,), "energy_gain": (h,) energy / area fraction}."""
     masks = mask.bool()[None].expand(m.shape[0], -1, -1)  # (h, H, W)
-    hits = pointing_game(m, masks, tolerance=tolerance, generator=generator)
+    peak = image_peak(m, tuple(masks.shape[-2:]), generator)  # (h,)
     energy = energy_inside(m, masks)
     base = region_fraction(masks[:1]).item()
-    return {"pointing": hits, "energy": energy, "energy_gain": energy / max(base, 1e-9)}
+    return {"pointing": _near_mask(masks, peak, tolerance), "pointing_strict": _near_mask(masks, peak, 0),
+            "energy": energy, "energy_gain": energy / max(base, 1e-9)}
 
 
 def score_event(m: Tensor, times: Tensor, interval: Sequence[float], valid: Tensor | None = None,
                 generator: torch.Generator | None = None,
                 tolerance_columns: float = TIME_TOLERANCE_COLUMNS) -> dict[str, Tensor]:
     """One event phrase, per head: `m (h, T)`, `interval (start, end)` seconds, `valid (T,)` ->
-    {"pointing": (h,) bool, "energy": (h,) mass in the interval, "energy_gain": (h,) mass / chance}.
+    {"pointing": (h,) bool, "pointing_strict": (h,) bool, "energy": (h,) mass in the interval,
+    "energy_gain": (h,) mass / chance}.
 
     Pointing is a hit when the peak column's centre lies within `tolerance_columns` column
-    spacings of the interval (a peak exactly one column outside counts at the default)."""
+    spacings of the interval (a peak exactly one column outside counts at the default);
+    strict pointing when it lies inside the interval (the same peak)."""
     h = m.shape[0]
     intervals = torch.tensor([[float(interval[0]), float(interval[1])]]).expand(h, -1)  # (h, 2)
     valid = None if valid is None else valid.bool()[None].expand(h, -1)  # (h, T)
-    hits = temporal_pointing(m, times, intervals, tolerance_columns * column_spacing(times), valid, generator)
+    peak = temporal_peak(m, times, valid, generator)  # (h,)
+    tol = tolerance_columns * column_spacing(times)
     mass, chance = interval_mass(m, times, intervals, valid)
-    return {"pointing": hits, "energy": mass, "energy_gain": mass / chance.clamp_min(1e-9)}
+    return {"pointing": (peak >= intervals[:, 0] - tol) & (peak <= intervals[:, 1] + tol),
+            "pointing_strict": (peak >= intervals[:, 0]) & (peak <= intervals[:, 1]),
+            "energy": mass, "energy_gain": mass / chance.clamp_min(1e-9)}
 
 
 def score_phrase(per_modality: Mapping[str, Tensor], q: Tensor, phrase: Mapping, object_masks: Sequence | None,
@@ -221,7 +239,7 @@ def phrase_grounding(maps: "AttentionMaps", layer: int, item: int, phrases: Sequ
                      generator: torch.Generator | None = None,
                      per_modality: Mapping[str, Tensor] | None = None) -> list[dict]:
     """Every scorable phrase of item `item` at `layer`, in order: [{"phrase", "modality",
-    "pointing", "energy", "energy_gain"}], each metric `(h,)` over the layer's heads.
+    "pointing", "pointing_strict", "energy", "energy_gain"}], each metric `(h,)` over the layer's heads.
 
     `per_modality` overrides the maps scored (`(B, h, Nq, ...)` per modality, e.g. a uniform
     baseline); by default each head's rows renormalised within the image / the audio.

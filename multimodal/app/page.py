@@ -60,8 +60,9 @@ query side, so its highlight shows how *concentrated* each head's attention is f
 **Metrics** (one row per head; "(off)" = switched off; averaged over the content queries):
 entropy (0-1, normalised as above), confidence (mean largest weight), each modality's share of
 the attention; with ground truth: pointing game (is the peak within
-{POINTING_TOLERANCE_PX} px of the object?), energy inside the object, attention mass inside the
-event's interval and temporal pointing, averaged over the caption's phrases.
+{POINTING_TOLERANCE_PX} px of the object? "strict": on the object itself), energy inside the object,
+attention mass inside the event's interval and temporal pointing (within one time column of the
+event; "strict": inside it), averaged over the caption's phrases.
 
 **Ablation.** Tick heads to switch them off (their output is zeroed) and press Run again.
 

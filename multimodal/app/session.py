@@ -16,7 +16,8 @@ are scored with the pointing game (15 px tolerance, at the uploaded image's own 
 downscaling, so a 128 px scene scores exactly as in eval; the pointing game checks only the
 disk around each peak, so a 1024x1024 upload costs about 0.1 s) and the energy inside the mask
 or box, events with temporal pointing (one time-column spacing of tolerance) and the attention
-mass inside the interval.
+mass inside the interval. Both pointing games are also read strictly (the peak on the object /
+inside the event), from the same peak.
 """
 
 from __future__ import annotations
@@ -163,8 +164,10 @@ def grounding_scores(maps: AttentionMaps, layer: int, gt: GroundTruth, image_siz
         return {}
     masks = gt.object_masks(image_size) if image_size is not None else None
     gen = torch.Generator().manual_seed(TIE_SEED)
-    names = {"image": (("pointing image", "pointing"), ("energy in object", "energy")),
-             "audio": (("mass in event", "energy"), ("pointing audio", "pointing"))}
+    names = {"image": (("pointing image", "pointing"), ("pointing image, strict", "pointing_strict"),
+                       ("energy in object", "energy")),
+             "audio": (("mass in event", "energy"), ("pointing audio", "pointing"),
+                       ("pointing audio, strict", "pointing_strict"))}
     cols: dict[str, list[torch.Tensor]] = {}
     for scored in phrase_grounding(maps, layer, item, gt.phrases, masks, gt.events, gen):
         for column, metric in names[scored["modality"]]:

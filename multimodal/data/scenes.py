@@ -290,6 +290,11 @@ def _candidate_changes(scene: Scene, objs: list[dict], evs: list[dict]) -> dict[
     return {t: c for t, c in out.items() if c}
 
 
+def change_kinds(scene: Scene) -> list[str]:
+    """The kinds of one-attribute change (CHANGE_TYPES) that can make this scene's caption false."""
+    return list(_candidate_changes(scene, *_parts(scene)))
+
+
 def hard_negative(scene: Scene, rng: np.random.Generator, change_type: str | None = None,
                   type_weights: Mapping[str, float] | None = None,
                   binding: float = 0.0) -> tuple[str, list[dict], dict]:
