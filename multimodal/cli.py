@@ -71,7 +71,7 @@ def cmd_maps(args) -> int:
 
     from multimodal.drawing import write_all
     from multimodal.fusion import MapRequest
-    from multimodal.inference import SAMPLE, check_subset, load_inputs, run
+    from multimodal.inference import SAMPLE, check_subset, load_inputs, run, vocabulary_notice
 
     torch.manual_seed(args.seed)
     if args.sample:
@@ -86,6 +86,8 @@ def cmd_maps(args) -> int:
 
     model, source = _model_from_args(args)
     notices = inputs.notices + check_subset(model.cfg.query, model.modalities, inputs.given)
+    if "text" in model.encoders and vocabulary_notice(model, inputs.text):
+        notices.append(vocabulary_notice(model, inputs.text))
     for notice in notices:
         print(f"note: {notice}", file=sys.stderr)
     out = run(model, inputs, request=MapRequest(layers=args.layers, heads=args.heads))

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from multimodal import io as mio
+from multimodal.data.scenes import caption_words
 from multimodal.encoders.audio import WINDOW_SECONDS
 from multimodal.fusion import FusionConfig, FusionOutput, MapRequest
 from multimodal.model import MultimodalModel
@@ -157,6 +158,34 @@ def check_device(device: str) -> str:
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def known_words(model: MultimodalModel) -> list[str] | None:
+    """The words of every caption the model was trained on (recorded at training), or None when
+    unknown (a hub or random model). Checkpoints trained on scenes before the words were recorded
+    know the scenes' caption words."""
+    if "caption_words" in model.meta:
+        return list(model.meta["caption_words"])
+    tc = model.meta.get("train_config")
+    if isinstance(tc, dict) and not tc.get("manifest"):
+        return caption_words()
+    return None
+
+
+def vocabulary_notice(model: MultimodalModel, text: str | None) -> str | None:
+    """A notice naming the caption's words the model never saw in training, and its vocabulary."""
+    known = known_words(model)
+    if not known or not text:
+        return None
+    new = [w for w in dict.fromkeys(mio.text_words(text)) if w not in set(known)]
+    if not new:
+        return None
+    shown = ", ".join(f"'{w}'" for w in new[:12]) + (f" and {len(new) - 12} more" if len(new) > 12 else "")
+    vocabulary = " ".join(known) if len(known) <= 60 else " ".join(known[:60]) + f" ... ({len(known)} words)"
+    return (f"{len(new)} word{'s' if len(new) != 1 else ''} of the caption {'are' if len(new) != 1 else 'is'} new to "
+            f"this model: {shown}. It was trained on captions of {len(known)} words only, so it reads a new word "
+            f"as pieces it never learned to ground: those maps and the match score mean little. Its words: "
+            f"{vocabulary}")
 
 
 def model_summary(model: MultimodalModel) -> str:

@@ -7,6 +7,8 @@ float32 waveforms with finite samples, non-empty stripped text. Every refusal is
 
 from __future__ import annotations
 
+import re
+
 import io
 import os
 import warnings
@@ -297,3 +299,9 @@ def check_text(text: Any, max_chars: int = MAX_TEXT_CHARS, limit_name: str = "th
         raise InputError(f"the text is {len(text):,} characters long, above {limit_name} limit of {max_chars:,}; "
                          "shorten it")
     return text
+
+
+def text_words(text: str) -> list[str]:
+    """The words of a caption, lowercased, in order (runs of letters and digits; punctuation and
+    emoji are not words)."""
+    return re.findall(r"[^\W_]+", text.lower())

@@ -363,3 +363,12 @@ def test_ablation_changes_the_score_and_the_maps(client, files):
     assert heads == ["L0 H0 (off)", "L0 H1 (off)", "L0 H2", "L0 H3", "L1 H0", "L1 H1", "L1 H2 (off)", "L1 H3"]
     layer1 = lambda t: [r[1:] for r in t["data"] if r[0].startswith("L1")]  # noqa: E731  layer-1 heads' metrics
     assert layer1(base[7]) != layer1(off[7])  # layer 1 sees a different input once layer-0 heads are off
+
+
+def test_a_caption_with_words_the_default_never_saw_runs_with_a_notice_naming_them(files):
+    from multimodal.inference import load_model
+
+    default, source = load_model()
+    status = A.App(default, source, examples_dir=None).run(files["image"], None, "a cat and a red circle")[0]
+    assert status.startswith("Ran on") and "**Note:** 1 word of the caption is new to this model: 'cat'" in status
+    assert "Its words: a and blue" in status

@@ -199,3 +199,29 @@ def test_the_package_names_its_api_without_importing_torch_first():
             "try:\n    multimodal.nothing_here\nexcept AttributeError as e:\n    print('OK', e)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "OK module 'multimodal' has no attribute 'nothing_here'" in done.stdout, done.stderr
+
+
+def test_words_the_model_never_saw_are_named_with_its_vocabulary(tmp_path, capsys):
+    """The embedded default was trained on scene captions: 'cat' and 'tabby' are new to it, 'red' is not.
+    A model built from specs has no training record: no notice. A trained checkpoint records its words."""
+    from multimodal.data.scenes import caption_words
+    from multimodal.inference import ASSETS, known_words, load_model, vocabulary_notice
+    from multimodal.train import load_config, train
+
+    default, _ = load_model()
+    assert known_words(default) == caption_words() and "circle" in caption_words()
+    notice = vocabulary_notice(default, "A tabby cat, and a RED circle!")
+    assert notice.startswith("2 words of the caption are new to this model: 'tabby', 'cat'.")
+    assert "trained on captions of 29 words only" in notice and "Its words: a and blue burst" in notice
+    assert vocabulary_notice(default, "a red circle then a rising chirp") is None
+    assert vocabulary_notice(MultimodalModel.from_specs(), "a tabby cat") is None
+
+    assert main(["maps", "--image", str(ASSETS / "sample.png"), "--text", "a tabby cat", "--out",
+                 str(tmp_path / "maps")]) == 0
+    err = capsys.readouterr().err
+    assert "note: 2 words of the caption are new to this model: 'tabby', 'cat'" in err
+    assert "new to this model" in json.loads((tmp_path / "maps" / "summary.json").read_text())["notices"][0]
+
+    run = tmp_path / "run"
+    train(load_config("smoke", overrides={"steps": 1}), run, progress=False)
+    assert MultimodalModel.from_pretrained(run).meta["caption_words"] == caption_words()

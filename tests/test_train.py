@@ -73,7 +73,13 @@ def test_train_on_a_manifest_skips_bad_rows_by_number(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "row 3" in printed and "missing.png" in printed
     assert summary["steps"] == 2
-    assert MultimodalModel.from_pretrained(out).modalities == ["text", "image", "audio"]
+    model = MultimodalModel.from_pretrained(out)
+    assert model.modalities == ["text", "image", "audio"]
+    # the words it knows are those of its training rows (the last row is held out for validation)
+    from multimodal.io import text_words
+
+    trained = [generate_scene(s).caption for s in range(6)][:-1]
+    assert model.meta["caption_words"] == sorted({w for c in trained for w in text_words(c)})
 
 
 def test_eval_reports_every_head_and_the_baselines(tmp_path):

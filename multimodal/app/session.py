@@ -373,6 +373,8 @@ class App:
             inputs = load_inputs(image, audio, text, APP_LIMITS)
             cfg = self.model.cfg
             notices = inputs.notices + check_subset(cfg.query, self.model.modalities, inputs.given)
+            if "text" in self.model.encoders and inputs.text is not None:
+                notices += [n for n in [inference.vocabulary_notice(self.model, inputs.text)] if n]
             off = head_mask_from(ablate, cfg.layers, cfg.heads)
             search = [self.examples_dir] if self.examples_dir else []
             gt = load_ground_truth(ground_truth, search) if ground_truth else None

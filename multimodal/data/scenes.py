@@ -206,6 +206,19 @@ def event_phrase(ev: dict) -> str:
             "noise": "a noise burst", "clicks": "a click train"}[ev["kind"]]
 
 
+JOINERS = ("and", "with", "then")  # what compose puts between phrases
+
+
+def caption_words() -> list[str]:
+    """Every word a scene caption (or a hard negative of one) can hold, sorted: the whole vocabulary
+    a model trained on these scenes has seen."""
+    words = {"a", *JOINERS, *SIZES, *COLOURS, *SHAPES}
+    for kind, attributes in EVENT_ATTRIBUTES.items():
+        for attribute in attributes:
+            words |= set(event_phrase({"kind": kind, "attribute": attribute}).split())
+    return sorted(words)
+
+
 def compose(obj_parts: list[tuple[str, int]], ev_parts: list[tuple[str, int]]) -> tuple[str, list[dict]]:
     """Objects joined by ' and ', events by ' then ', the two groups by ' with '."""
     caption, phrases = "", []

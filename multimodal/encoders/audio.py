@@ -234,3 +234,18 @@ def ast_local_scenes(**overrides) -> AudioEncoder:
     so each token holds only its own 16x16 spectrogram patch (0.16 s) and where it is."""
     return AudioEncoder(ast_tiny_scenes(**{"num_hidden_layers": 0, **overrides}).model, "ast-local-scenes").eval()
 
+
+
+@register_builtin("audio", "ast-layerscale-scenes")
+def ast_layerscale_scenes(branch_scale: float = 1e-4, **overrides) -> AudioEncoder:
+    """`ast-tiny-scenes` (2 layers) whose residual branches start near zero: each layer's attention
+    output projection and MLP output are initialised at `branch_scale` times their usual weights
+    (biases 0), the start LayerScale gives a timm ViT (transformers' AST has no LayerScale
+    parameter). At initialisation every token holds only its own patch and where it is."""
+    encoder = ast_tiny_scenes(**overrides)
+    with torch.no_grad():
+        for layer in encoder.model.layers:
+            for linear in (layer.attention.o_proj, layer.mlp.fc2):
+                linear.weight.mul_(branch_scale)
+                linear.bias.zero_()
+    return AudioEncoder(encoder.model, "ast-layerscale-scenes").eval()

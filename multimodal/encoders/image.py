@@ -222,3 +222,15 @@ def vit_local_scenes(**overrides) -> ImageEncoder:
     model = timm.create_model("vit_convstem_scenes", pretrained=False, **args)
     return ImageEncoder(model, "vit-local-scenes").eval()
 
+
+
+@register_builtin("image", "vit-layerscale-scenes")
+def vit_layerscale_scenes(**overrides) -> ImageEncoder:
+    """`vit-local-scenes`' conv stem (each token centred on its 16-px cell) under 2 transformer blocks
+    whose residual branches start at LayerScale 1e-4 (Touvron et al. 2021, "Going deeper with image
+    transformers"): at initialisation every token is its own cell's, and the blocks mix in only what
+    training makes them mix."""
+    args = {"img_size": 128, "embed_dim": 128, "depth": 2, "num_heads": 4, "num_classes": 0, "stem_kernel": 4,
+            "init_values": 1e-4, **overrides}
+    model = timm.create_model("vit_convstem_scenes", pretrained=False, **args)
+    return ImageEncoder(model, "vit-layerscale-scenes").eval()

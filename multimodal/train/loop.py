@@ -35,6 +35,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from multimodal.data.pool import ScenePool, split_seeds
+from multimodal.data.scenes import caption_words
+from multimodal.io import text_words
 from multimodal.fusion import FusionConfig
 from multimodal.model import MultimodalModel, score_candidates
 from multimodal.train.config import TrainConfig, curriculum_scene_config, scene_config
@@ -413,6 +415,8 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
     if tc.manifest:
         train_rows, val_rows, modalities = manifest_pools(tc)
     model = build_model(tc, modalities).to(tc.device)
+    model.meta["caption_words"] = (sorted({w for r in train_rows for w in text_words(r.caption)}) if tc.manifest
+                                   else caption_words())  # what the app and `maps` call new words
     for m in set(tc.freeze) & set(model.encoders):
         for p in model.encoders[m].parameters():
             p.requires_grad_(False)
