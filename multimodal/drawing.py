@@ -50,6 +50,9 @@ def render_layer(maps: AttentionMaps, layer: int, *, image: Image.Image | None =
     qw = query_weights(maps, item, query)
     heads = maps.heads[layer]
     labels = [f"L{layer} H{h}" for h in heads]
+    if maps.claimed is not None and layer in maps.claimed:  # competing queries: how much of the keys they won
+        claims = _pool(maps.claimed[layer][item], qw)  # (h,)
+        labels = [f"{label}, claims {c:.0%}" for label, c in zip(labels, claims)]
     which = "all queries" if query is None else f"query {query}"
     out = []
     if "image" in maps.segments and image is not None:

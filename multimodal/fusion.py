@@ -232,7 +232,8 @@ def entmax15_attention(logits: Tensor, mask: Tensor, k: int = 0) -> Tensor:
 
 
 def competitive_attention(logits: Tensor, mask: Tensor, query_mask: Tensor, eps: float = 1e-8,
-                          sink_logits: Tensor | None = None, groups: int = 1) -> Tensor:
+                          sink_logits: Tensor | None = None, groups: int = 1,
+                          claimed: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Slot-Attention normalisation (Locatello et al. 2020): each key shares itself out among the
     queries (softmax over queries), then each query's row is renormalised over the keys.
 
@@ -242,6 +243,10 @@ def competitive_attention(logits: Tensor, mask: Tensor, query_mask: Tensor, eps:
     and are then dropped: a key no real query claims goes to them instead of being spread thin.
     `groups` > 1: the Nq queries are that many independent sets (captions asking about one scene)
     of Nq / groups each, and each set competes for the keys on its own, with its own sinks.
+    `claimed=True` also returns each query's claimed share (B, H, Nq): the sum of its shares of the
+    valid keys before its row is renormalised, over the number of valid keys (0 for a padded query;
+    the real queries' and the sinks' claims sum to 1). A faint query's row looks as peaked as a
+    strong one's once renormalised; its claim tells them apart.
     """
     B, H, Nq, Nk = logits.shape
     z = logits.masked_fill(~query_mask, float("-inf")).view(B, H, groups, Nq // groups, Nk)
@@ -249,8 +254,13 @@ def competitive_attention(logits: Tensor, mask: Tensor, query_mask: Tensor, eps:
         sinks = sink_logits[:, :, None].expand(-1, -1, groups, -1, -1)  # (B, H, groups, S, Nk)
         z = torch.cat([z, sinks], dim=-2)  # (B, H, groups, Nq / groups + S, Nk)
     share = z.softmax(-2)[..., : Nq // groups, :].reshape(B, H, Nq, Nk)  # columns sum to <= 1 per group
-    share = (share + eps).masked_fill(~query_mask, 1.0).masked_fill(~mask, 0.0)
-    return share / share.sum(-1, keepdim=True)
+    weights = (share + eps).masked_fill(~query_mask, 1.0).masked_fill(~mask, 0.0)
+    weights = weights / weights.sum(-1, keepdim=True)
+    if not claimed:
+        return weights
+    valid = mask.sum(-1).to(share.dtype)  # (B, 1, 1)
+    won = share.masked_fill(~mask, 0.0).sum(-1) / valid  # (B, H, Nq)
+    return weights, won.masked_fill(~query_mask[..., 0], 0.0)
 
 
 def attention_function(cfg: FusionConfig) -> Callable[[Tensor, Tensor], Tensor]:
@@ -302,26 +312,30 @@ class CrossAttention(nn.Module):
         self.dropout = cfg.dropout
 
     def weights(self, logits: Tensor, k: Tensor, mask: Tensor, query_mask: Tensor, sel: slice | list[int],
-                groups: int = 1) -> Tensor:
-        """Logits (B, h, Nq, Nk) of heads `sel` -> weights (B, h, Nq, Nk); `k` (B, h, Nk, hd) feeds the sinks;
-        `groups`: how many independent query sets share each item's keys (they compete separately)."""
+                groups: int = 1) -> tuple[Tensor, Tensor | None]:
+        """Logits (B, h, Nq, Nk) of heads `sel` -> (weights (B, h, Nq, Nk), each query's claimed share
+        (B, h, Nq) with competition, else None); `k` (B, h, Nk, hd) feeds the sinks; `groups`: how many
+        independent query sets share each item's keys (they compete separately)."""
         if not self.compete:
-            return self.attend(logits, mask)
+            return self.attend(logits, mask), None
         sink_logits = None if self.sinks is None else (self.sinks[sel] / math.sqrt(self.head_dim)) @ k.transpose(-2, -1)
-        return competitive_attention(logits, mask, query_mask, sink_logits=sink_logits, groups=groups)
+        return competitive_attention(logits, mask, query_mask, sink_logits=sink_logits, groups=groups, claimed=True)
 
     def attend_heads(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, query_mask: Tensor, sel: slice | list[int],
-                     keep: bool, groups: int = 1) -> tuple[Tensor, Tensor | None]:
-        """Heads `sel` of q (B, H, Nq, hd), k/v (B, H, Nk, hd) -> output (B, h, Nq, hd), weights if `keep`;
-        `groups` query sets of Nq / groups each ask each item's keys."""
+                     keep: bool, groups: int = 1) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Heads `sel` of q (B, H, Nq, hd), k/v (B, H, Nk, hd) -> output (B, h, Nq, hd), and if `keep` the
+        weights and (with competition) each query's claimed share (B, h, Nq); `groups` query sets of
+        Nq / groups each ask each item's keys."""
         p = self.dropout if self.training else 0.0
         if self.fused and not keep:
-            return F.scaled_dot_product_attention(q[:, sel], k[:, sel], v[:, sel], attn_mask=mask, dropout_p=p), None
+            o = F.scaled_dot_product_attention(q[:, sel], k[:, sel], v[:, sel], attn_mask=mask, dropout_p=p)
+            return o, None, None
         scale = math.sqrt(self.head_dim)
         if torch.is_grad_enabled():  # explicit, differentiable (gradient relevance, importance)
             ks = k[:, sel]  # (B, h, Nk, hd)
-            w = self.weights((q[:, sel] / scale) @ ks.transpose(-2, -1), ks, mask, query_mask, sel, groups)
-            return F.dropout(w, p, self.training) @ v[:, sel], (w if keep else None)  # (B, h, Nq, hd)
+            w, c = self.weights((q[:, sel] / scale) @ ks.transpose(-2, -1), ks, mask, query_mask, sel, groups)
+            o = F.dropout(w, p, self.training) @ v[:, sel]  # (B, h, Nq, hd)
+            return (o, w, c) if keep else (o, None, None)
         B, Nq, Nk = q.shape[0], q.shape[2], k.shape[2]
         heads = range(self.heads)[sel] if isinstance(sel, slice) else sel
         o = q.new_empty(B, len(heads), Nq, self.head_dim)  # (B, h, Nq, hd)
@@ -337,22 +351,26 @@ class CrossAttention(nn.Module):
             torch.softmax(w, -1, out=w)
             for at, of in cuts:
                 torch.matmul(F.dropout(w[at], p, self.training), v[of], out=o[at])  # (..., Nq, hd)
-            return o, w
+            return o, w, None
         # the other kinds, one item at a time: per-item logits and sorts stay small; only kept weights are allocated
         w = q.new_empty(B, len(heads), Nq, Nk) if keep else None  # (B, h, Nq, Nk)
+        c = q.new_empty(B, len(heads), Nq) if keep and self.compete else None  # (B, h, Nq)
         for i in range(B):
             ki = k[i:i + 1, sel]  # (1, h, Nk, hd)
-            wi = self.weights((q[i:i + 1, sel] / scale) @ ki.transpose(-2, -1), ki, mask[i:i + 1],
-                              query_mask[i:i + 1], sel, groups)[0]  # (h, Nq, Nk)
+            wi, ci = self.weights((q[i:i + 1, sel] / scale) @ ki.transpose(-2, -1), ki, mask[i:i + 1],
+                                  query_mask[i:i + 1], sel, groups)  # (1, h, Nq, Nk), (1, h, Nq)
             if keep:
-                w[i] = wi
-            torch.matmul(F.dropout(wi, p, self.training), v[i, sel], out=o[i])  # (h, Nq, hd)
-        return o, w
+                w[i] = wi[0]
+                if c is not None:
+                    c[i] = ci[0]
+            torch.matmul(F.dropout(wi[0], p, self.training), v[i, sel], out=o[i])  # (h, Nq, hd)
+        return o, w, c
 
     def forward(self, x: Tensor, kv: Tensor, key_mask: Tensor, head_mask: Tensor | None = None,
                 need_weights: bool = False, query_mask: Tensor | None = None,
-                heads: Sequence[int] | None = None) -> tuple[Tensor, Tensor | None]:
-        """`need_weights` returns the weights (Bq, h, Nq, Nk) of `heads`, in that order (None: all H heads).
+                heads: Sequence[int] | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(output, weights, claimed): `need_weights` returns the weights (Bq, h, Nq, Nk) of `heads`, in that
+        order (None: all H heads), and with competition each query's claimed share of the keys (Bq, h, Nq).
 
         x (Bq, Nq, D) may hold G = Bq / B query items per key item of kv (B, Nk, D), in a row (query
         item i asks key item i // G): the keys are projected once and each key item's G query sets
@@ -375,24 +393,26 @@ class CrossAttention(nn.Module):
             runs = head_runs(kept)
             groups.append((runs[0] if len(runs) == 1 else kept, True))
         if len(groups) == 1:  # every head on one path
-            o, w = self.attend_heads(q, k, v, mask, qm, *groups[0], G)
+            o, w, c = self.attend_heads(q, k, v, mask, qm, *groups[0], G)
         else:
-            o, w = q.new_empty(B, H, G * Nq, hd), None  # (B, H, G*Nq, hd), filled group by group
+            o, w, c = q.new_empty(B, H, G * Nq, hd), None, None  # (B, H, G*Nq, hd), filled group by group
             for sel, keep in groups:
-                o[:, sel], wg = self.attend_heads(q, k, v, mask, qm, sel, keep, G)
-                w = wg if keep else w
+                o[:, sel], wg, cg = self.attend_heads(q, k, v, mask, qm, sel, keep, G)
+                w, c = (wg, cg) if keep else (w, c)
         if need_weights and not kept:
-            w = q.new_empty(Bq, 0, Nq, Nk)
+            w, c = q.new_empty(Bq, 0, Nq, Nk), (q.new_empty(Bq, 0, Nq) if self.compete else None)
         elif need_weights and (asked != kept or (len(kept) < H and torch.is_grad_enabled())):
             # a subset comes back cut out, a copy (heads asked twice, twice), as it did when cut from all heads:
             # no output depends on it, so gradient relevance, whose rule averages every head, refuses it
-            w = w[:, [kept.index(h) for h in asked]]  # (B, h, G*Nq, Nk)
+            order = [kept.index(h) for h in asked]
+            w, c = w[:, order], (None if c is None else c[:, order])  # (B, h, G*Nq, Nk), (B, h, G*Nq)
         if need_weights and G > 1:  # back to one row of maps per query item
             w = w.view(B, w.shape[1], G, Nq, Nk).transpose(1, 2).reshape(Bq, w.shape[1], Nq, Nk)
+            c = None if c is None else c.view(B, c.shape[1], G, Nq).transpose(1, 2).reshape(Bq, c.shape[1], Nq)
         if head_mask is not None:
             o = o * head_mask.to(o.dtype).view(1, H, 1, 1)  # a masked head contributes exactly 0
         o = o.transpose(1, 2).reshape(Bq, Nq, D)  # (Bq, Nq, D)
-        return self.out(o), w
+        return self.out(o), w, c
 
 
 class QuerySelfAttention(nn.Module):
@@ -434,10 +454,10 @@ class FusionLayer(nn.Module):
     def forward(self, x, kv, key_mask, query_mask, head_mask=None, need_weights=False, heads=None):
         if self.self_attn is not None:
             x = x + self.self_attn(self.norm_sa(x), query_mask)
-        a, w = self.attn(self.norm_q(x), self.norm_kv(kv), key_mask, head_mask, need_weights, query_mask, heads)
+        a, w, c = self.attn(self.norm_q(x), self.norm_kv(kv), key_mask, head_mask, need_weights, query_mask, heads)
         x = x + a
         x = x + self.ffn(self.norm_ff(x))
-        return x, w, a
+        return x, w, a, c
 
 
 def sinusoidal(n: int, dim: int, device=None) -> Tensor:
@@ -549,13 +569,17 @@ class CrossAttentionFusion(nn.Module):
             raise InputError(f"map request {request} is outside layers 0..{cfg.layers - 1} / heads 0..{cfg.heads - 1}")
 
         weights: dict[int, Tensor] = {}
+        claimed: dict[int, Tensor] = {}
         attended = torch.zeros_like(x)
         for l, layer in enumerate(self.layers):
             need = request is not None and l in want_layers
-            x, w, a = layer(x, kv, key_mask, query_mask, None if head_mask is None else head_mask[l], need, want_heads)
+            x, w, a, c = layer(x, kv, key_mask, query_mask, None if head_mask is None else head_mask[l], need,
+                               want_heads)
             attended = attended + a
             if need:
                 weights[l] = w  # (B, h, Nq, Nk), only the wanted heads were computed
+                if c is not None:
+                    claimed[l] = c  # (B, h, Nq)
         x = self.norm_out(x)
         qm = query_mask.to(x.dtype)[..., None]  # (B, Nq, 1)
         pooled = (x * qm).sum(1) / qm.sum(1).clamp_min(1)  # (B, D)
@@ -570,6 +594,7 @@ class CrossAttentionFusion(nn.Module):
                 key_mask=key_mask, key_special=key_special,
                 query_source=cfg.query, query_mask=query_mask,
                 key_geometry={m: given[m].geometry for m in key_mods},
-                query_geometry=query_geometry, num_heads=cfg.heads, query_special=query_special)
+                query_geometry=query_geometry, num_heads=cfg.heads, query_special=query_special,
+                claimed=claimed or None)
         return FusionOutput(queries=x, query_mask=query_mask, pooled=pooled, maps=maps, query_inputs=query_inputs,
                             attended=attended)

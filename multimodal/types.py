@@ -160,6 +160,9 @@ class AttentionMaps:
     query_geometry: Geometry | None = None
     num_heads: int = 0  # heads per layer in the block
     query_special: Tensor | None = None  # (B, Nq) bool, CLS/SEP among modality queries
+    # competing queries only: layer -> (B, h_l, Nq) each query's share of the valid keys before its row was
+    # renormalised (fusion.competitive_attention); a faint query's map looks as peaked as a strong one's
+    claimed: dict[int, Tensor] | None = None
 
     @property
     def layers(self) -> list[int]:
@@ -236,6 +239,8 @@ class AttentionMaps:
         arrays["query_mask"] = self.query_mask.cpu().numpy()
         if self.query_special is not None:
             arrays["query_special"] = self.query_special.cpu().numpy()
+        for l, c in (self.claimed or {}).items():
+            arrays[f"claimed{l}"] = c.detach().float().cpu().numpy()
         npz, meta = stem.with_suffix(".npz"), stem.with_suffix(".json")
         np.savez_compressed(npz, **arrays)
         meta.write_text(json.dumps({
@@ -247,7 +252,8 @@ class AttentionMaps:
             "query_source": self.query_source,
             "key_geometry": {m: geometry_to_dict(g) for m, g in self.key_geometry.items()},
             "query_geometry": geometry_to_dict(self.query_geometry),
-            "shape_note": "layerL arrays are (B, heads[L], Nq, Nk) float32",
+            "shape_note": "layerL arrays are (B, heads[L], Nq, Nk) float32; claimedL (competing queries only) "
+                          "(B, heads[L], Nq): each query's share of the keys before its row was renormalised",
         }, indent=1))
         return npz, meta
 
@@ -264,6 +270,7 @@ class AttentionMaps:
             key_special = torch.from_numpy(z["key_special"])
             query_mask = torch.from_numpy(z["query_mask"])
             query_special = torch.from_numpy(z["query_special"]) if "query_special" in z else None
+            claimed = {int(l): torch.from_numpy(z[f"claimed{l}"]) for l in meta["layers"] if f"claimed{l}" in z}
         return cls(
             weights=weights,
             heads={int(l): list(h) for l, h in meta["heads"].items()},
@@ -272,5 +279,5 @@ class AttentionMaps:
             query_source=meta["query_source"], query_mask=query_mask,
             key_geometry={m: geometry_from_dict(g) for m, g in meta["key_geometry"].items()},
             query_geometry=geometry_from_dict(meta["query_geometry"]),
-            num_heads=meta["num_heads"], query_special=query_special,
+            num_heads=meta["num_heads"], query_special=query_special, claimed=claimed or None,
         )

@@ -372,3 +372,25 @@ def test_a_caption_with_words_the_default_never_saw_runs_with_a_notice_naming_th
     status = A.App(default, source, examples_dir=None).run(files["image"], None, "a cat and a red circle")[0]
     assert status.startswith("Ran on") and "**Note:** 1 word of the caption is new to this model: 'cat'" in status
     assert "Its words: a and blue" in status
+
+
+def test_competing_queries_show_their_claimed_share_in_the_table_and_the_head_labels(files, monkeypatch):
+    """The default's phrase queries compete for keys: the table reads each head's mean claim over the
+    caption's queries, and every grid label names the claim of the queries drawn (here one token's)."""
+    import multimodal.drawing as drawing
+    from multimodal.inference import load_model
+
+    default, source = load_model()
+    app = A.App(default, source, examples_dir=None)
+    out = app.run(files["image"], files["audio"], "a red circle then a rising chirp")
+    table, res = out[7], out[-1]
+    claims = res.maps.claimed[0][0]  # (h, Nq)
+    content = res.maps.content_queries()[0]
+    np.testing.assert_allclose(table["claimed share"].to_numpy(), claims[:, content].mean(-1).numpy(), atol=5e-4)
+    assert ((table["claimed share"] > 0) & (table["claimed share"] < 1)).all()
+    seen = []
+    real = drawing.image_head_grid
+    monkeypatch.setattr(drawing, "image_head_grid", lambda *a, **k: seen.append(k["labels"]) or real(*a, **k))
+    query = int(torch.nonzero(content)[0])
+    drawing.render_layer(res.maps, 0, image=res.image, query=query)
+    assert seen[-1] == [f"L0 H{h}, claims {c:.0%}" for h, c in enumerate(claims[:, query].tolist())]

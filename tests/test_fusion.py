@@ -112,7 +112,7 @@ def test_head_mask_removes_exactly_one_heads_contribution():
     kv = torch.randn(2, 23, 32)
     key_mask = torch.ones(2, 23, dtype=torch.bool)
     hm = torch.tensor([1.0, 0.0, 1.0, 1.0])
-    masked, w = layer(x, kv, key_mask, hm, need_weights=True)
+    masked, w, _ = layer(x, kv, key_mask, hm, need_weights=True)
     # Recompute per-head outputs by hand: head 1's slice must be exactly zero before `out`.
     v = layer.kv(kv).view(2, 23, 2, 4, 8)[:, :, 1].transpose(1, 2)  # (B, H, Nk, hd)
     per_head = (w @ v) * hm.view(1, 4, 1, 1)  # (B, H, Nq, hd)
@@ -120,7 +120,7 @@ def test_head_mask_removes_exactly_one_heads_contribution():
     torch.testing.assert_close(masked, layer.out(concat))
     assert torch.all(per_head[:, 1] == 0)
     # with every head masked the attention output is exactly the output bias
-    none, _ = layer(x, kv, key_mask, torch.zeros(4))
+    none, _, _ = layer(x, kv, key_mask, torch.zeros(4))
     torch.testing.assert_close(none, layer.out.bias.expand_as(none), rtol=0, atol=0)
     # and the whole block changes when a head is removed (so the mask is wired through)
     full = fusion(inputs).pooled
@@ -440,11 +440,11 @@ def test_partial_request_computes_weights_of_the_asked_heads_only(model):
     calls = []
     for l, layer in enumerate(fusion.layers):
         def spy(*args, _l=l, _f=layer.attn.attend_heads, **kwargs):
-            o, w = _f(*args, **kwargs)
+            o, w, c = _f(*args, **kwargs)
             sel = args[5]
             heads = list(range(4))[sel] if isinstance(sel, slice) else list(sel)
             calls.append((_l, heads, w is not None))
-            return o, w
+            return o, w, c
         layer.attn.attend_heads = spy  # our own module's instance: counts the groups each layer attends
     inputs = [text_tokens(lengths=[6, 3]), image_tokens()]
     with torch.no_grad():
@@ -525,6 +525,9 @@ def test_several_captions_per_scene_equal_the_scene_repeated(kind, grad):
         assert (shared.maps.weights[l] - repeated.maps.weights[l]).abs().max().item() <= 1e-6
     assert torch.equal(shared.maps.key_mask, repeated.maps.key_mask)
     assert torch.equal(shared.maps.key_special, repeated.maps.key_special)
+    assert (shared.maps.claimed is None) == (repeated.maps.claimed is None) == (not kind.get("compete"))
+    for l in shared.maps.claimed or {}:
+        assert (shared.maps.claimed[l] - repeated.maps.claimed[l]).abs().max().item() <= 1e-6
 
 
 def test_a_query_batch_that_is_not_a_multiple_of_the_scenes_is_refused():
@@ -570,3 +573,39 @@ def test_partial_sort_is_a_fusion_setting_that_changes_no_output():
     assert all((a.maps.weights[l] - b.maps.weights[l]).abs().max().item() <= 1e-6 for l in a.maps.weights)
     with pytest.raises(InputError, match="partial_sort"):
         FusionConfig(partial_sort=-1)
+
+
+def test_competing_queries_report_their_claimed_share_of_the_keys():
+    """Hand-computed: 2 queries, 3 keys, no sinks. Shares (softmax over queries per key) of query 0:
+    key 0 e^2/(e^2+1), key 1 1/2, key 2 1/(1+e^2); its claim is their mean; the two claims sum to 1.
+    Renormalised rows hide it: query 1's row peaks as sharply on key 2 as query 0's on key 0."""
+    e2 = torch.exp(torch.tensor(2.0))
+    z = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 2.0]])[None, None]  # (1, 1, 2, 3)
+    mask = torch.ones(1, 1, 1, 3, dtype=torch.bool)
+    qmask = torch.ones(1, 1, 2, 1, dtype=torch.bool)
+    w, claimed = competitive_attention(z, mask, qmask, eps=0.0, claimed=True)
+    want0 = (e2 / (e2 + 1) + 0.5 + 1 / (1 + e2)) / 3
+    torch.testing.assert_close(claimed[0, 0], torch.stack([want0, 1 - want0]))
+    assert torch.equal(w, competitive_attention(z, mask, qmask, eps=0.0))  # the weights are unchanged
+    # a padded query claims nothing; a padded key counts for no one
+    qmask[0, 0, 1, 0] = False
+    mask[..., 2] = False
+    _, claimed = competitive_attention(z, mask, qmask, eps=0.0, claimed=True)
+    assert claimed[0, 0, 1] == 0 and torch.isclose(claimed[0, 0, 0], torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "inference"])
+def test_maps_of_a_competing_block_carry_the_claims_and_they_sum_to_one_with_the_sinks(grad, tmp_path):
+    fusion = make(query="text", compete=True, sinks=2)
+    G = 2
+    inputs = [text_tokens(B=2 * G, lengths=[6, 3, 5, 6]), image_tokens(), audio_tokens()]
+    with torch.set_grad_enabled(grad):
+        out = fusion(inputs, return_maps=MapRequest(heads=(3, 1)))
+    c = out.maps.claimed
+    assert set(c) == {0, 1} and c[0].shape == (2 * G, 2, 6)
+    real = out.maps.query_mask[:, None, :]  # (B, 1, Nq)
+    assert torch.all(c[1][~real.expand_as(c[1])] == 0) and torch.all((c[1] >= 0) & (c[1] <= 1))
+    assert torch.all(c[1].sum(-1) < 1)  # the sinks took the rest
+    saved = AttentionMaps.load(out.maps.save(tmp_path / "maps")[0])
+    torch.testing.assert_close(saved.claimed[1], c[1].detach())
+    assert make(query="text")(inputs, return_maps=True).maps.claimed is None  # no competition, no claims

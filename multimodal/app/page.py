@@ -59,7 +59,9 @@ query side, so its highlight shows how *concentrated* each head's attention is f
 
 **Metrics** (one row per head; "(off)" = switched off; averaged over the content queries):
 entropy (0-1, normalised as above), confidence (mean largest weight), each modality's share of
-the attention; with ground truth: pointing game (is the peak within
+the attention; for a model whose queries compete for keys, the claimed share (how much of the keys
+the queries won before each row was renormalised: a faint query's map looks as peaked as a strong
+one's, its claim tells them apart; also in each grid's head labels); with ground truth: pointing game (is the peak within
 {POINTING_TOLERANCE_PX} px of the object? "strict": on the object itself), energy inside the object,
 attention mass inside the event's interval and temporal pointing (within one time column of the
 event; "strict": inside it), averaged over the caption's phrases.

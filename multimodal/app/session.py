@@ -132,11 +132,16 @@ METRIC_COLUMNS = {  # head_metric_table key -> column in the page (others are le
 
 def head_stats(maps: AttentionMaps, layer: int) -> dict[str, np.ndarray]:
     """Per head `(h,)`, over content queries (no CLS/SEP): normalised entropy (0 = one key,
-    1 = uniform over the real keys), confidence (mean largest weight) and each key modality's
-    share of the mass."""
+    1 = uniform over the real keys), confidence (mean largest weight), each key modality's
+    share of the mass, and for competing queries the share of the keys they claimed before their
+    rows were renormalised (a faint query's row looks as peaked as a strong one's)."""
     rows = head_metric_table(maps, layer, content_queries=True)
-    return {shown: np.array([r[key] for r in rows], dtype=np.float64)
-            for key, shown in METRIC_COLUMNS.items() if rows and key in rows[0]}
+    stats = {shown: np.array([r[key] for r in rows], dtype=np.float64)
+             for key, shown in METRIC_COLUMNS.items() if rows and key in rows[0]}
+    if maps.claimed is not None and layer in maps.claimed:  # mean over the content queries of item 0
+        content = maps.content_queries()[0].to(maps.claimed[layer].device)
+        stats["claimed share"] = maps.claimed[layer][0][:, content].float().mean(-1).cpu().numpy()
+    return stats
 
 
 def concentration(maps: AttentionMaps, layer: int, item: int = 0) -> np.ndarray:
