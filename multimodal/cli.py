@@ -69,7 +69,7 @@ def _model_from_args(args):
 def cmd_maps(args) -> int:
     import torch
 
-    from multimodal.drawing import write_all
+    from multimodal.drawing import write_all, write_encoder_maps
     from multimodal.fusion import MapRequest
     from multimodal.inference import SAMPLE, check_subset, load_inputs, run, vocabulary_notice
 
@@ -90,8 +90,17 @@ def cmd_maps(args) -> int:
         notices.append(vocabulary_notice(model, inputs.text))
     for notice in notices:
         print(f"note: {notice}", file=sys.stderr)
-    out = run(model, inputs, request=MapRequest(layers=args.layers, heads=args.heads))
+    out = run(model, inputs, request=MapRequest(layers=args.layers, heads=args.heads),
+              capture_attention=args.encoder_maps)
     written = write_all(out.maps, out_dir, image=inputs.image, audio=inputs.audio, query=args.query_index)
+    if args.encoder_maps:
+        encoder_files = write_encoder_maps(out.tokens, out_dir, image=inputs.image, audio=inputs.audio,
+                                           source=args.encoder_from)
+        without = [m for m in out.tokens if not out.tokens[m].self_attention]
+        if without:
+            print(f"note: the {' and '.join(without)} encoder{'s have' if len(without) > 1 else ' has'} no "
+                  "self-attention layers to draw", file=sys.stderr)
+        written += encoder_files
     summary = {
         "model": str(source or "random-init"),
         "inputs": {"image": args.image, "audio": args.audio, "text": inputs.text},
@@ -351,6 +360,11 @@ def add_maps_parser(sub) -> None:
                    help="heads to keep, e.g. 0,3 (default: all)")
     m.add_argument("--query-index", type=int, default=None,
                    help="draw one query's map (e.g. a text token) instead of the mean over queries")
+    m.add_argument("--encoder-maps", action="store_true",
+                   help="also draw each encoder's own self-attention per layer and head, and its attention "
+                        "rollout (encoder_<modality>_layer<l>.png, encoder_<modality>_rollout.png)")
+    m.add_argument("--encoder-from", choices=("cls", "mean"), default="cls",
+                   help="encoder maps: the CLS token's attention (default), or the mean over the content tokens")
     m.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=cmd_maps)

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from multimodal.analysis.relevance import attention_rollout
 from multimodal.io import AudioClip
 from multimodal.overlays import audio_head_grid, image_head_grid, log_mel, save_png, text_head_grid, text_html
-from multimodal.types import AttentionMaps, InputError
+from multimodal.types import AttentionMaps, AudioGeometry, ImageGeometry, InputError, ModalityTokens, TextGeometry
 
 
 def query_weights(maps: AttentionMaps, item: int = 0, query: int | None = None) -> torch.Tensor:
@@ -92,4 +93,94 @@ def write_all(maps: AttentionMaps, out_dir: str | Path, *, image=None, audio=Non
                 html_path = path.with_suffix(".html")
                 html_path.write_text(r.html)
                 written.append(html_path)
+    return written
+
+
+# ---------------------------------------------------------------------------------------
+# The encoders' own heads: self-attention per layer, and rollout through the encoder
+# ---------------------------------------------------------------------------------------
+
+AST_PREFIX = 2  # the audio encoder's captured self-attention: [CLS, distillation, time-major patches]
+ENCODER_FROM = ("cls", "mean")  # whose row is drawn: the CLS token's, or the mean over the content tokens
+
+
+def _encoder_rows(tokens: ModalityTokens, item: int, source: str) -> tuple[torch.Tensor, slice]:
+    """(N,) weights over the captured self-attention's rows (queries) and the key slice of the
+    content tokens, for one encoder's layout."""
+    g = tokens.geometry
+    N = tokens.self_attention[0].shape[-1]
+    if isinstance(g, TextGeometry):
+        content = (tokens.mask & ~tokens.special)[item].cpu()  # (N,)
+        cls = 0
+        keys = slice(0, N)
+    elif isinstance(g, ImageGeometry):
+        content = torch.zeros(N, dtype=torch.bool)
+        content[g.num_prefix:] = True
+        cls = 0 if g.num_prefix else None
+        keys = slice(g.num_prefix, N)
+    elif isinstance(g, AudioGeometry):
+        content = torch.zeros(N, dtype=torch.bool)
+        content[AST_PREFIX:] = True
+        cls = 0
+        keys = slice(AST_PREFIX, N)
+    else:
+        raise InputError(f"no drawing for the {tokens.modality} encoder's self-attention")
+    if source == "cls" and cls is not None:
+        rows = torch.zeros(N)
+        rows[cls] = 1.0
+    else:  # the mean over the content tokens (an encoder without a CLS token, or asked for)
+        rows = content.float() / content.sum().clamp_min(1)
+    return rows, keys
+
+
+def render_encoder(tokens: ModalityTokens, *, image: Image.Image | None = None, audio: AudioClip | None = None,
+                   item: int = 0, source: str = "cls") -> list[Rendered]:
+    """One grid per captured layer of an encoder's self-attention (every head and their mean), and one
+    of the attention rollout through all captured layers (Abnar & Zuidema 2020): the row of the CLS
+    token (`source="cls"`, where the encoder has one) or the mean row of the content tokens, over the
+    content tokens. Text: over the caption's tokens; image: over the patch grid; audio: over the first
+    window's time columns (the audio encoder captures its first window only). `Rendered.layer` is
+    the layer, or -1 for the rollout."""
+    if source not in ENCODER_FROM:
+        raise InputError(f"encoder maps are drawn from {' or '.join(ENCODER_FROM)}, not {source!r}")
+    if not tokens.self_attention:
+        return []
+    rows, keys = _encoder_rows(tokens, item, source)
+    layers = [a[item].float().cpu() for a in tokens.self_attention]  # each (h, N, N)
+    rollout = attention_rollout([a[None] for a in layers])[0][None]  # (1, N, N)
+    which = "from CLS" if source == "cls" and rows.max() == 1 else "mean over tokens"
+    g, m = tokens.geometry, tokens.modality
+    out = []
+    for layer, (w, title) in enumerate([(a, f"layer {l}") for l, a in enumerate(layers)] + [(rollout, "rollout")]):
+        row = torch.einsum("hqk,q->hk", w, rows)[:, keys]  # (h, N_content)
+        labels = [f"L{layer} H{h}" for h in range(row.shape[0])] if title != "rollout" else ["rollout, all layers"]
+        heading = f"{m} encoder self-attention: {title}, {which}"
+        if isinstance(g, ImageGeometry) and image is not None:
+            gh, gw = g.grid
+            grid_maps = row.reshape(-1, gh, gw).numpy()
+            picture = image_head_grid(np.asarray(image.convert("RGB")), grid_maps, labels=labels, title=heading)
+        elif isinstance(g, AudioGeometry) and audio is not None:
+            T = row.shape[1] // g.freq_bins  # the first window's columns
+            per_column = row.reshape(-1, T, g.freq_bins).sum(-1).numpy()  # (h, T)
+            spec, frame_times = log_mel(audio.waveform, audio.sample_rate)
+            picture = audio_head_grid(spec, frame_times, per_column, np.asarray(g.times[:T]), labels=labels,
+                                      title=heading + " (first window)")
+        elif isinstance(g, TextGeometry):
+            keep = (tokens.mask & ~tokens.special)[item].cpu().numpy()
+            picture = text_head_grid(g.tokens[item], row.numpy(), labels=labels, title=heading, mask=keep)
+        else:
+            continue
+        out.append(Rendered(layer if title != "rollout" else -1, f"encoder_{m}", picture))
+    return out
+
+
+def write_encoder_maps(tokens: dict[str, ModalityTokens], out_dir: str | Path, *, image=None, audio=None,
+                       item: int = 0, source: str = "cls") -> list[Path]:
+    """`encoder_<modality>_layer<l>.png` per captured layer and `encoder_<modality>_rollout.png`."""
+    out_dir = Path(out_dir)
+    written = []
+    for m, t in tokens.items():
+        for r in render_encoder(t, image=image, audio=audio, item=item, source=source):
+            name = f"{r.modality}_{'rollout' if r.layer < 0 else f'layer{r.layer}'}.png"
+            written.append(save_png(r.image, out_dir / name))
     return written

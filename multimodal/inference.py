@@ -217,11 +217,14 @@ def describe_model(model: MultimodalModel, source: str | Path | None) -> str:
 
 
 def run(model: MultimodalModel, inputs: Inputs, head_mask: torch.Tensor | None = None,
-        request: MapRequest | bool = True, tokenizer_lock: threading.Lock | None = None) -> FusionOutput:
+        request: MapRequest | bool = True, tokenizer_lock: threading.Lock | None = None,
+        capture_attention: bool | Sequence[str] = False) -> FusionOutput:
     """One forward pass over the inputs the model reads (others are ignored; see check_subset).
 
     `request` says which maps to return (MapRequest, True for all); `tokenizer_lock` serialises
-    the tokenizer when several threads share the model (HF fast tokenizers are not thread-safe).
+    the tokenizer when several threads share the model (HF fast tokenizers are not thread-safe);
+    `capture_attention` (True, or modalities) keeps those encoders' own self-attention in the
+    output's tokens (`out.tokens[m].self_attention`).
     """
     batches = {}
     with torch.inference_mode():
@@ -232,5 +235,5 @@ def run(model: MultimodalModel, inputs: Inputs, head_mask: torch.Tensor | None =
                if getattr(inputs, m) is not None and m in model.encoders}
         if raw:
             batches.update(model.preprocess(**raw))
-        tokens = model.encode(batches)
+        tokens = model.encode(batches, capture_attention)
         return model.fuse(tokens, head_mask=head_mask, return_maps=request)

@@ -1,0 +1,80 @@
+"""The encoders' own heads drawn: per layer and head, from CLS or the mean token, and the rollout."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import multimodal.drawing as drawing
+from multimodal.analysis.relevance import attention_rollout
+from multimodal.cli import main
+from multimodal.inference import SAMPLE, load_inputs, run
+from multimodal.model import MultimodalModel
+from multimodal.types import InputError
+
+
+@pytest.fixture(scope="module")
+def captured():
+    torch.manual_seed(0)
+    model = MultimodalModel.from_specs(image="vit-conv-scenes", audio="ast-tiny-scenes",
+                                       fusion={"dim": 64, "heads": 2, "layers": 1, "query": "text"}).eval()
+    inputs = load_inputs(str(SAMPLE["image"]), str(SAMPLE["audio"]), SAMPLE["text"].read_text())
+    out = run(model, inputs, capture_attention=True)
+    return inputs, out.tokens
+
+
+def spy(monkeypatch, name):
+    seen = []
+    real = getattr(drawing, name)
+    monkeypatch.setattr(drawing, name, lambda *a, **k: seen.append((a, k)) or real(*a, **k))
+    return seen
+
+
+def test_image_heads_draw_the_cls_row_over_the_patch_grid_and_the_rollout(captured, monkeypatch):
+    inputs, tokens = captured
+    t = tokens["image"]
+    seen = spy(monkeypatch, "image_head_grid")
+    rendered = drawing.render_encoder(t, image=inputs.image)
+    assert [r.layer for r in rendered] == [0, 1, -1] and {r.modality for r in rendered} == {"encoder_image"}
+    gh, gw = t.geometry.grid
+    p = t.geometry.num_prefix
+    for layer in (0, 1):
+        maps = seen[layer][0][1]  # (h, gh, gw)
+        want = t.self_attention[layer][0, :, 0, p:].reshape(-1, gh, gw)  # CLS's row over the patches
+        np.testing.assert_allclose(maps, want.numpy(), rtol=1e-6)
+        assert seen[layer][1]["labels"] == [f"L{layer} H{h}" for h in range(4)]
+    roll = attention_rollout([a for a in t.self_attention])[0, 0, p:].reshape(1, gh, gw)
+    np.testing.assert_allclose(seen[2][0][1], roll.numpy(), rtol=1e-6)
+    assert seen[2][1]["labels"] == ["rollout, all layers"]
+
+
+def test_text_heads_from_the_mean_token_and_audio_heads_over_the_first_windows_columns(captured, monkeypatch):
+    inputs, tokens = captured
+    t = tokens["text"]
+    seen = spy(monkeypatch, "text_head_grid")
+    drawing.render_encoder(t, source="mean")
+    content = (t.mask & ~t.special)[0]
+    want = t.self_attention[0][0][:, content].mean(1)  # (h, N): the content tokens' mean row
+    np.testing.assert_allclose(seen[0][0][1], want.numpy(), rtol=1e-5)
+    assert "mean over tokens" in seen[0][1]["title"]
+
+    a = tokens["audio"]
+    seen = spy(monkeypatch, "audio_head_grid")
+    drawing.render_encoder(a, audio=inputs.audio)
+    F = a.geometry.freq_bins
+    row = a.self_attention[1][0, :, 0, 2:]  # CLS row over the first window's time-major patches
+    T = row.shape[-1] // F
+    np.testing.assert_allclose(seen[1][0][2], row.reshape(-1, T, F).sum(-1).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(seen[1][0][3], np.asarray(a.geometry.times[:T]))
+    with pytest.raises(InputError, match="drawn from cls or mean"):
+        drawing.render_encoder(t, source="patch")
+
+
+def test_maps_command_writes_encoder_views_and_names_encoders_without_layers(tmp_path, capsys):
+    assert main(["maps", "--sample", "--encoder-maps", "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "the image and audio encoders have no self-attention layers to draw" in err  # the default's local ones
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"encoder_text_layer0.png", "encoder_text_layer1.png", "encoder_text_rollout.png"} <= names
+    assert not any(n.startswith(("encoder_image", "encoder_audio")) for n in names)
+    assert Image.open(tmp_path / "encoder_text_rollout.png").size[0] > 100
