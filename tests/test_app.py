@@ -394,3 +394,39 @@ def test_competing_queries_show_their_claimed_share_in_the_table_and_the_head_la
     query = int(torch.nonzero(content)[0])
     drawing.render_layer(res.maps, 0, image=res.image, query=query)
     assert seen[-1] == [f"L0 H{h}, claims {c:.0%}" for h, c in enumerate(claims[:, query].tolist())]
+
+
+def test_encoder_heads_are_drawn_on_the_last_inputs_through_the_server(client, app, files):
+    """/encoders after /run: every encoder of the test model has 2 layers: 2 layer grids + 1 rollout each."""
+    with pytest.raises(AppError, match="run the model first"):
+        Client(client.src, verbose=False, download_files=False).predict("cls", api_name="/encoders")
+    image, audio, caption, gt = app.examples[0]
+    run(client, image, audio, caption, gt)
+    gallery, note = client.predict("mean", api_name="/encoders")
+    names = [Path(value(item["image"])).name for item in gallery]
+    assert names == [f"encoder_{m}_{k}.png" for m in ("text", "image", "audio") for k in ("layer0", "layer1", "rollout")]
+    assert [item["caption"] for item in gallery][:3] == ["text layer0", "text layer1", "text rollout"]
+    assert "as the mean over its content tokens" in note and "no self-attention layers" not in note
+    assert all(Image.open(value(item["image"])).size[0] > 100 for item in gallery)
+
+
+def test_the_readme_api_snippet_runs_against_a_live_server_of_the_default_model(tmp_path, monkeypatch, capsys):
+    """The README's gradio_client block, as written, against the embedded default served here."""
+    import re
+
+    from multimodal.inference import ASSETS, load_model
+
+    block = re.search(r"```python\n(from gradio_client import Client, handle_file\n.*?)```",
+                      (Path(__file__).resolve().parents[1] / "README.md").read_text(), re.S).group(1)
+    demo = A.build_demo(A.App(*load_model()))
+    kwargs = A.launch_kwargs("127.0.0.1", free_port())
+    demo.launch(prevent_thread_lock=True, **kwargs)
+    try:
+        monkeypatch.chdir(ASSETS.parent)  # the snippet names assets/... from the repository root
+        code = block.replace("http://127.0.0.1:7860/", f"http://127.0.0.1:{kwargs['server_port']}/")
+        exec(compile(code, "README.md", "exec"), {})
+    finally:
+        demo.close()
+    printed = capsys.readouterr().out
+    assert "\nRan on " in printed and "['text layer0', 'text layer1', 'text rollout']" in printed
+    assert re.search(r"^(match|no match) \['head', 'entropy', 'confidence', 'share image'\]", printed, re.M)

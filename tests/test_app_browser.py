@@ -87,6 +87,13 @@ def test_example_runs_in_the_browser_and_overlays_appear(page_url):
             expect(page.locator("#metrics")).to_contain_text("pointing image")
             page.screenshot(path=str(ARTIFACTS / "app-metrics.png"))
 
+            page.get_by_role("tab", name="Encoders").click()  # the encoders' own heads, on the same inputs
+            page.locator("#encoders-run").click()
+            expect(page.locator("#encoders-note")).to_contain_text("rollout", timeout=30_000)
+            overlay_shown("#out-encoders")
+            expect(page.locator("#out-encoders")).to_contain_text("text layer0")
+            page.screenshot(path=str(ARTIFACTS / "app-encoders.png"))
+
             page.get_by_role("tab", name="Image").click()
             before = page.locator("#out-image img").first.get_attribute("src")
             page.locator("#layer").get_by_text("layer 1").click()  # redraw another layer, no model run

@@ -2,7 +2,8 @@
 
 `demo.launch()` runs only in `serve` (called by `multimodal demo`) or in `demos/app.py`.
 API names (gradio_client): `/run` (inputs -> everything), `/view` (re-draw the last result
-for another layer / query token, no model run), `/tokens` (caption -> token choices).
+for another layer / query token, no model run), `/tokens` (caption -> token choices),
+`/encoders` (the encoders' own heads and rollout on the last inputs).
 """
 
 from __future__ import annotations
@@ -145,6 +146,19 @@ def build_demo(app: App) -> gr.Blocks:
                     with gr.Tab("Text", id="text", elem_id="tab-text"):
                         text_markup = gr.HTML(visible=False, elem_id="out-text-html")
                         text_grid = gr.Image(elem_id="out-text", **grid_kw)
+                    with gr.Tab("Encoders", id="encoders", elem_id="tab-encoders"):
+                        gr.Markdown("The encoders' own heads on the last inputs: each encoder's self-attention "
+                                    "per layer and head, and its attention rollout. Press the button after a "
+                                    "Run (the encoders run again, capturing their attention).",
+                                    elem_classes="mm-caption")
+                        with gr.Row(equal_height=True):
+                            encoder_from = gr.Radio([("CLS token", "cls"), ("mean over tokens", "mean")],
+                                                    value="cls", label="attention of", elem_id="encoder-from",
+                                                    scale=3)
+                            encoders_btn = gr.Button("Draw encoder heads", elem_id="encoders-run", scale=1)
+                        encoders_note = gr.Markdown("", elem_id="encoders-note")
+                        encoder_grids = gr.Gallery(columns=1, height="auto", object_fit="contain",
+                                                   elem_id="out-encoders", show_label=False)
                     with gr.Tab("Metrics", id="metrics", elem_id="tab-metrics"):
                         metrics = gr.Dataframe(label="per-head metrics, all layers (see help for definitions)",
                                                interactive=False, wrap=True, elem_id="metrics", max_height=560)
@@ -163,6 +177,8 @@ def build_demo(app: App) -> gr.Blocks:
         gr.on([layer.input, token.input], app.view, inputs=[session, layer, token], outputs=view_outputs,
               api_name="view", show_progress="minimal")
         text.blur(app.tokens, inputs=text, outputs=token, api_name="tokens", show_progress="hidden")
+        encoders_btn.click(app.encoders, inputs=[session, encoder_from], outputs=[encoder_grids, encoders_note],
+                           api_name="encoders")
         if examples is not None:
             examples.load_input_event.then(app.run, inputs=run_inputs, outputs=run_outputs,
                                            api_visibility="undocumented")

@@ -50,7 +50,7 @@ from multimodal.analysis.grounding import phrase_grounding
 from multimodal.analysis.metrics import entropy_per_query, head_metric_table
 from multimodal.app.limits import (APP_LIMITS, KEEP_OUTPUT_SECONDS, MAX_OUTPUT_DIRS, MAX_TEXT_CHARS, THUMB_SIDE)
 from multimodal.data.truth import GroundTruth, load_ground_truth
-from multimodal.drawing import write_all
+from multimodal.drawing import write_all, write_encoder_maps
 from multimodal.inference import Inputs, check_subset, describe_model, load_inputs
 from multimodal.io import AudioClip
 from multimodal.model import MultimodalModel
@@ -288,6 +288,7 @@ class Result:
     out_dir: Path
     files: dict[int | None, list[Path]]  # query index -> files written for it
     extra_files: list[Path]
+    inputs: Inputs | None = None  # what the model ran on: the encoder view runs the encoders on it again
 
 
 def _error(e: Exception | str, uploads: Sequence[Any] = ()) -> gr.Error:
@@ -420,7 +421,7 @@ class App:
         base = self.outputs.new()
         extra = [write_table(base / "metrics.csv", headers, rows),
                  write_summary(base / "summary.json", self, inputs, score, ablate, notices)]
-        res = Result(maps, thumb, inputs.audio, queries, base, {}, extra)
+        res = Result(maps, thumb, inputs.audio, queries, base, {}, extra, inputs)
         files = self.draw(res, query, base)
         playback = None
         if inputs.audio is not None:
@@ -455,6 +456,30 @@ class App:
             raise _error(e) from None
         files = self.draw(res, query)
         return self.layer_outputs(res, files, layer)
+
+    def encoders(self, res: Result | None, source: str = "cls"):
+        """The encoders' own heads on the last inputs: (gallery of grids, note). Every captured layer's
+        self-attention per head and the attention rollout through the encoder, from the CLS token
+        or the mean over the content tokens."""
+        if res is None or res.inputs is None:
+            raise gr.Error("run the model first (press Run), then draw its encoders", print_exception=False)
+        try:
+            out = inference.run(self.model, res.inputs, request=False, tokenizer_lock=self._tokenizer_lock,
+                                capture_attention=True)
+            folder = self.outputs.new()
+            files = write_encoder_maps(out.tokens, folder, image=res.image, audio=res.audio, source=source)
+        except InputError as e:
+            raise _error(e) from None
+        without = [m for m in out.tokens if not out.tokens[m].self_attention]
+        note = ("Each encoder's self-attention per layer and head (then the head mean), and the attention "
+                "rollout through the encoder (Abnar & Zuidema 2020), "
+                + ("from its CLS token." if source == "cls" else "as the mean over its content tokens.")
+                + " The audio encoder's is its first window's.")
+        if without:
+            note += (f" The {' and '.join(without)} encoder{'s have' if len(without) > 1 else ' has'} no "
+                     "self-attention layers (local tokens): nothing to draw.")
+        captions = [p.stem.replace("encoder_", "").replace("_", " ") for p in files]
+        return [(str(p), c) for p, c in zip(files, captions)], note
 
     def tokens(self, text: str | None):
         """Caption -> query-token choices for the dropdown (text-query models)."""
