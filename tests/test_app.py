@@ -430,3 +430,36 @@ def test_the_readme_api_snippet_runs_against_a_live_server_of_the_default_model(
     printed = capsys.readouterr().out
     assert "\nRan on " in printed and "['text layer0', 'text layer1', 'text rollout']" in printed
     assert re.search(r"^(match|no match) \['head', 'entropy', 'confidence', 'share image'\]", printed, re.M)
+
+
+def test_real_photos_and_voices_are_called_unlike_the_training_scenes_and_the_bundled_scenes_are_not():
+    """The photos and recordings that ship with gradio (a cheetah, a lion, a tower, speech, a saxophone)
+    against the default's training distribution; the bundled scenes and 50 fresh test scenes pass.
+    The threshold flags 1 in 100 held-out validation scenes by construction."""
+    from multimodal.analysis.familiarity import Familiarity
+    from multimodal.data.pool import split_seeds
+    from multimodal.inference import ASSETS, load_model
+
+    default, source = load_model()
+    app = A.App(default, source, examples_dir=None)
+    assert isinstance(app.familiarity, Familiarity)
+    media = Path(gr.__file__).parent / "media_assets"
+    photos = sorted((media / "images").glob("*.jp*g"))
+    voices = [media / "audio" / n for n in ("cate_blanch.mp3", "heath_ledger.mp3", "recording1.wav", "sax.wav")]
+    assert len(photos) >= 4 and all(v.exists() for v in voices)
+    for photo in photos:
+        status = app.run(str(photo), None, "a red circle")[0]
+        assert "this image is unlike the scenes the model was trained on" in status, photo.name
+    for voice in voices:
+        status = app.run(None, str(voice), "a rising chirp")[0]
+        assert "this clip is unlike the scenes" in status and "this image" not in status, voice.name
+    for stem in ("sample", "example2"):
+        status = app.run(str(ASSETS / f"{stem}.png"), str(ASSETS / f"{stem}.wav"), "a red circle")[0]
+        assert "unlike the scenes" not in status, stem
+    flagged = 0
+    for seed in split_seeds("test", 50, 0):
+        scene = generate_scene(seed)
+        status = app.run(scene.image, (scene.audio, scene.sample_rate), scene.caption)[0]
+        flagged += "unlike the scenes" in status
+    assert flagged <= 2  # about 1 in 100 expected
+    assert Familiarity.for_model(MultimodalModel.from_specs()) is None  # no training record: nothing to compare

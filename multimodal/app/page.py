@@ -73,7 +73,8 @@ event; "strict": inside it), averaged over the caption's phrases.
 ones are refused as possible decompression bombs) and at least {MIN_IMAGE_SIDE} px a side;
 RGBA, 16-bit, CMYK and palette images are converted to RGB; audio: WAV, FLAC, OGG or MP3, clips
 longer than {MAX_AUDIO_SECONDS:.0f} s are cut to their first {MAX_AUDIO_SECONDS:.0f} s (with a
-notice); silent clips run, with a notice that their maps mean nothing; caption: at most
+notice); silent clips run, with a notice that their maps mean nothing; images and clips unlike the
+scenes the model was trained on, and caption words it never saw, run with a notice; caption: at most
 {MAX_TEXT_CHARS} characters. {CONCURRENCY_LIMIT} requests run at once; up to {QUEUE_MAX_SIZE} wait.
 
 **Ground truth JSON** (optional): `{{"caption": "...", "phrases": [{{"span": [s, e], "target":

@@ -50,6 +50,7 @@ from multimodal.analysis.grounding import phrase_grounding
 from multimodal.analysis.metrics import entropy_per_query, head_metric_table
 from multimodal.app.limits import (APP_LIMITS, KEEP_OUTPUT_SECONDS, MAX_OUTPUT_DIRS, MAX_TEXT_CHARS, THUMB_SIDE)
 from multimodal.data.truth import GroundTruth, load_ground_truth
+from multimodal.analysis.familiarity import Familiarity
 from multimodal.drawing import write_all, write_encoder_maps
 from multimodal.inference import Inputs, check_subset, describe_model, load_inputs
 from multimodal.io import AudioClip
@@ -313,6 +314,8 @@ class App:
         self.outputs = OutputDirs(output_root)
         self.heads = head_choices(model.cfg.layers, model.cfg.heads)
         self._tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe across threads
+        # how far an upload is from the training scenes (scene-trained models only; ~2 s at start-up)
+        self.familiarity = Familiarity.for_model(self.model)
 
     # -- the model run ------------------------------------------------------------------
 
@@ -388,6 +391,8 @@ class App:
                 note = self.tokens_notice(inputs.text)
                 notices += [note] if note else []
             out = self.infer(inputs, off)
+            if self.familiarity is not None:
+                notices += self.familiarity.notices({m: t for m, t in out.tokens.items() if m in inputs.given})
             maps = out.maps
             queries = query_labels(maps)
             try:
