@@ -122,7 +122,7 @@ def cmd_demo(args) -> int:
     from multimodal.app import serve
 
     model, source = _model_from_args(args)
-    serve(model, source, host=args.host, port=args.port, share=args.share)
+    serve(model, source, host=args.host, port=args.port, share=args.share, models_dir=args.models)
     return 0
 
 
@@ -380,6 +380,9 @@ def add_demo_parser(sub) -> None:
     d.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     d.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
     d.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
+    d.add_argument("--models", metavar="DIR",
+                   help="a folder of checkpoint folders (train --out runs, copied checkpoints): the page lets each "
+                        "visitor switch among them and the embedded default without a restart")
     d.set_defaults(func=cmd_demo)
 
 

@@ -463,3 +463,29 @@ def test_real_photos_and_voices_are_called_unlike_the_training_scenes_and_the_bu
         flagged += "unlike the scenes" in status
     assert flagged <= 2  # about 1 in 100 expected
     assert Familiarity.for_model(MultimodalModel.from_specs()) is None  # no training record: nothing to compare
+
+
+def test_a_visitor_can_switch_among_the_checkpoints_of_a_models_folder(checkpoint, files, tmp_path):
+    """`demo --models DIR`: the default, the model loaded at start and every checkpoint in DIR are offered;
+    a choice loads once and is used by that session's runs; a folder that is not there is refused."""
+    models = tmp_path / "models"
+    models.mkdir()
+    torch.manual_seed(1)
+    one_layer = FusionConfig(dim=32, heads=2, layers=1, query="text")
+    MultimodalModel.from_specs(fusion=one_layer).save_pretrained(models / "small")
+    (models / "notes").mkdir()  # not a checkpoint: not offered
+    app = A.App(MultimodalModel.from_pretrained(checkpoint), checkpoint, examples_dir=None, models_dir=models)
+    assert list(app.choices) == [checkpoint.name, "default", "small"]
+    chosen, info, layer, ablate, token, session = app.choose("small")
+    assert chosen == "small" and "fusion 1 layer x 2 heads" in info and session is None
+    assert layer.choices == [("layer 0", 0)] and ablate.choices == [("L0 H0", "L0 H0"), ("L0 H1", "L0 H1")]
+    out = app.run(files["image"], None, CAPTION, model_name="small")
+    assert len(out[7]) == 2 and out[-1].model_name == "small"  # 1 layer x 2 heads in the table
+    assert app.bench("small") is app.bench("small")  # loaded once
+    assert len(app.run(files["image"], None, CAPTION)[7]) == 8  # no choice: the model loaded at start
+    default = app.run(files["image"], None, "a tabby cat", model_name="default")[0]
+    assert "'cat'" in default and "embedded default" in app.choose("default")[1]
+    with pytest.raises(gr.Error):
+        app.choose("nothing")
+    with pytest.raises(InputError, match="no such folder"):
+        A.App(MultimodalModel.from_pretrained(checkpoint), checkpoint, models_dir=tmp_path / "absent")

@@ -40,7 +40,10 @@ def page_url(tmp_path_factory):
     torch.manual_seed(0)
     cfg = FusionConfig(dim=64, heads=4, layers=2, query="text", query_self_attention=True)
     ckpt = MultimodalModel.from_specs(fusion=cfg, match="softmin").save_pretrained(tmp_path_factory.mktemp("ckpt"))
-    app = A.App(MultimodalModel.from_pretrained(ckpt), ckpt, examples_dir=examples)
+    models = tmp_path_factory.mktemp("models")  # a second checkpoint to switch to: 1 layer x 2 heads
+    MultimodalModel.from_specs(fusion=FusionConfig(dim=32, heads=2, layers=1, query="text")).save_pretrained(
+        models / "small")
+    app = A.App(MultimodalModel.from_pretrained(ckpt), ckpt, examples_dir=examples, models_dir=models)
     demo = A.build_demo(app)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -99,6 +102,18 @@ def test_example_runs_in_the_browser_and_overlays_appear(page_url):
             page.locator("#layer").get_by_text("layer 1").click()  # redraw another layer, no model run
             expect(page.locator("#out-image img").first).not_to_have_attribute("src", before, timeout=15_000)
             assert "layer1_image" in page.locator("#out-image img").first.get_attribute("src")
+
+            # switch model without a restart: the model line, the layers and the table follow
+            page.locator("#model-choice input").click()
+            page.get_by_role("option", name="small").click()
+            expect(page.locator("#model-info")).to_contain_text("1 layer x 2 heads", timeout=30_000)
+            expect(page.locator("#layer")).not_to_contain_text("layer 1")
+            page.locator("#run").click()
+            expect(page.locator("#status")).to_contain_text("Ran on", timeout=30_000)
+            page.get_by_role("tab", name="Metrics").click()
+            expect(page.locator("#metrics")).to_contain_text("L0 H1")
+            expect(page.locator("#metrics")).not_to_contain_text("L0 H2")
+            page.screenshot(path=str(ARTIFACTS / "app-model-switched.png"))
             assert not errors, errors
         finally:
             browser.close()

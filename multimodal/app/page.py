@@ -3,7 +3,9 @@
 `demo.launch()` runs only in `serve` (called by `multimodal demo`) or in `demos/app.py`.
 API names (gradio_client): `/run` (inputs -> everything), `/view` (re-draw the last result
 for another layer / query token, no model run), `/tokens` (caption -> token choices),
-`/encoders` (the encoders' own heads and rollout on the last inputs).
+`/encoders` (the encoders' own heads and rollout on the last inputs). With several models
+(`demo --models DIR`) the page has a model picker; the choice is per visitor (hidden state),
+and an API client gets the model loaded at start.
 """
 
 from __future__ import annotations
@@ -97,7 +99,11 @@ def build_demo(app: App) -> gr.Blocks:
     with gr.Blocks(title="Multimodal attention sandbox", analytics_enabled=False,
                    delete_cache=(KEEP_OUTPUT_SECONDS, KEEP_OUTPUT_SECONDS)) as demo:
         gr.Markdown("### Multimodal attention sandbox: every head's attention over your inputs")
-        gr.Markdown(app.info, elem_id="model-info")
+        chosen = gr.State(app.start.name)  # this visitor's model (hidden from the API: clients get the start model)
+        with gr.Row(equal_height=True):
+            picker = gr.Dropdown(list(app.choices), value=app.start.name, label="model", elem_id="model-choice",
+                                 visible=len(app.choices) > 1, scale=1, min_width=160)
+            info = gr.Markdown(app.info, elem_id="model-info")
         session = gr.State(None)
         with gr.Row(equal_height=False):
             with gr.Column(scale=4, min_width=320):
@@ -170,14 +176,16 @@ def build_demo(app: App) -> gr.Blocks:
         with gr.Accordion("Help and limits", open=False, elem_id="help"):
             gr.Markdown(help_markdown(app))
 
-        run_inputs = [image, audio, text, truth, ablate, layer, token]
+        run_inputs = [image, audio, text, truth, ablate, layer, token, chosen]
         run_outputs = [status, score, image_grid, audio_grid, text_grid, playback, text_markup, metrics, files,
                        token, session]
         view_outputs = [image_grid, audio_grid, text_grid, text_markup, files]
         gr.on([run_btn.click, text.submit], app.run, inputs=run_inputs, outputs=run_outputs, api_name="run")
         gr.on([layer.input, token.input], app.view, inputs=[session, layer, token], outputs=view_outputs,
               api_name="view", show_progress="minimal")
-        text.blur(app.tokens, inputs=text, outputs=token, api_name="tokens", show_progress="hidden")
+        text.blur(app.tokens, inputs=[text, chosen], outputs=token, api_name="tokens", show_progress="hidden")
+        picker.change(app.choose, inputs=picker, outputs=[chosen, info, layer, ablate, token, session],
+                      api_visibility="private")
         encoders_btn.click(app.encoders, inputs=[session, encoder_from], outputs=[encoder_grids, encoders_note],
                            api_name="encoders")
         if examples is not None:
@@ -194,10 +202,11 @@ def launch_kwargs(host: str = HOST, port: int | None = PORT, share: bool = False
 
 
 def serve(model: MultimodalModel, source: str | Path | None, host: str = HOST, port: int = PORT,
-          share: bool = False) -> None:
-    """Build the page around a loaded model and serve it until interrupted."""
+          share: bool = False, models_dir: str | Path | None = None) -> None:
+    """Build the page around a loaded model (and the checkpoints in `models_dir`, to choose from)
+    and serve it until interrupted."""
     torch.set_num_threads(max(1, torch.get_num_threads() // CONCURRENCY_LIMIT))  # requests share the cores
-    app = App(model, source)
+    app = App(model, source, models_dir=models_dir)
     # Gradio's uploads and its copies of our outputs live inside this server's own folder, which is
     # removed when the server stops (Ctrl-C or SIGTERM); meanwhile delete_cache prunes them by age.
     os.environ.setdefault("GRADIO_TEMP_DIR", str(app.outputs.root / "gradio"))

@@ -290,6 +290,7 @@ class Result:
     files: dict[int | None, list[Path]]  # query index -> files written for it
     extra_files: list[Path]
     inputs: Inputs | None = None  # what the model ran on: the encoder view runs the encoders on it again
+    model_name: str | None = None  # which of the app's models made it
 
 
 def _error(e: Exception | str, uploads: Sequence[Any] = ()) -> gr.Error:
@@ -303,27 +304,110 @@ def _error(e: Exception | str, uploads: Sequence[Any] = ()) -> gr.Error:
 
 
 
+@dataclass
+class Bench:
+    """One loaded model and what the page shows about it."""
+
+    name: str
+    model: MultimodalModel
+    source: Path | None
+    info: str  # the model line (markdown)
+    heads: list[str]  # "L0 H1", ... for the ablation checkboxes
+    familiarity: Familiarity | None  # how far uploads are from its training scenes (scene-trained models)
+
+    @classmethod
+    def of(cls, name: str, model: MultimodalModel, source: str | Path | None) -> "Bench":
+        model = model.eval()
+        return cls(name, model, Path(source) if source else None, describe_model(model, source),
+                   head_choices(model.cfg.layers, model.cfg.heads), Familiarity.for_model(model))
+
+
+def is_checkpoint(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def model_choices(models_dir: str | Path | None) -> dict[str, Path]:
+    """name -> checkpoint folder: the embedded default, and every checkpoint directly inside
+    `models_dir` (a `train --out` folder, a copied checkpoint), by folder name."""
+    found = {"default": inference.DEFAULT_CHECKPOINT} if is_checkpoint(inference.DEFAULT_CHECKPOINT) else {}
+    if models_dir is not None:
+        folder = Path(models_dir)
+        if not folder.is_dir():
+            raise InputError(f"--models {folder}: no such folder; give a folder holding checkpoint folders")
+        for d in sorted(p for p in folder.iterdir() if p.is_dir() and is_checkpoint(p)):
+            found.setdefault(d.name, d)
+    return found
+
+
 class App:
+    """The handlers. One model is loaded at start; with `models_dir`, each visitor can switch to
+    any checkpoint there (loaded on first use, then kept) without a restart: the choice is per
+    session, carried by the page's hidden state, and an API client that never chooses gets the
+    model loaded at start."""
+
     def __init__(self, model: MultimodalModel, source: str | Path | None = None,
-                 examples_dir: str | Path | None = inference.ASSETS, output_root: str | Path | None = None):
-        self.model = model.eval()
-        self.source = source
-        self.info = describe_model(model, source)
+                 examples_dir: str | Path | None = inference.ASSETS, output_root: str | Path | None = None,
+                 models_dir: str | Path | None = None):
         self.examples_dir = Path(examples_dir) if examples_dir else None
         self.examples = find_examples(examples_dir)
         self.outputs = OutputDirs(output_root)
-        self.heads = head_choices(model.cfg.layers, model.cfg.heads)
         self._tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe across threads
-        # how far an upload is from the training scenes (scene-trained models only; ~2 s at start-up)
-        self.familiarity = Familiarity.for_model(self.model)
+        self._load_lock = threading.Lock()
+        choices = model_choices(models_dir)
+        start = next((n for n, p in choices.items() if source and p.resolve() == Path(source).resolve()),
+                     Path(source).name if source else "built from specs")
+        self.start = Bench.of(start, model, source)
+        self.benches: dict[str, Bench] = {start: self.start}
+        self.choices = {start: self.start.source, **{n: p for n, p in choices.items() if n != start}}
+
+    # the model loaded at start (what API clients and tests that never choose get)
+    @property
+    def model(self) -> MultimodalModel:
+        return self.start.model
+
+    @property
+    def info(self) -> str:
+        return self.start.info
+
+    @property
+    def heads(self) -> list[str]:
+        return self.start.heads
+
+    @property
+    def familiarity(self) -> Familiarity | None:
+        return self.start.familiarity
+
+    def bench(self, name: str | None) -> Bench:
+        """The chosen model, loaded on first use (None: the one loaded at start)."""
+        if not name or name == self.start.name:
+            return self.start
+        if name not in self.choices:
+            raise InputError(f"no model named {name!r}; choose one of {', '.join(self.choices)}")
+        with self._load_lock:
+            if name not in self.benches:
+                path = self.choices[name]
+                self.benches[name] = Bench.of(name, MultimodalModel.from_pretrained(path), path)
+            return self.benches[name]
+
+    def choose(self, name: str):
+        """Model picker -> (the session's choice, model line, layer choices, ablation choices, token choices,
+        a cleared last result). Loads the checkpoint the first time it is chosen."""
+        try:
+            b = self.bench(name)
+        except InputError as e:
+            raise _error(e) from None
+        cfg, mean = b.model.cfg, mean_label(b.model.cfg.query)
+        return (b.name, b.info, gr.Radio(choices=[(f"layer {l}", l) for l in range(cfg.layers)], value=0),
+                gr.CheckboxGroup(choices=b.heads, value=[]), gr.Dropdown(choices=[mean], value=mean), None)
 
     # -- the model run ------------------------------------------------------------------
 
-    def infer(self, inputs: Inputs, off: torch.Tensor | None):
-        return inference.run(self.model, inputs, head_mask=off, tokenizer_lock=self._tokenizer_lock)
+    def infer(self, inputs: Inputs, off: torch.Tensor | None, bench: Bench | None = None):
+        return inference.run((bench or self.start).model, inputs, head_mask=off, tokenizer_lock=self._tokenizer_lock)
 
-    def tokens_notice(self, text: str) -> str | None:
-        enc = self.model.encoders["text"] if "text" in self.model.encoders else None
+    def tokens_notice(self, text: str, model: MultimodalModel | None = None) -> str | None:
+        model = model or self.model
+        enc = model.encoders["text"] if "text" in model.encoders else None
         if enc is None:
             return None
         with self._tokenizer_lock:
@@ -375,24 +459,28 @@ class App:
 
     # -- handlers -----------------------------------------------------------------------
 
-    def run(self, image=None, audio=None, text=None, ground_truth=None, ablate=None, layer=0, token=None):
-        """Inputs -> status, score, grids of `layer`, audio playback, metrics, downloads, token choices, session."""
+    def run(self, image=None, audio=None, text=None, ground_truth=None, ablate=None, layer=0, token=None,
+            model_name=None):
+        """Inputs -> status, score, grids of `layer`, audio playback, metrics, downloads, token choices, session.
+        `model_name`: the session's chosen model (None: the one loaded at start)."""
         t0 = time.perf_counter()
         try:
+            bench = self.bench(model_name)
+            model = bench.model
             inputs = load_inputs(image, audio, text, APP_LIMITS)
-            cfg = self.model.cfg
-            notices = inputs.notices + check_subset(cfg.query, self.model.modalities, inputs.given)
-            if "text" in self.model.encoders and inputs.text is not None:
-                notices += [n for n in [inference.vocabulary_notice(self.model, inputs.text)] if n]
+            cfg = model.cfg
+            notices = inputs.notices + check_subset(cfg.query, model.modalities, inputs.given)
+            if "text" in model.encoders and inputs.text is not None:
+                notices += [n for n in [inference.vocabulary_notice(model, inputs.text)] if n]
             off = head_mask_from(ablate, cfg.layers, cfg.heads)
             search = [self.examples_dir] if self.examples_dir else []
             gt = load_ground_truth(ground_truth, search) if ground_truth else None
-            if inputs.text is not None and "text" in self.model.encoders:
-                note = self.tokens_notice(inputs.text)
+            if inputs.text is not None and "text" in model.encoders:
+                note = self.tokens_notice(inputs.text, model)
                 notices += [note] if note else []
-            out = self.infer(inputs, off)
-            if self.familiarity is not None:
-                notices += self.familiarity.notices({m: t for m, t in out.tokens.items() if m in inputs.given})
+            out = self.infer(inputs, off, bench)
+            if bench.familiarity is not None:
+                notices += bench.familiarity.notices({m: t for m, t in out.tokens.items() if m in inputs.given})
             maps = out.maps
             queries = query_labels(maps)
             try:
@@ -425,8 +513,8 @@ class App:
             thumb.thumbnail((THUMB_SIDE, THUMB_SIDE))
         base = self.outputs.new()
         extra = [write_table(base / "metrics.csv", headers, rows),
-                 write_summary(base / "summary.json", self, inputs, score, ablate, notices)]
-        res = Result(maps, thumb, inputs.audio, queries, base, {}, extra, inputs)
+                 write_summary(base / "summary.json", bench, inputs, score, ablate, notices)]
+        res = Result(maps, thumb, inputs.audio, queries, base, {}, extra, inputs, bench.name)
         files = self.draw(res, query, base)
         playback = None
         if inputs.audio is not None:
@@ -469,8 +557,8 @@ class App:
         if res is None or res.inputs is None:
             raise gr.Error("run the model first (press Run), then draw its encoders", print_exception=False)
         try:
-            out = inference.run(self.model, res.inputs, request=False, tokenizer_lock=self._tokenizer_lock,
-                                capture_attention=True)
+            out = inference.run(self.bench(res.model_name).model, res.inputs, request=False,
+                                tokenizer_lock=self._tokenizer_lock, capture_attention=True)
             folder = self.outputs.new()
             files = write_encoder_maps(out.tokens, folder, image=res.image, audio=res.audio, source=source)
         except InputError as e:
@@ -486,11 +574,12 @@ class App:
         captions = [p.stem.replace("encoder_", "").replace("_", " ") for p in files]
         return [(str(p), c) for p, c in zip(files, captions)], note
 
-    def tokens(self, text: str | None):
+    def tokens(self, text: str | None, model_name: str | None = None):
         """Caption -> query-token choices for the dropdown (text-query models)."""
-        label = mean_label(self.model.cfg.query)
-        enc = self.model.encoders["text"] if "text" in self.model.encoders else None
-        if self.model.cfg.query != "text" or enc is None or not text or not str(text).strip():
+        model = self.bench(model_name).model
+        label = mean_label(model.cfg.query)
+        enc = model.encoders["text"] if "text" in model.encoders else None
+        if model.cfg.query != "text" or enc is None or not text or not str(text).strip():
             return gr.Dropdown(choices=[label], value=label)
         try:
             with self._tokenizer_lock:
@@ -551,9 +640,9 @@ def write_table(path: Path, headers: list[str], rows: list[list]) -> Path:
     return path
 
 
-def write_summary(path: Path, app: App, inputs: Inputs, score: float, ablate, notices) -> Path:
+def write_summary(path: Path, bench: Bench, inputs: Inputs, score: float, ablate, notices) -> Path:
     path.write_text(json.dumps({
-        "model": str(app.source) if app.source else "random-init (encoder specs)",
+        "model": str(bench.source) if bench.source else "random-init (encoder specs)",
         "match_probability": score, "heads_off": list(ablate or []), "notices": notices,
         "inputs": {"image_size": [inputs.image.height, inputs.image.width] if inputs.image else None,
                    "audio_seconds": inputs.audio.duration if inputs.audio else None, "text": inputs.text},
