@@ -24,6 +24,7 @@ from PIL import Image
 
 from multimodal import io as mio
 from multimodal.data.scenes import caption_words
+from multimodal.encoders.registry import describe_spec
 from multimodal.encoders.audio import WINDOW_SECONDS
 from multimodal.fusion import FusionConfig, FusionOutput, MapRequest
 from multimodal.model import MultimodalModel
@@ -188,27 +189,33 @@ def vocabulary_notice(model: MultimodalModel, text: str | None) -> str | None:
             f"{vocabulary}")
 
 
-def model_summary(model: MultimodalModel) -> str:
-    cfg = model.cfg
-    q = "text-token queries" if cfg.query == "text" else (
-        f"{cfg.num_latents} learned latent queries" if cfg.query == "latents" else f"{cfg.query}-token queries")
-    encs = ", ".join(f"{m} `{getattr(model.encoders[m], 'spec', '?')}`" for m in model.modalities)
-    layers = f"{cfg.layers} layer{'s' if cfg.layers != 1 else ''}"
-    return f"{encs}; fusion {layers} x {cfg.heads} heads, {cfg.attention} attention, {q}"
+def encoders_in_words(model: MultimodalModel) -> str:
+    """Each encoder's spec and what it is, e.g. "image `vit-local-scenes`: local tokens: ..."."""
+    parts = []
+    for m in model.modalities:
+        spec = getattr(model.encoders[m], "spec", "?")
+        parts.append(f"{m} `{spec}`: {describe_spec(m, spec)}")
+    return "; ".join(parts)
 
 
 def describe_model(model: MultimodalModel, source: str | Path | None) -> str:
-    """Markdown: which model is loaded, and a warning when its weights are random or untrained."""
-    summary = model_summary(model)
+    """Markdown: which model is loaded (named by its folder, not the server's path), its encoders in
+    words, and a warning when its weights are random or untrained."""
+    cfg = model.cfg
+    q = "text-token queries" if cfg.query == "text" else (
+        f"{cfg.num_latents} learned latent queries" if cfg.query == "latents" else f"{cfg.query}-token queries")
+    fusion = (f"fusion {cfg.layers} layer{'s' if cfg.layers != 1 else ''} x {cfg.heads} heads, {cfg.attention} "
+              f"attention, {q}" + (", queries compete for keys" if cfg.compete else ""))
     step = model.meta.get("step")
     if source is None:
-        return (f"**Model:** built from encoder specs with **random weights** ({summary}). No trained checkpoint "
+        return (f"**Model:** built from encoder specs with **random weights** ({fusion}). No trained checkpoint "
                 f"was named and none is embedded: the maps show structure, not meaning, "
-                "and the match score is meaningless.")
-    where = "the embedded default" if Path(source).resolve() == DEFAULT_CHECKPOINT.resolve() else "checkpoint"
+                f"and the match score is meaningless. Encoders: {encoders_in_words(model)}.")
+    where = ("the embedded default" if Path(source).resolve() == DEFAULT_CHECKPOINT.resolve()
+             else f"checkpoint `{Path(source).name}`")
     trained = (f"trained for {step} steps" if step is not None else
                "**no training record in its config: if it was never trained, its maps and score are meaningless**")
-    return f"**Model:** {where} `{source}` ({summary}); {trained}."
+    return f"**Model:** {where}, {fusion}; {trained}. Encoders: {encoders_in_words(model)}."
 
 
 # ---------------------------------------------------------------------------------------

@@ -90,6 +90,7 @@ CSS = """
 #status { min-height: 1.5em; }
 .mm-tokens { font-size: 15px; margin-bottom: 8px; }
 .mm-caption p, .mm-note { font-size: 13px; color: var(--body-text-color-subdued); margin: 0 0 4px 0; }
+#metrics th, #metrics th * { word-break: normal !important; overflow-wrap: normal !important; hyphens: none; }
 """
 
 

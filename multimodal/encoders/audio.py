@@ -220,7 +220,7 @@ class AudioEncoder(nn.Module):
 
 @register_builtin("audio", "ast-tiny-scenes")
 def ast_tiny_scenes(**overrides) -> AudioEncoder:
-    """2-layer, 128-wide AST on 64 mel bins, 3 s windows (300 frames), 16x16 patches (random init)."""
+    """2-layer, 128-wide AST on 64 mel bins, 3 s windows (300 frames), 16x16 patches, trained from scratch."""
     config = ASTConfig(**{
         "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256,
         "num_mel_bins": 64, "max_length": 300, "patch_size": 16, "frequency_stride": 16, "time_stride": 10,

@@ -162,7 +162,7 @@ class ImageEncoder(nn.Module):
 
 @register_builtin("image", "vit-tiny-scenes")
 def vit_tiny_scenes(**overrides) -> ImageEncoder:
-    """2-block, 128-wide ViT on 128x128 inputs with 16x16 patches (random init, no head)."""
+    """2-block, 128-wide ViT on 128x128 inputs with 16x16 patches, trained from scratch (no head)."""
     args = {"img_size": 128, "patch_size": 16, "embed_dim": 128, "depth": 2, "num_heads": 4,
             "num_classes": 0, **overrides}
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **args)

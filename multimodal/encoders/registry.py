@@ -41,6 +41,16 @@ def register_builtin(modality: str, name: str):
     return wrap
 
 
+def describe_spec(modality: str, spec: str) -> str:
+    """A built-in encoder in words (the first sentence of its factory's docstring); any other spec
+    as where it comes from."""
+    factory = BUILTINS[modality].get(spec)
+    if factory is not None and factory.__doc__:
+        first = " ".join(factory.__doc__.split())
+        return first.split(". ")[0].rstrip(".")
+    return "loaded from a local folder" if Path(str(spec)).is_dir() else "a pretrained model from the hub"
+
+
 def register_encoder(modality: str):
     """Class decorator: the encoder class that loads directories, hub names and configs."""
     def wrap(cls: type) -> type:

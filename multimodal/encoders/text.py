@@ -225,7 +225,7 @@ class TextEncoder(nn.Module):
 
 @register_builtin("text", "bert-tiny-scenes")
 def bert_tiny_scenes(max_length: int = 64, **config_overrides) -> TextEncoder:
-    """2-layer, 128-wide BERT (random init) over the scenes vocabulary."""
+    """2-layer, 128-wide BERT over the scenes vocabulary, trained from scratch (built with random weights)."""
     tokenizer = scenes_tokenizer(max_length)
     config = BertConfig(**{
         "vocab_size": len(tokenizer), "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
