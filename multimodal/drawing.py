@@ -44,11 +44,26 @@ class Rendered:
     html: str | None = None
 
 
+RELEVANCE_LABEL = "grad x attn"
+
+
+def _with_relevance(m: np.ndarray, labels: list[str], rel: np.ndarray | None) -> tuple[np.ndarray, list[str], bool]:
+    """Heads, then their mean, then the relevance panel when given: (maps, labels, whether the grid
+    should add a mean itself)."""
+    if rel is None:
+        return m, labels, True
+    return np.concatenate([m, m.mean(0, keepdims=True), rel]), labels + ["mean", RELEVANCE_LABEL], False
+
+
 def render_layer(maps: AttentionMaps, layer: int, *, image: Image.Image | None = None,
                  audio: AudioClip | None = None, item: int = 0, query: int | None = None,
-                 renormalise: bool = True) -> list[Rendered]:
-    """One grid per modality among the keys, for one layer of one batch item."""
+                 renormalise: bool = True, relevance: AttentionMaps | None = None) -> list[Rendered]:
+    """One grid per modality among the keys, for one layer of one batch item. With `relevance`
+    (`analysis.relevance.relevance_maps` of the same run) the layer's gradient-weighted relevance
+    comes last in each grid, on the same colour scale as the heads (each panel renormalised
+    within the modality, as the heads are)."""
     qw = query_weights(maps, item, query)
+    rel = relevance if relevance is not None and layer in relevance.weights else None
     heads = maps.heads[layer]
     labels = [f"L{layer} H{h}" for h in heads]
     if maps.claimed is not None and layer in maps.claimed:  # competing queries: how much of the keys they won
@@ -58,35 +73,43 @@ def render_layer(maps: AttentionMaps, layer: int, *, image: Image.Image | None =
     out = []
     if "image" in maps.segments and image is not None:
         m = _pool(maps.image_maps(layer, renormalise)[item], qw)  # (h, gh, gw)
-        grid = image_head_grid(np.asarray(image.convert("RGB")), m, labels=labels,
+        r = None if rel is None else _pool(rel.image_maps(layer, renormalise)[item], qw)  # (1, gh, gw)
+        panels, names, mean = _with_relevance(m, labels, r)
+        grid = image_head_grid(np.asarray(image.convert("RGB")), panels, labels=names, show_mean=mean,
                                title=f"image: layer {layer}, {which}")
         out.append(Rendered(layer, "image", grid))
     if "audio" in maps.segments and audio is not None:
         geom = maps.key_geometry["audio"]
         m = _pool(maps.audio_maps(layer, renormalise)[item], qw)  # (h, T)
+        r = None if rel is None else _pool(rel.audio_maps(layer, renormalise)[item], qw)  # (1, T)
+        panels, names, mean = _with_relevance(m, labels, r)
         spec, frame_times = log_mel(audio.waveform, audio.sample_rate)
-        grid = audio_head_grid(spec, frame_times, m, np.asarray(geom.times), labels=labels,
+        grid = audio_head_grid(spec, frame_times, panels, np.asarray(geom.times), labels=names, show_mean=mean,
                                title=f"audio: layer {layer}, {which}")
         out.append(Rendered(layer, "audio", grid))
     if "text" in maps.segments:
         geom = maps.key_geometry["text"]
         m = _pool(maps.text_maps(layer, renormalise)[item], qw)  # (h, N)
+        r = None if rel is None else _pool(rel.text_maps(layer, renormalise)[item], qw)  # (1, N)
+        panels, names, mean = _with_relevance(m, labels, r)
         tokens = geom.tokens[item]
         keep = (maps.key_mask & ~maps.key_special)[item, slice(*maps.segments["text"])].cpu().numpy()
-        grid = text_head_grid(tokens, m, labels=labels, title=f"text: layer {layer}, {which}", mask=keep)
+        grid = text_head_grid(tokens, panels, labels=names, title=f"text: layer {layer}, {which}", mask=keep,
+                              show_mean=mean)
         html = text_html([t for t, k in zip(tokens, keep) if k], m.mean(0)[keep])
         out.append(Rendered(layer, "text", grid, html))
     return out
 
 
 def write_all(maps: AttentionMaps, out_dir: str | Path, *, image=None, audio=None, item: int = 0,
-              query: int | None = None) -> list[Path]:
-    """Every requested layer's grids as PNG (+ HTML for text) and the raw maps (.npz + .json)."""
+              query: int | None = None, relevance: AttentionMaps | None = None) -> list[Path]:
+    """Every requested layer's grids as PNG (+ HTML for text) and the raw maps (.npz + .json); with
+    `relevance`, each grid ends with the layer's gradient-weighted relevance (see render_layer)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = list(maps.save(out_dir / "maps"))
     for layer in maps.layers:
-        for r in render_layer(maps, layer, image=image, audio=audio, item=item, query=query):
+        for r in render_layer(maps, layer, image=image, audio=audio, item=item, query=query, relevance=relevance):
             path = save_png(r.image, out_dir / f"layer{layer}_{r.modality}.png")
             written.append(path)
             if r.html is not None:

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from multimodal.analysis.grounding import (METRICS, POINTING_TOLERANCE_PX, TIME_TOLERANCE_COLUMNS, audio_columns,
                                           phrase_tokens, score_phrase)
+from multimodal.analysis.relevance import model_score_fn, relevance_maps
 from multimodal.data.pool import MAX_SPLIT_SCENES, ScenePool, split_seeds
 from multimodal.data.scenes import CHANGE_TYPES, SceneConfig, change_kinds, hard_negative
 from multimodal.data.truth import GroundTruth, from_scene
@@ -97,15 +98,9 @@ def random_init_like(model: MultimodalModel, seed: int) -> MultimodalModel:
 def _relevance_maps(model: MultimodalModel, batch, captions) -> tuple[AttentionMaps, dict]:
     """Gradient x attention per layer (clamped, head mean), as one pseudo-head per layer."""
     with torch.enable_grad():
-        _, out = score_candidates(model, batch, captions, 1, return_maps=True)
-        maps = out.maps
-        weights = [maps.weights[l] for l in maps.layers]
-        grads = torch.autograd.grad(out.score.sum(), weights)
-    rel = {l: (g * w).clamp_min(0).mean(1, keepdim=True).detach() for l, g, w in zip(maps.layers, grads, weights)}
-    rel_maps = AttentionMaps(weights=rel, heads={l: [0] for l in rel}, segments=maps.segments,
-                             key_mask=maps.key_mask, key_special=maps.key_special, query_source=maps.query_source,
-                             query_mask=maps.query_mask, key_geometry=maps.key_geometry,
-                             query_geometry=maps.query_geometry, num_heads=1, query_special=maps.query_special)
+        tokens = model.encode(batch)
+        tokens["text"] = model.encoders["text"](model.encoders["text"].preprocess(captions))
+    rel_maps = relevance_maps(model_score_fn(model), tokens)
     return rel_maps, {l: _modality_maps(rel_maps, l) for l in rel_maps.layers}
 
 

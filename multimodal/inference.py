@@ -23,12 +23,13 @@ import torch
 from PIL import Image
 
 from multimodal import io as mio
+from multimodal.analysis.relevance import relevance_maps
 from multimodal.data.scenes import caption_words
 from multimodal.encoders.registry import describe_spec
 from multimodal.encoders.audio import WINDOW_SECONDS
 from multimodal.fusion import FusionConfig, FusionOutput, MapRequest
 from multimodal.model import MultimodalModel
-from multimodal.types import InputError
+from multimodal.types import AttentionMaps, InputError
 
 
 def _assets_dir() -> Path:
@@ -233,14 +234,38 @@ def run(model: MultimodalModel, inputs: Inputs, head_mask: torch.Tensor | None =
     `capture_attention` (True, or modalities) keeps those encoders' own self-attention in the
     output's tokens (`out.tokens[m].self_attention`).
     """
-    batches = {}
     with torch.inference_mode():
-        if inputs.text is not None and "text" in model.encoders:
-            with tokenizer_lock or nullcontext():
-                batches.update(model.preprocess(text=[inputs.text]))
-        raw = {m: [getattr(inputs, m)] for m in ("image", "audio")
-               if getattr(inputs, m) is not None and m in model.encoders}
-        if raw:
-            batches.update(model.preprocess(**raw))
-        tokens = model.encode(batches, capture_attention)
+        tokens = model.encode(_batches(model, inputs, tokenizer_lock), capture_attention)
         return model.fuse(tokens, head_mask=head_mask, return_maps=request)
+
+
+def _batches(model: MultimodalModel, inputs: Inputs, tokenizer_lock: threading.Lock | None = None) -> dict:
+    """The encoder batches of the inputs the model reads."""
+    batches = {}
+    if inputs.text is not None and "text" in model.encoders:
+        with tokenizer_lock or nullcontext():
+            batches.update(model.preprocess(text=[inputs.text]))
+    raw = {m: [getattr(inputs, m)] for m in ("image", "audio") if getattr(inputs, m) is not None and m in model.encoders}
+    if raw:
+        batches.update(model.preprocess(**raw))
+    return batches
+
+
+def run_with_relevance(model: MultimodalModel, inputs: Inputs, tokenizer_lock: threading.Lock | None = None
+                       ) -> tuple[AttentionMaps, AttentionMaps]:
+    """Every head's maps and the gradient-weighted relevance of the same forward pass (one pseudo-head
+    per layer, `analysis.relevance.relevance_maps`): a forward with grad and one backward."""
+    batches = _batches(model, inputs, tokenizer_lock)
+    seen = {}
+
+    def score_fn(tokens):
+        out = model.fuse(tokens, return_maps=True)
+        seen["maps"] = out.maps
+        return out.score, out.maps
+
+    with torch.enable_grad():
+        rel = relevance_maps(score_fn, model.encode(batches))
+    maps = seen["maps"]
+    maps.weights = {l: w.detach() for l, w in maps.weights.items()}
+    maps.claimed = None if maps.claimed is None else {l: c.detach() for l, c in maps.claimed.items()}
+    return maps, rel

@@ -489,3 +489,29 @@ def test_a_visitor_can_switch_among_the_checkpoints_of_a_models_folder(checkpoin
         app.choose("nothing")
     with pytest.raises(InputError, match="no such folder"):
         A.App(MultimodalModel.from_pretrained(checkpoint), checkpoint, models_dir=tmp_path / "absent")
+
+
+def test_relevance_is_drawn_beside_the_heads_and_scored_like_them(client, app, files):
+    """/relevance after an example run (it carries ground truth): one grid per layer and modality whose
+    last panel is the layer's gradient-weighted relevance, and a table scoring heads and relevance alike."""
+    from multimodal.analysis.relevance import gradient_relevance, model_score_fn
+
+    image, audio, caption, gt = app.examples[0]
+    run(client, image, audio, caption, gt)
+    gallery, table, note = client.predict(A.MEAN_TOKEN, api_name="/relevance")
+    assert [item["caption"] for item in gallery] == [f"layer {l}, {m}" for l in (0, 1)
+                                                     for m in ("image", "audio")]
+    assert "grad x attn" in note and "scores every head and the relevance" in note
+    panels = [r[0] for r in table["data"]]
+    assert panels == [f"L{layer} {p}" for layer in (0, 1) for p in ("H0", "H1", "H2", "H3", "grad x attn")]
+    assert {"pointing image", "pointing image, strict", "mass in event"} <= set(table["headers"])
+    # the relevance drawn is the library's: its query-summed form is gradient_relevance's
+    inputs = inference.load_inputs(image, audio, caption)
+    maps, rel = inference.run_with_relevance(app.model, inputs)
+    with torch.enable_grad():
+        tokens = app.model.encode(inference._batches(app.model, inputs))
+    total = gradient_relevance(model_score_fn(app.model), tokens).scores
+    content = maps.content_queries().float()
+    r = content / content.sum(-1, keepdim=True)
+    by_layer = sum(torch.einsum("bq,bqk->bk", r, rel.weights[l][:, 0]) * maps.key_mask for l in rel.layers)
+    torch.testing.assert_close(by_layer, total, rtol=1e-5, atol=1e-7)

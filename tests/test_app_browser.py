@@ -97,6 +97,13 @@ def test_example_runs_in_the_browser_and_overlays_appear(page_url):
             expect(page.locator("#out-encoders")).to_contain_text("text layer0")
             page.screenshot(path=str(ARTIFACTS / "app-encoders.png"))
 
+            page.get_by_role("tab", name="Relevance").click()  # gradient x attention beside the heads
+            page.locator("#relevance-run").click()
+            expect(page.locator("#relevance-note")).to_contain_text("grad x attn", timeout=30_000)
+            overlay_shown("#out-relevance")
+            expect(page.locator("#relevance-table")).to_contain_text("L0 grad x attn")
+            page.screenshot(path=str(ARTIFACTS / "app-relevance.png"))
+
             page.get_by_role("tab", name="Image").click()
             before = page.locator("#out-image img").first.get_attribute("src")
             page.locator("#layer").get_by_text("layer 1").click()  # redraw another layer, no model run

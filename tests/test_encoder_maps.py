@@ -78,3 +78,14 @@ def test_maps_command_writes_encoder_views_and_names_encoders_without_layers(tmp
     assert {"encoder_text_layer0.png", "encoder_text_layer1.png", "encoder_text_rollout.png"} <= names
     assert not any(n.startswith(("encoder_image", "encoder_audio")) for n in names)
     assert Image.open(tmp_path / "encoder_text_rollout.png").size[0] > 100
+
+
+def test_maps_command_ends_each_grid_with_the_relevance_panel(tmp_path, monkeypatch):
+    seen = spy(monkeypatch, "image_head_grid")
+    assert main(["maps", "--sample", "--relevance", "--out", str(tmp_path)]) == 0
+    labels = seen[0][1]["labels"]
+    assert labels[-2:] == ["mean", "grad x attn"] and seen[0][1]["show_mean"] is False
+    panels = seen[0][0][1]  # heads, mean, relevance: each renormalised within the image
+    np.testing.assert_allclose(panels[-2], panels[:-2].mean(0), rtol=1e-6)
+    np.testing.assert_allclose(panels.reshape(len(panels), -1).sum(1), 1.0, rtol=1e-5)
+    assert main(["maps", "--sample", "--relevance", "--head", "0", "--out", str(tmp_path / "x")]) == 2

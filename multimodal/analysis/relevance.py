@@ -190,3 +190,23 @@ def gradient_relevance(score_fn: ScoreFn, tokens: Mapping[str, ModalityTokens] |
         per_layer[l] = torch.einsum("bq,bqk->bk", r, cam) * key_mask  # (B, Nk)
     return _as_key_relevance(sum(per_layer.values()), maps, per_layer)
 
+
+
+def relevance_maps(score_fn: ScoreFn, tokens: Mapping[str, ModalityTokens] | Sequence[ModalityTokens]
+                   ) -> AttentionMaps:
+    """Gradient-weighted relevance kept per query, as maps: layer l's one pseudo-head is
+    `mean_h clamp(dy/dA_l * A_l, min=0)`, `(B, 1, Nq, Nk)` (the `Abar_l` of `gradient_relevance`
+    before the sum over queries), so it is drawn and scored per phrase exactly as a head is."""
+    with torch.enable_grad():
+        score, maps = score_fn(tokens)
+        weights = [maps.weights[l] for l in maps.layers]
+        if not weights or not all(w.requires_grad for w in weights):
+            raise InputError("relevance needs every head's maps with their autograd graph: run with grad enabled "
+                             "and return_maps=True")
+        grads = torch.autograd.grad(score.sum(), weights, allow_unused=True)
+    rel = {l: (torch.zeros_like(w) if g is None else g * w).detach().float().clamp_min(0).mean(1, keepdim=True)
+           for l, w, g in zip(maps.layers, weights, grads)}
+    return AttentionMaps(weights=rel, heads={l: [0] for l in rel}, segments=maps.segments, key_mask=maps.key_mask,
+                         key_special=maps.key_special, query_source=maps.query_source, query_mask=maps.query_mask,
+                         key_geometry=maps.key_geometry, query_geometry=maps.query_geometry, num_heads=1,
+                         query_special=maps.query_special)

@@ -3,7 +3,8 @@
 `demo.launch()` runs only in `serve` (called by `multimodal demo`) or in `demos/app.py`.
 API names (gradio_client): `/run` (inputs -> everything), `/view` (re-draw the last result
 for another layer / query token, no model run), `/tokens` (caption -> token choices),
-`/encoders` (the encoders' own heads and rollout on the last inputs). With several models
+`/encoders` (the encoders' own heads and rollout on the last inputs), `/relevance` (gradient-weighted
+relevance beside every layer's heads, scored with the last ground truth). With several models
 (`demo --models DIR`) the page has a model picker; the choice is per visitor (hidden state),
 and an API client gets the model loaded at start.
 """
@@ -167,6 +168,18 @@ def build_demo(app: App) -> gr.Blocks:
                         encoders_note = gr.Markdown("", elem_id="encoders-note")
                         encoder_grids = gr.Gallery(columns=1, height="auto", object_fit="contain",
                                                    elem_id="out-encoders", show_label=False)
+                    with gr.Tab("Relevance", id="relevance", elem_id="tab-relevance"):
+                        gr.Markdown("Gradient-weighted relevance beside the raw heads, every layer, for the chosen "
+                                    "query token: what the match score actually depends on, next to where the "
+                                    "heads look. Press the button after a Run (one forward and one backward pass).",
+                                    elem_classes="mm-caption")
+                        relevance_btn = gr.Button("Compute relevance", elem_id="relevance-run")
+                        relevance_note = gr.Markdown("", elem_id="relevance-note")
+                        relevance_grids = gr.Gallery(columns=1, height="auto", object_fit="contain",
+                                                     elem_id="out-relevance", show_label=False)
+                        relevance_table = gr.Dataframe(label="pointing / energy of every head and of the relevance "
+                                                             "(with ground truth)", interactive=False, wrap=True,
+                                                       elem_id="relevance-table", max_height=420)
                     with gr.Tab("Metrics", id="metrics", elem_id="tab-metrics"):
                         metrics = gr.Dataframe(label="per-head metrics, all layers (see help for definitions)",
                                                interactive=False, wrap=True, elem_id="metrics", max_height=560)
@@ -189,6 +202,8 @@ def build_demo(app: App) -> gr.Blocks:
                       api_visibility="private")
         encoders_btn.click(app.encoders, inputs=[session, encoder_from], outputs=[encoder_grids, encoders_note],
                            api_name="encoders")
+        relevance_btn.click(app.relevance, inputs=[session, token],
+                            outputs=[relevance_grids, relevance_table, relevance_note], api_name="relevance")
         if examples is not None:
             examples.load_input_event.then(app.run, inputs=run_inputs, outputs=run_outputs,
                                            api_visibility="undocumented")

@@ -51,7 +51,7 @@ from multimodal.analysis.metrics import entropy_per_query, head_metric_table
 from multimodal.app.limits import (APP_LIMITS, KEEP_OUTPUT_SECONDS, MAX_OUTPUT_DIRS, MAX_TEXT_CHARS, THUMB_SIDE)
 from multimodal.data.truth import GroundTruth, load_ground_truth
 from multimodal.analysis.familiarity import Familiarity
-from multimodal.drawing import write_all, write_encoder_maps
+from multimodal.drawing import RELEVANCE_LABEL, render_layer, write_all, write_encoder_maps
 from multimodal.inference import Inputs, check_subset, describe_model, load_inputs
 from multimodal.io import AudioClip
 from multimodal.model import MultimodalModel
@@ -291,6 +291,7 @@ class Result:
     extra_files: list[Path]
     inputs: Inputs | None = None  # what the model ran on: the encoder view runs the encoders on it again
     model_name: str | None = None  # which of the app's models made it
+    truth: GroundTruth | None = None  # the ground truth it was scored against, if any
 
 
 def _error(e: Exception | str, uploads: Sequence[Any] = ()) -> gr.Error:
@@ -514,7 +515,7 @@ class App:
         base = self.outputs.new()
         extra = [write_table(base / "metrics.csv", headers, rows),
                  write_summary(base / "summary.json", bench, inputs, score, ablate, notices)]
-        res = Result(maps, thumb, inputs.audio, queries, base, {}, extra, inputs, bench.name)
+        res = Result(maps, thumb, inputs.audio, queries, base, {}, extra, inputs, bench.name, gt)
         files = self.draw(res, query, base)
         playback = None
         if inputs.audio is not None:
@@ -573,6 +574,42 @@ class App:
                      "self-attention layers (local tokens): nothing to draw.")
         captions = [p.stem.replace("encoder_", "").replace("_", " ") for p in files]
         return [(str(p), c) for p, c in zip(files, captions)], note
+
+    def relevance(self, res: Result | None, token=None):
+        """Gradient-weighted relevance (Chefer et al. 2021) beside the raw heads of every layer, on the last
+        inputs: (gallery of grids, table, note). Each grid: every head, their mean, then the layer's
+        relevance, one colour scale. With ground truth the table scores heads and relevance alike."""
+        if res is None or res.inputs is None:
+            raise gr.Error("run the model first (press Run), then compute relevance", print_exception=False)
+        try:
+            query = parse_query(token, [i for i, _ in res.queries])
+            maps, rel = inference.run_with_relevance(self.bench(res.model_name).model, res.inputs,
+                                                     self._tokenizer_lock)
+        except InputError as e:
+            raise _error(e) from None
+        folder = self.outputs.new()
+        items = []
+        for layer in maps.layers:
+            for r in render_layer(maps, layer, image=res.image, audio=res.audio, query=query, relevance=rel):
+                path = save_png(r.image, folder / f"relevance_layer{layer}_{r.modality}.png")
+                items.append((str(path), f"layer {layer}, {r.modality}"))
+        headers, rows = ["panel"], []
+        if res.truth is not None and res.inputs is not None:
+            image = res.inputs.image
+            size = (image.height, image.width) if image is not None else None
+            for layer in maps.layers:
+                for source, m, names in ((f"L{layer} H", maps, maps.heads[layer]), (f"L{layer} ", rel, [None])):
+                    scores = grounding_scores(m, layer, res.truth, size)
+                    headers = ["panel"] + list(scores)
+                    for i, h in enumerate(names):
+                        label = f"{source}{h}" if h is not None else f"{source}{RELEVANCE_LABEL}"
+                        rows.append([label] + [_round(v[i]) for v in scores.values()])
+        note = ("Each grid: every head of the layer, their mean, then **grad x attn**: the layer's gradient-weighted "
+                "relevance (Chefer et al. 2021; the attention weights times the match score's gradient, negative "
+                "parts dropped, averaged over heads), on the same colour scale. No head is switched off here."
+                + (" With the ground truth of the last run, the table scores every head and the relevance by the "
+                   "same per-phrase definition." if rows else ""))
+        return items, pd.DataFrame(rows, columns=headers) if rows else pd.DataFrame(), note
 
     def tokens(self, text: str | None, model_name: str | None = None):
         """Caption -> query-token choices for the dropdown (text-query models)."""
