@@ -6,7 +6,6 @@ checkpoint (the embedded default may not exist yet) and synthetic sample files.
 
 import json
 import socket
-import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -513,3 +512,19 @@ def test_relevance_is_drawn_beside_the_heads_and_scored_like_them(client, app, f
     r = content / content.sum(-1, keepdim=True)
     by_layer = sum(torch.einsum("bq,bqk->bk", r, rel.weights[l][:, 0]) * maps.key_mask for l in rel.layers)
     torch.testing.assert_close(by_layer, total, rtol=1e-5, atol=1e-7)
+
+
+def test_a_committed_studys_report_and_plots_are_shown(client, app):
+    from multimodal.app.session import study_reports
+
+    names = list(study_reports())
+    assert {"size", "attention_kind", "positional", "queries", "training_dynamics"} <= set(names)
+    report, plots = client.predict("size", api_name="/study")
+    assert report.startswith("# Study: size") and "Do larger fusion blocks" in report
+    captions = [p["caption"] for p in plots]
+    assert "summary" in captions and "per-head heatmaps: fusion.dim=128,seed=0" in captions
+    assert all(Path(value(p["image"])).stat().st_size > 1000 for p in plots)
+    with pytest.raises(AppError, match="not in the list of choices"):  # the dropdown refuses it first
+        client.predict("nope", api_name="/study")
+    with pytest.raises(gr.Error, match="no committed study named 'nope'"):  # and the handler, called directly
+        app.study("nope")

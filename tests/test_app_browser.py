@@ -104,6 +104,13 @@ def test_example_runs_in_the_browser_and_overlays_appear(page_url):
             expect(page.locator("#relevance-table")).to_contain_text("L0 grad x attn")
             page.screenshot(path=str(ARTIFACTS / "app-relevance.png"))
 
+            page.get_by_role("tab", name="Studies").click()  # a committed study's report and plots
+            page.locator("#study-choice input").click()
+            page.get_by_role("option", name="size", exact=True).click()
+            expect(page.locator("#study-report")).to_contain_text("Do larger fusion blocks", timeout=30_000)
+            overlay_shown("#out-study-plots")
+            page.screenshot(path=str(ARTIFACTS / "app-studies.png"))
+
             page.get_by_role("tab", name="Image").click()
             before = page.locator("#out-image img").first.get_attribute("src")
             page.locator("#layer").get_by_text("layer 1").click()  # redraw another layer, no model run

@@ -4,7 +4,8 @@
 API names (gradio_client): `/run` (inputs -> everything), `/view` (re-draw the last result
 for another layer / query token, no model run), `/tokens` (caption -> token choices),
 `/encoders` (the encoders' own heads and rollout on the last inputs), `/relevance` (gradient-weighted
-relevance beside every layer's heads, scored with the last ground truth). With several models
+relevance beside every layer's heads, scored with the last ground truth), `/study` (a committed
+study's report and plots). With several models
 (`demo --models DIR`) the page has a model picker; the choice is per visitor (hidden state),
 and an API client gets the model loaded at start.
 """
@@ -22,7 +23,7 @@ from multimodal.analysis.grounding import POINTING_TOLERANCE_PX
 from multimodal.app.limits import (CONCURRENCY_LIMIT, HOST, KEEP_OUTPUT_SECONDS, MAX_AUDIO_SECONDS,
                                    MAX_IMAGE_PIXELS, MAX_TEXT_CHARS, MAX_UPLOAD_MB, MIN_IMAGE_SIDE, PORT,
                                    QUEUE_MAX_SIZE)
-from multimodal.app.session import App, mean_label
+from multimodal.app.session import App, mean_label, study_reports
 from multimodal.model import MultimodalModel
 
 # ---------------------------------------------------------------------------------------
@@ -183,6 +184,13 @@ def build_demo(app: App) -> gr.Blocks:
                     with gr.Tab("Metrics", id="metrics", elem_id="tab-metrics"):
                         metrics = gr.Dataframe(label="per-head metrics, all layers (see help for definitions)",
                                                interactive=False, wrap=True, elem_id="metrics", max_height=560)
+                    with gr.Tab("Studies", id="studies", elem_id="tab-studies"):
+                        studies = list(study_reports())
+                        study_pick = gr.Dropdown(studies, value=None, label="a committed study (multimodal/studies)",
+                                                 elem_id="study-choice")
+                        study_plots = gr.Gallery(columns=2, height="auto", object_fit="contain",
+                                                 elem_id="out-study-plots", show_label=False)
+                        study_report = gr.Markdown("", elem_id="study-report")
                     with gr.Tab("Download", id="download", elem_id="tab-download"):
                         files = gr.File(label="maps.zip: every layer's grids (PNG) for the chosen query, the raw "
                                               "maps (maps.npz + maps.json), metrics.csv, summary.json",
@@ -202,6 +210,7 @@ def build_demo(app: App) -> gr.Blocks:
                       api_visibility="private")
         encoders_btn.click(app.encoders, inputs=[session, encoder_from], outputs=[encoder_grids, encoders_note],
                            api_name="encoders")
+        study_pick.change(app.study, inputs=study_pick, outputs=[study_report, study_plots], api_name="study")
         relevance_btn.click(app.relevance, inputs=[session, token],
                             outputs=[relevance_grids, relevance_table, relevance_note], api_name="relevance")
         if examples is not None:

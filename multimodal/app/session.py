@@ -611,6 +611,23 @@ class App:
                    "same per-phrase definition." if rows else ""))
         return items, pd.DataFrame(rows, columns=headers) if rows else pd.DataFrame(), note
 
+    def study(self, name: str | None):
+        """A committed study's report: (report markdown, gallery of its plots and per-run head heatmaps)."""
+        reports = study_reports()
+        if not name or name not in reports:
+            raise gr.Error(f"no committed study named {name!r}; choose one of {', '.join(reports)}",
+                           print_exception=False)
+        folder = reports[name]
+        text = (folder / "report.md").read_text(encoding="utf-8")
+        text = re.sub(r"!\[[^\]]*\]\([^)]*\)", "(plot: in the gallery below)", text)  # images are shown below
+        out = self.outputs.new()  # gradio serves copies from its own folders
+        items = []
+        for png in sorted((folder / "plots").glob("*.png")) + sorted((folder / "plots" / "heads").glob("*.png")):
+            copy = out / ("heads-" + png.name if png.parent.name == "heads" else png.name)
+            shutil.copy(png, copy)
+            items.append((str(copy), f"per-head heatmaps: {png.stem}" if png.parent.name == "heads" else png.stem))
+        return text, items
+
     def tokens(self, text: str | None, model_name: str | None = None):
         """Caption -> query-token choices for the dropdown (text-query models)."""
         model = self.bench(model_name).model
@@ -626,6 +643,14 @@ class App:
         geom, keep = batch["geometry"], ~batch["special"][0]
         toks = [f"{i}: {t}" for i, t in enumerate(geom.tokens[0]) if t and bool(keep[i])]
         return gr.Dropdown(choices=[label] + toks, value=label)
+
+
+def study_reports() -> dict[str, Path]:
+    """name -> report folder of every committed study (multimodal/studies/reports/<name>/report.md)."""
+    from multimodal.compare.study import STUDY_DIR
+
+    root = STUDY_DIR / "reports"
+    return {d.name: d for d in sorted(root.iterdir()) if (d / "report.md").is_file()} if root.is_dir() else {}
 
 
 def describe_input(inputs: Inputs, m: str) -> str:
