@@ -426,6 +426,7 @@ def test_the_readme_api_snippet_runs_against_a_live_server_of_the_default_model(
         demo.close()
     printed = capsys.readouterr().out
     assert "\nRan on " in printed and "['text layer0', 'text layer1', 'text rollout']" in printed
+    assert "\nL0 grad x attn\n" in printed and "\n# Study: size\n" in printed
     assert re.search(r"^(match|no match) \['head', 'entropy', 'confidence', 'share image'\]", printed, re.M)
 
 
