@@ -89,3 +89,19 @@ def test_maps_command_ends_each_grid_with_the_relevance_panel(tmp_path, monkeypa
     np.testing.assert_allclose(panels[-2], panels[:-2].mean(0), rtol=1e-6)
     np.testing.assert_allclose(panels.reshape(len(panels), -1).sum(1), 1.0, rtol=1e-5)
     assert main(["maps", "--sample", "--relevance", "--head", "0", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_every_view_works_with_a_text_encoder_loaded_by_path(tmp_path, capsys):
+    """A transformers BERT saved to a folder (the layout of a downloaded all-MiniLM or bert-base) and
+    given by path: the fusion maps, the relevance panels and the encoder views all draw."""
+    from multimodal.encoders import build_encoder
+
+    folder = tmp_path / "bert"
+    build_encoder("text", "bert-tiny-scenes").save_pretrained(folder)
+    out = tmp_path / "maps"
+    assert main(["maps", "--sample", "--text-encoder", str(folder), "--query", "text", "--fusion-heads", "4",
+                 "--encoder-maps", "--relevance", "--out", str(out)]) == 0
+    assert "RANDOM weights" in capsys.readouterr().err  # built on the fly: its fusion block is untrained
+    names = {p.name for p in out.iterdir()}
+    assert {"layer0_image.png", "layer1_audio.png", "encoder_text_layer1.png", "encoder_text_rollout.png",
+            "encoder_image_rollout.png", "encoder_audio_layer0.png"} <= names
