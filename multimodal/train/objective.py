@@ -87,6 +87,30 @@ def matching_loss(scores: Tensor) -> Tensor:
     return F.cross_entropy(scores, target) + F.binary_cross_entropy_with_logits(scores, labels)
 
 
+def best_cosine(t: Tensor, k: Tensor, k_mask: Tensor | None, pattern: str) -> Tensor:
+    """Each caption token's best cosine among a scene's keys, `(..., Nt)`, for every (caption, scene)
+    pair that `pattern` (an einsum over t (.., Nt, D) and k (B, Nk, D) giving (..., Nt, Nk)) forms.
+
+    The (..., Nt, Nk) similarities are computed without autograd only to find each token's best key;
+    the gradient flows through that one key's cosine, recomputed: the value and gradient of
+    `amax` over the keys (which sends all of it to the maximum), without a backward pass through
+    the full similarity tensor. `k_mask` (B, Nk) excludes keys (None: every key counts)."""
+    with torch.no_grad():
+        sim = torch.einsum(pattern, t, k)  # (..., Nt, Nk)
+        if k_mask is not None:
+            scene_dim = pattern.split("->")[1].index(pattern.split(",")[1][0])  # where the scene index lands
+            shape = [1] * sim.dim()
+            shape[scene_dim], shape[-1] = k_mask.shape
+            sim = sim.masked_fill(~k_mask.view(shape), -2.0)
+        idx = sim.argmax(-1)  # (..., Nt)
+    scenes = torch.arange(k.shape[0], device=k.device)
+    if pattern.startswith("itd,jkd"):  # all pairs: caption i against scene j
+        picked = k[scenes[None, :, None], idx]  # (B_text, B_scene, Nt, D)
+        return (t[:, None] * picked).sum(-1)
+    picked = k[scenes[:, None, None], idx]  # (B, P, Nt, D): caption p of scene b against scene b
+    return (t * picked).sum(-1)
+
+
 def contrastive_loss(model: MultimodalModel, tokens: dict[str, ModalityTokens], per_scene: int,
                      temperature: float, hard_weight: float = 0.0) -> Tensor:
     """In-batch late-interaction contrastive term (FILIP, Yao et al. 2021) on the encoder tokens.
@@ -116,18 +140,16 @@ def contrastive_loss(model: MultimodalModel, tokens: dict[str, ModalityTokens], 
             k_mask.append(tokens[m].mask & ~tokens[m].special)
     k, k_mask = torch.cat(keys, 1), torch.cat(k_mask, 1)  # (B, Nk, D), (B, Nk)
     if bool((k_mask == k_mask[:1]).all()):  # the same keys count in every scene (same-size inputs): keep only those
-        k, k_mask = k[:, k_mask[0]], None  # no masked entries in the (B, B, Nt, Nk) similarities; the same values
+        k, k_mask = k[:, k_mask[0]], None  # no masked entries in the (B, B, Nt, Nk) similarities
 
-    def pair_similarity(sim: Tensor, tm: Tensor) -> Tensor:
-        """(..., Nt, Nk) token cosines -> (...,) mean over content tokens of the best key."""
-        tm = tm.to(sim.dtype)
-        return (sim.amax(-1) * tm).sum(-1) / tm.sum(-1).clamp_min(1)
+    def pair_similarity(best: Tensor, tm: Tensor) -> Tensor:
+        """(..., Nt) each token's best cosine -> (...,) the mean over content tokens."""
+        tm = tm.to(best.dtype)
+        return (best * tm).sum(-1) / tm.sum(-1).clamp_min(1)
 
     t, t_mask = captions(keep)  # (B, Nt, D), (B, Nt)
-    sim = torch.einsum("itd,jkd->ijtk", t, k)
-    if k_mask is not None:
-        sim = sim.masked_fill(~k_mask[None, :, None, :], -2.0)
-    pair = pair_similarity(sim, t_mask[:, None, :])  # (B_text, B_scene)
+    best = best_cosine(t, k, k_mask, "itd,jkd->ijtk")  # (B_text, B_scene, Nt)
+    pair = pair_similarity(best, t_mask[:, None, :])  # (B_text, B_scene)
     target = torch.arange(pair.shape[0], device=pair.device)
     logits = pair / temperature
     loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
@@ -135,10 +157,8 @@ def contrastive_loss(model: MultimodalModel, tokens: dict[str, ModalityTokens], 
         B = k.shape[0]
         t_all, m_all = captions(slice(None))  # every candidate: (B*P, Nt, D), P = per_scene
         t_own = t_all.view(B, per_scene, *t_all.shape[1:])  # (B, P, Nt, D)
-        sim = torch.einsum("bptd,bkd->bptk", t_own, k)
-        if k_mask is not None:
-            sim = sim.masked_fill(~k_mask[:, None, None, :], -2.0)
-        own = pair_similarity(sim, m_all.view(B, per_scene, -1))  # (B, P): candidate p against scene b
+        best = best_cosine(t_own, k, k_mask, "bptd,bkd->bptk")  # (B, P, Nt)
+        own = pair_similarity(best, m_all.view(B, per_scene, -1))  # (B, P): candidate p against scene b
         loss = loss + hard_weight * F.cross_entropy(own / temperature, torch.zeros_like(target))
     return loss
 
