@@ -69,7 +69,8 @@ def _model_from_args(args):
 def cmd_maps(args) -> int:
     import torch
 
-    from multimodal.drawing import write_all, write_encoder_maps
+    from multimodal.analysis.relevance import fusion_rollout
+    from multimodal.drawing import RELEVANCE_LABEL, ROLLOUT_LABEL, write_all, write_encoder_maps
     from multimodal.fusion import MapRequest
     from multimodal.inference import SAMPLE, check_subset, load_inputs, run, run_with_relevance, vocabulary_notice
 
@@ -92,14 +93,15 @@ def cmd_maps(args) -> int:
         print(f"note: {notice}", file=sys.stderr)
     out = run(model, inputs, request=MapRequest(layers=args.layers, heads=args.heads),
               capture_attention=args.encoder_maps)
-    relevance = None
+    extras = None
     if args.relevance:
         if args.layers is not None or args.heads is not None:
-            raise InputError("--relevance needs every head of every layer (its rule averages them all): "
+            raise InputError("--relevance needs every head of every layer (its rules average them all): "
                              "leave out --layers and --head")
-        _, relevance = run_with_relevance(model, inputs)
+        maps, relevance = run_with_relevance(model, inputs)
+        extras = {RELEVANCE_LABEL: relevance, ROLLOUT_LABEL: fusion_rollout(maps)}
     written = write_all(out.maps, out_dir, image=inputs.image, audio=inputs.audio, query=args.query_index,
-                        relevance=relevance)
+                        extras=extras)
     if args.encoder_maps:
         encoder_files = write_encoder_maps(out.tokens, out_dir, image=inputs.image, audio=inputs.audio,
                                            source=args.encoder_from)
@@ -368,8 +370,9 @@ def add_maps_parser(sub) -> None:
     m.add_argument("--query-index", type=int, default=None,
                    help="draw one query's map (e.g. a text token) instead of the mean over queries")
     m.add_argument("--relevance", action="store_true",
-                   help="end each grid with the layer's gradient-weighted relevance (Chefer et al. 2021), on the "
-                        "heads' colour scale (one extra forward and backward pass)")
+                   help="end each grid with the layer's gradient-weighted relevance (Chefer et al. 2021) and the "
+                        "attention rollout through the fusion layers, on the heads' colour scale (one extra forward "
+                        "and backward pass)")
     m.add_argument("--encoder-maps", action="store_true",
                    help="also draw each encoder's own self-attention per layer and head, and its attention "
                         "rollout (encoder_<modality>_layer<l>.png, encoder_<modality>_rollout.png)")

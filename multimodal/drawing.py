@@ -44,26 +44,32 @@ class Rendered:
     html: str | None = None
 
 
-RELEVANCE_LABEL = "grad x attn"
+RELEVANCE_LABEL = "grad x attn"  # analysis.relevance.relevance_maps
+ROLLOUT_LABEL = "rollout"  # analysis.relevance.fusion_rollout
 
 
-def _with_relevance(m: np.ndarray, labels: list[str], rel: np.ndarray | None) -> tuple[np.ndarray, list[str], bool]:
-    """Heads, then their mean, then the relevance panel when given: (maps, labels, whether the grid
+def _with_extras(m: np.ndarray, labels: list[str], extras: dict[str, np.ndarray]) -> tuple[np.ndarray, list[str], bool]:
+    """Heads, then their mean, then the extra panels when given: (maps, labels, whether the grid
     should add a mean itself)."""
-    if rel is None:
+    if not extras:
         return m, labels, True
-    return np.concatenate([m, m.mean(0, keepdims=True), rel]), labels + ["mean", RELEVANCE_LABEL], False
+    return (np.concatenate([m, m.mean(0, keepdims=True), *extras.values()]), labels + ["mean", *extras], False)
 
 
 def render_layer(maps: AttentionMaps, layer: int, *, image: Image.Image | None = None,
                  audio: AudioClip | None = None, item: int = 0, query: int | None = None,
-                 renormalise: bool = True, relevance: AttentionMaps | None = None) -> list[Rendered]:
-    """One grid per modality among the keys, for one layer of one batch item. With `relevance`
-    (`analysis.relevance.relevance_maps` of the same run) the layer's gradient-weighted relevance
-    comes last in each grid, on the same colour scale as the heads (each panel renormalised
+                 renormalise: bool = True, extras: dict[str, AttentionMaps] | None = None) -> list[Rendered]:
+    """One grid per modality among the keys, for one layer of one batch item. `extras` (label -> maps
+    with one pseudo-head per layer, e.g. `relevance_maps` and `fusion_rollout` of the same run) end
+    each grid after the heads' mean, on the same colour scale as the heads (each panel renormalised
     within the modality, as the heads are)."""
     qw = query_weights(maps, item, query)
-    rel = relevance if relevance is not None and layer in relevance.weights else None
+    extra = {label: m for label, m in (extras or {}).items() if layer in m.weights}
+
+    def panels(per_query) -> tuple[np.ndarray, list[str], bool]:
+        """(heads, their mean and the extras, pooled over the chosen queries; labels; add a mean?)"""
+        return _with_extras(_pool(per_query(maps)[item], qw), labels,
+                            {label: _pool(per_query(m)[item], qw) for label, m in extra.items()})
     heads = maps.heads[layer]
     labels = [f"L{layer} H{h}" for h in heads]
     if maps.claimed is not None and layer in maps.claimed:  # competing queries: how much of the keys they won
@@ -72,44 +78,39 @@ def render_layer(maps: AttentionMaps, layer: int, *, image: Image.Image | None =
     which = "all queries" if query is None else f"query {query}"
     out = []
     if "image" in maps.segments and image is not None:
-        m = _pool(maps.image_maps(layer, renormalise)[item], qw)  # (h, gh, gw)
-        r = None if rel is None else _pool(rel.image_maps(layer, renormalise)[item], qw)  # (1, gh, gw)
-        panels, names, mean = _with_relevance(m, labels, r)
-        grid = image_head_grid(np.asarray(image.convert("RGB")), panels, labels=names, show_mean=mean,
+        grid_maps, names, mean = panels(lambda m: m.image_maps(layer, renormalise))  # (h [+1+extras], gh, gw)
+        grid = image_head_grid(np.asarray(image.convert("RGB")), grid_maps, labels=names, show_mean=mean,
                                title=f"image: layer {layer}, {which}")
         out.append(Rendered(layer, "image", grid))
     if "audio" in maps.segments and audio is not None:
         geom = maps.key_geometry["audio"]
-        m = _pool(maps.audio_maps(layer, renormalise)[item], qw)  # (h, T)
-        r = None if rel is None else _pool(rel.audio_maps(layer, renormalise)[item], qw)  # (1, T)
-        panels, names, mean = _with_relevance(m, labels, r)
+        grid_maps, names, mean = panels(lambda m: m.audio_maps(layer, renormalise))  # (h [+1+extras], T)
         spec, frame_times = log_mel(audio.waveform, audio.sample_rate)
-        grid = audio_head_grid(spec, frame_times, panels, np.asarray(geom.times), labels=names, show_mean=mean,
+        grid = audio_head_grid(spec, frame_times, grid_maps, np.asarray(geom.times), labels=names, show_mean=mean,
                                title=f"audio: layer {layer}, {which}")
         out.append(Rendered(layer, "audio", grid))
     if "text" in maps.segments:
         geom = maps.key_geometry["text"]
-        m = _pool(maps.text_maps(layer, renormalise)[item], qw)  # (h, N)
-        r = None if rel is None else _pool(rel.text_maps(layer, renormalise)[item], qw)  # (1, N)
-        panels, names, mean = _with_relevance(m, labels, r)
+        grid_maps, names, mean = panels(lambda m: m.text_maps(layer, renormalise))  # (h [+1+extras], N)
+        heads_mean = _pool(maps.text_maps(layer, renormalise)[item], qw).mean(0)
         tokens = geom.tokens[item]
         keep = (maps.key_mask & ~maps.key_special)[item, slice(*maps.segments["text"])].cpu().numpy()
-        grid = text_head_grid(tokens, panels, labels=names, title=f"text: layer {layer}, {which}", mask=keep,
+        grid = text_head_grid(tokens, grid_maps, labels=names, title=f"text: layer {layer}, {which}", mask=keep,
                               show_mean=mean)
-        html = text_html([t for t, k in zip(tokens, keep) if k], m.mean(0)[keep])
+        html = text_html([t for t, k in zip(tokens, keep) if k], heads_mean[keep])
         out.append(Rendered(layer, "text", grid, html))
     return out
 
 
 def write_all(maps: AttentionMaps, out_dir: str | Path, *, image=None, audio=None, item: int = 0,
-              query: int | None = None, relevance: AttentionMaps | None = None) -> list[Path]:
+              query: int | None = None, extras: dict[str, AttentionMaps] | None = None) -> list[Path]:
     """Every requested layer's grids as PNG (+ HTML for text) and the raw maps (.npz + .json); with
-    `relevance`, each grid ends with the layer's gradient-weighted relevance (see render_layer)."""
+    `extras`, each grid ends with those panels (see render_layer)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = list(maps.save(out_dir / "maps"))
     for layer in maps.layers:
-        for r in render_layer(maps, layer, image=image, audio=audio, item=item, query=query, relevance=relevance):
+        for r in render_layer(maps, layer, image=image, audio=audio, item=item, query=query, extras=extras):
             path = save_png(r.image, out_dir / f"layer{layer}_{r.modality}.png")
             written.append(path)
             if r.html is not None:

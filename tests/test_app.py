@@ -426,7 +426,7 @@ def test_the_readme_api_snippet_runs_against_a_live_server_of_the_default_model(
         demo.close()
     printed = capsys.readouterr().out
     assert "\nRan on " in printed and "['text layer0', 'text layer1', 'text rollout']" in printed
-    assert "\nL0 grad x attn\n" in printed and "\n# Study: size\n" in printed
+    assert "\n['L0 grad x attn', 'L0 rollout']\n" in printed and "\n# Study: size\n" in printed
     assert re.search(r"^(match|no match) \['head', 'entropy', 'confidence', 'share image'\]", printed, re.M)
 
 
@@ -499,9 +499,9 @@ def test_relevance_is_drawn_beside_the_heads_and_scored_like_them(client, app, f
     gallery, table, note = client.predict(A.MEAN_TOKEN, api_name="/relevance")
     assert [item["caption"] for item in gallery] == [f"layer {l}, {m}" for l in (0, 1)
                                                      for m in ("image", "audio")]
-    assert "grad x attn" in note and "scores every head and the relevance" in note
+    assert "grad x attn" in note and "scores every head, the relevance and the rollout" in note
     panels = [r[0] for r in table["data"]]
-    assert panels == [f"L{layer} {p}" for layer in (0, 1) for p in ("H0", "H1", "H2", "H3", "grad x attn")]
+    assert panels == [f"L{layer} {p}" for layer in (0, 1) for p in ("H0", "H1", "H2", "H3", "grad x attn", "rollout")]
     assert {"pointing image", "pointing image, strict", "mass in event"} <= set(table["headers"])
     # the relevance drawn is the library's: its query-summed form is gradient_relevance's
     inputs = inference.load_inputs(image, audio, caption)

@@ -84,9 +84,9 @@ def test_maps_command_ends_each_grid_with_the_relevance_panel(tmp_path, monkeypa
     seen = spy(monkeypatch, "image_head_grid")
     assert main(["maps", "--sample", "--relevance", "--out", str(tmp_path)]) == 0
     labels = seen[0][1]["labels"]
-    assert labels[-2:] == ["mean", "grad x attn"] and seen[0][1]["show_mean"] is False
-    panels = seen[0][0][1]  # heads, mean, relevance: each renormalised within the image
-    np.testing.assert_allclose(panels[-2], panels[:-2].mean(0), rtol=1e-6)
+    assert labels[-3:] == ["mean", "grad x attn", "rollout"] and seen[0][1]["show_mean"] is False
+    panels = seen[0][0][1]  # heads, mean, relevance, rollout: each renormalised within the image
+    np.testing.assert_allclose(panels[-3], panels[:-3].mean(0), rtol=1e-6)
     np.testing.assert_allclose(panels.reshape(len(panels), -1).sum(1), 1.0, rtol=1e-5)
     assert main(["maps", "--sample", "--relevance", "--head", "0", "--out", str(tmp_path / "x")]) == 2
 

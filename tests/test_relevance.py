@@ -172,3 +172,25 @@ def test_model_score_fn_uses_fuse_with_maps():
     rel = gradient_relevance(model_score_fn(FakeModel()), tokens)
     torch.testing.assert_close(rel.scores, gradient_relevance(score_fn, tokens).scores)
     assert calls == [True]
+
+
+def test_fusion_rollout_averages_the_head_means_of_the_layers_so_far():
+    from multimodal.analysis.relevance import fusion_rollout
+
+    torch.manual_seed(0)
+    cfg = FusionConfig(dim=32, heads=4, layers=3, query="text", query_self_attention=True)
+    fusion = CrossAttentionFusion(cfg).eval()
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    text = ModalityTokens(torch.randn(2, 5, 32), mask, "text", torch.zeros_like(mask), None)
+    image = ModalityTokens(torch.randn(2, 9, 32), torch.ones(2, 9, dtype=torch.bool), "image",
+                           torch.zeros(2, 9, dtype=torch.bool), None)
+    with torch.no_grad():
+        maps = fusion([text, image], return_maps=True).maps
+    roll = fusion_rollout(maps)
+    means = [maps.weights[l].mean(1, keepdim=True) for l in range(3)]
+    torch.testing.assert_close(roll.weights[0], means[0])
+    torch.testing.assert_close(roll.weights[2], (means[0] + means[1] + means[2]) / 3)
+    torch.testing.assert_close(roll.weights[1].sum(-1), torch.ones(2, 1, 5))
+    with pytest.raises(InputError, match="rollout averages every head"):
+        with torch.no_grad():
+            fusion_rollout(fusion([text, image], return_maps=MapRequest(heads=(0, 1))).maps)

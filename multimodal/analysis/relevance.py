@@ -210,3 +210,25 @@ def relevance_maps(score_fn: ScoreFn, tokens: Mapping[str, ModalityTokens] | Seq
                          key_special=maps.key_special, query_source=maps.query_source, query_mask=maps.query_mask,
                          key_geometry=maps.key_geometry, query_geometry=maps.query_geometry, num_heads=1,
                          query_special=maps.query_special)
+
+
+def fusion_rollout(maps: AttentionMaps) -> AttentionMaps:
+    """Attention rollout through the fusion layers, per query, as maps: layer l's one pseudo-head is
+    the mean over layers 0..l of each layer's head-mean weights, `(B, 1, Nq, Nk)`, rows summing to 1.
+
+    The block's keys never change and never attend, so Chefer's rules (see `gradient_relevance`)
+    make the query-to-key relevance the sum of the layers' maps; without gradients that is the sum
+    of the head means, divided by the number of layers so rows still sum to 1. The queries' own
+    self-attention between layers (`query_self_attention`) is not returned and is ignored, as there.
+    Needs every head of every layer up to l."""
+    out, running = {}, None
+    for n, l in enumerate(sorted(maps.weights), start=1):
+        if len(maps.heads[l]) != maps.num_heads:
+            raise InputError(f"rollout averages every head: layer {l} holds {len(maps.heads[l])} of {maps.num_heads}")
+        layer_mean = maps.weights[l].detach().float().mean(1, keepdim=True)  # (B, 1, Nq, Nk)
+        running = layer_mean if running is None else running + layer_mean
+        out[l] = running / n
+    return AttentionMaps(weights=out, heads={l: [0] for l in out}, segments=maps.segments, key_mask=maps.key_mask,
+                         key_special=maps.key_special, query_source=maps.query_source, query_mask=maps.query_mask,
+                         key_geometry=maps.key_geometry, query_geometry=maps.query_geometry, num_heads=1,
+                         query_special=maps.query_special)

@@ -51,7 +51,8 @@ from multimodal.analysis.metrics import entropy_per_query, head_metric_table
 from multimodal.app.limits import (APP_LIMITS, KEEP_OUTPUT_SECONDS, MAX_OUTPUT_DIRS, MAX_TEXT_CHARS, THUMB_SIDE)
 from multimodal.data.truth import GroundTruth, load_ground_truth
 from multimodal.analysis.familiarity import Familiarity
-from multimodal.drawing import RELEVANCE_LABEL, render_layer, write_all, write_encoder_maps
+from multimodal.analysis.relevance import fusion_rollout
+from multimodal.drawing import RELEVANCE_LABEL, ROLLOUT_LABEL, render_layer, write_all, write_encoder_maps
 from multimodal.inference import Inputs, check_subset, describe_model, load_inputs
 from multimodal.io import AudioClip
 from multimodal.model import MultimodalModel
@@ -576,9 +577,10 @@ class App:
         return [(str(p), c) for p, c in zip(files, captions)], note
 
     def relevance(self, res: Result | None, token=None):
-        """Gradient-weighted relevance (Chefer et al. 2021) beside the raw heads of every layer, on the last
-        inputs: (gallery of grids, table, note). Each grid: every head, their mean, then the layer's
-        relevance, one colour scale. With ground truth the table scores heads and relevance alike."""
+        """Gradient-weighted relevance (Chefer et al. 2021) and the rollout through the fusion layers beside
+        the raw heads of every layer, on the last inputs: (gallery of grids, table, note). Each grid: every
+        head, their mean, the layer's relevance and the rollout up to it, one colour scale. With ground
+        truth the table scores heads, relevance and rollout alike."""
         if res is None or res.inputs is None:
             raise gr.Error("run the model first (press Run), then compute relevance", print_exception=False)
         try:
@@ -587,10 +589,11 @@ class App:
                                                      self._tokenizer_lock)
         except InputError as e:
             raise _error(e) from None
+        extras = {RELEVANCE_LABEL: rel, ROLLOUT_LABEL: fusion_rollout(maps)}
         folder = self.outputs.new()
         items = []
         for layer in maps.layers:
-            for r in render_layer(maps, layer, image=res.image, audio=res.audio, query=query, relevance=rel):
+            for r in render_layer(maps, layer, image=res.image, audio=res.audio, query=query, extras=extras):
                 path = save_png(r.image, folder / f"relevance_layer{layer}_{r.modality}.png")
                 items.append((str(path), f"layer {layer}, {r.modality}"))
         headers, rows = ["panel"], []
@@ -598,17 +601,19 @@ class App:
             image = res.inputs.image
             size = (image.height, image.width) if image is not None else None
             for layer in maps.layers:
-                for source, m, names in ((f"L{layer} H", maps, maps.heads[layer]), (f"L{layer} ", rel, [None])):
+                panels = [(maps, [f"L{layer} H{h}" for h in maps.heads[layer]])]
+                panels += [(m, [f"L{layer} {label}"]) for label, m in extras.items()]
+                for m, labels in panels:
                     scores = grounding_scores(m, layer, res.truth, size)
                     headers = ["panel"] + list(scores)
-                    for i, h in enumerate(names):
-                        label = f"{source}{h}" if h is not None else f"{source}{RELEVANCE_LABEL}"
-                        rows.append([label] + [_round(v[i]) for v in scores.values()])
+                    rows += [[label] + [_round(v[i]) for v in scores.values()] for i, label in enumerate(labels)]
         note = ("Each grid: every head of the layer, their mean, then **grad x attn**: the layer's gradient-weighted "
                 "relevance (Chefer et al. 2021; the attention weights times the match score's gradient, negative "
-                "parts dropped, averaged over heads), on the same colour scale. No head is switched off here."
-                + (" With the ground truth of the last run, the table scores every head and the relevance by the "
-                   "same per-phrase definition." if rows else ""))
+                "parts dropped, averaged over heads), and **rollout**: the head means of the fusion layers up to "
+                "this one, averaged (Chefer's rule for this block without gradients), on the same colour scale. "
+                "No head is switched off here."
+                + (" With the ground truth of the last run, the table scores every head, the relevance and the "
+                   "rollout by the same per-phrase definition." if rows else ""))
         return items, pd.DataFrame(rows, columns=headers) if rows else pd.DataFrame(), note
 
     def study(self, name: str | None):
