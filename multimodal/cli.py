@@ -72,7 +72,7 @@ def cmd_maps(args) -> int:
     from multimodal.analysis.relevance import fusion_rollout
     from multimodal.drawing import RELEVANCE_LABEL, ROLLOUT_LABEL, write_all, write_encoder_maps
     from multimodal.fusion import MapRequest
-    from multimodal.inference import SAMPLE, check_subset, load_inputs, run, run_with_relevance, vocabulary_notice
+    from multimodal.inference import SAMPLE, input_notices, load_inputs, run, run_with_relevance
 
     torch.manual_seed(args.seed)
     if args.sample:
@@ -86,20 +86,19 @@ def cmd_maps(args) -> int:
         raise SystemExit("give at least one input: --image, --audio, --text or --text-file (or --sample)")
 
     model, source = _model_from_args(args)
-    notices = inputs.notices + check_subset(model.cfg.query, model.modalities, inputs.given)
-    if "text" in model.encoders and vocabulary_notice(model, inputs.text):
-        notices.append(vocabulary_notice(model, inputs.text))
+    notices = input_notices(model, inputs)
     for notice in notices:
         print(f"note: {notice}", file=sys.stderr)
-    out = run(model, inputs, request=MapRequest(layers=args.layers, heads=args.heads),
-              capture_attention=args.encoder_maps)
     extras = None
-    if args.relevance:
+    if args.relevance:  # the same forward pass, with grad, gives the maps and the relevance
         if args.layers is not None or args.heads is not None:
             raise InputError("--relevance needs every head of every layer (its rules average them all): "
                              "leave out --layers and --head")
-        maps, relevance = run_with_relevance(model, inputs)
-        extras = {RELEVANCE_LABEL: relevance, ROLLOUT_LABEL: fusion_rollout(maps)}
+        out, relevance = run_with_relevance(model, inputs, capture_attention=args.encoder_maps)
+        extras = {RELEVANCE_LABEL: relevance, ROLLOUT_LABEL: fusion_rollout(out.maps)}
+    else:
+        out = run(model, inputs, request=MapRequest(layers=args.layers, heads=args.heads),
+                  capture_attention=args.encoder_maps)
     written = write_all(out.maps, out_dir, image=inputs.image, audio=inputs.audio, query=args.query_index,
                         extras=extras)
     if args.encoder_maps:

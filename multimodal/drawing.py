@@ -92,7 +92,7 @@ def render_layer(maps: AttentionMaps, layer: int, *, image: Image.Image | None =
     if "text" in maps.segments:
         geom = maps.key_geometry["text"]
         grid_maps, names, mean = panels(lambda m: m.text_maps(layer, renormalise))  # (h [+1+extras], N)
-        heads_mean = _pool(maps.text_maps(layer, renormalise)[item], qw).mean(0)
+        heads_mean = grid_maps[:len(heads)].mean(0)
         tokens = geom.tokens[item]
         keep = (maps.key_mask & ~maps.key_special)[item, slice(*maps.segments["text"])].cpu().numpy()
         grid = text_head_grid(tokens, grid_maps, labels=names, title=f"text: layer {layer}, {which}", mask=keep,

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from multimodal.analysis.grounding import (METRICS, POINTING_TOLERANCE_PX, TIME_TOLERANCE_COLUMNS, audio_columns,
                                           phrase_tokens, score_phrase)
-from multimodal.analysis.relevance import model_score_fn, relevance_maps
+from multimodal.analysis.relevance import relevance_maps
 from multimodal.data.pool import MAX_SPLIT_SCENES, ScenePool, split_seeds
 from multimodal.data.scenes import CHANGE_TYPES, SceneConfig, change_kinds, hard_negative
 from multimodal.data.truth import GroundTruth, from_scene
@@ -98,9 +98,8 @@ def random_init_like(model: MultimodalModel, seed: int) -> MultimodalModel:
 def _relevance_maps(model: MultimodalModel, batch, captions) -> tuple[AttentionMaps, dict]:
     """Gradient x attention per layer (clamped, head mean), as one pseudo-head per layer."""
     with torch.enable_grad():
-        tokens = model.encode(batch)
-        tokens["text"] = model.encoders["text"](model.encoders["text"].preprocess(captions))
-    rel_maps = relevance_maps(model_score_fn(model), tokens)
+        _, out = score_candidates(model, batch, captions, 1, return_maps=True)
+        rel_maps = relevance_maps(out.score, out.maps)
     return rel_maps, {l: _modality_maps(rel_maps, l) for l in rel_maps.layers}
 
 

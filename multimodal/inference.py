@@ -28,7 +28,7 @@ from multimodal.data.scenes import caption_words
 from multimodal.encoders.registry import describe_spec
 from multimodal.encoders.audio import WINDOW_SECONDS
 from multimodal.fusion import FusionConfig, FusionOutput, MapRequest
-from multimodal.model import MultimodalModel
+from multimodal.model import ModelOutput, MultimodalModel
 from multimodal.types import AttentionMaps, InputError
 
 
@@ -168,10 +168,7 @@ def known_words(model: MultimodalModel) -> list[str] | None:
     know the scenes' caption words."""
     if "caption_words" in model.meta:
         return list(model.meta["caption_words"])
-    tc = model.meta.get("train_config")
-    if isinstance(tc, dict) and not tc.get("manifest"):
-        return caption_words()
-    return None
+    return caption_words() if model.trained_on_scenes else None
 
 
 def vocabulary_notice(model: MultimodalModel, text: str | None) -> str | None:
@@ -188,6 +185,16 @@ def vocabulary_notice(model: MultimodalModel, text: str | None) -> str | None:
             f"this model: {shown}. It was trained on captions of {len(known)} words only, so it reads a new word "
             f"as pieces it never learned to ground: those maps and the match score mean little. Its words: "
             f"{vocabulary}")
+
+
+def input_notices(model: MultimodalModel, inputs: Inputs) -> list[str]:
+    """Everything a face says about inputs the model can run on: the inputs' own notices (audio cut,
+    silent clip), inputs this model ignores, and caption words it never saw. Raises InputError when
+    the inputs cannot run this model (`check_subset`)."""
+    notices = inputs.notices + check_subset(model.cfg.query, model.modalities, inputs.given)
+    if "text" in model.encoders:
+        notices += [n for n in [vocabulary_notice(model, inputs.text)] if n]
+    return notices
 
 
 def encoders_in_words(model: MultimodalModel) -> str:
@@ -251,21 +258,18 @@ def _batches(model: MultimodalModel, inputs: Inputs, tokenizer_lock: threading.L
     return batches
 
 
-def run_with_relevance(model: MultimodalModel, inputs: Inputs, tokenizer_lock: threading.Lock | None = None
-                       ) -> tuple[AttentionMaps, AttentionMaps]:
-    """Every head's maps and the gradient-weighted relevance of the same forward pass (one pseudo-head
-    per layer, `analysis.relevance.relevance_maps`): a forward with grad and one backward."""
-    batches = _batches(model, inputs, tokenizer_lock)
-    seen = {}
-
-    def score_fn(tokens):
-        out = model.fuse(tokens, return_maps=True)
-        seen["maps"] = out.maps
-        return out.score, out.maps
-
+def run_with_relevance(model: MultimodalModel, inputs: Inputs, tokenizer_lock: threading.Lock | None = None,
+                       capture_attention: bool | Sequence[str] = False) -> tuple[ModelOutput, AttentionMaps]:
+    """`run` with every head's maps, and the gradient-weighted relevance of the same forward pass
+    (one pseudo-head per layer, `analysis.relevance.relevance_maps`): one forward with grad and one
+    backward. The output comes back detached, as `run`'s would."""
     with torch.enable_grad():
-        rel = relevance_maps(score_fn, model.encode(batches))
-    maps = seen["maps"]
+        out = model.fuse(model.encode(_batches(model, inputs, tokenizer_lock), capture_attention), return_maps=True)
+        rel = relevance_maps(out.score, out.maps)
+    maps = out.maps
     maps.weights = {l: w.detach() for l, w in maps.weights.items()}
     maps.claimed = None if maps.claimed is None else {l: c.detach() for l, c in maps.claimed.items()}
-    return maps, rel
+    out.score = out.score.detach()
+    for t in out.tokens.values():
+        t.self_attention = None if t.self_attention is None else [a.detach() for a in t.self_attention]
+    return out, rel

@@ -100,6 +100,12 @@ class MultimodalModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @property
+    def trained_on_scenes(self) -> bool:
+        """Its config records a training run on the procedural scenes (not on a manifest's rows)."""
+        tc = self.meta.get("train_config")
+        return isinstance(tc, dict) and not tc.get("manifest")
+
     # -- running --------------------------------------------------------------------------
 
     def preprocess(self, **raw: Sequence | None) -> dict[str, dict]:
@@ -172,7 +178,7 @@ class MultimodalModel(nn.Module):
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "MultimodalModel":
         directory = Path(directory)
         cfg_path, weights = directory / "config.json", directory / "model.safetensors"
-        if not cfg_path.is_file() or not weights.is_file():
+        if not is_checkpoint(directory):
             raise InputError(f"{directory} is not a sandbox checkpoint: it needs config.json and "
                              "model.safetensors (train one with `multimodal train`)")
         try:
@@ -217,6 +223,12 @@ class MultimodalModel(nn.Module):
             raise InputError(f"{weights} does not match its config.json (missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}): the checkpoint is damaged or from another version")
         return model.to(map_location).eval()
+
+
+def is_checkpoint(folder: str | Path) -> bool:
+    """The folder holds a sandbox checkpoint's two files (config.json and model.safetensors)."""
+    folder = Path(folder)
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
 
 
 def score_candidates(model: MultimodalModel, scene_batch: dict, captions: list[str], per_scene: int,

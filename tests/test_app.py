@@ -505,7 +505,8 @@ def test_relevance_is_drawn_beside_the_heads_and_scored_like_them(client, app, f
     assert {"pointing image", "pointing image, strict", "mass in event"} <= set(table["headers"])
     # the relevance drawn is the library's: its query-summed form is gradient_relevance's
     inputs = inference.load_inputs(image, audio, caption)
-    maps, rel = inference.run_with_relevance(app.model, inputs)
+    out, rel = inference.run_with_relevance(app.model, inputs)
+    maps = out.maps
     with torch.enable_grad():
         tokens = app.model.encode(inference._batches(app.model, inputs))
     total = gradient_relevance(model_score_fn(app.model), tokens).scores

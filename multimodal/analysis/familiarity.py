@@ -47,8 +47,7 @@ class Familiarity:
     def for_model(cls, model) -> "Familiarity | None":
         """The measure for a model trained on the procedural scenes (its config says so); None for
         any other (a manifest's, a hub model, random weights): their training data is not here."""
-        tc = model.meta.get("train_config")
-        if not isinstance(tc, dict) or tc.get("manifest") or not {"image", "audio"} & set(model.encoders):
+        if not model.trained_on_scenes or not {"image", "audio"} & set(model.encoders):
             return None
         return cls.from_scenes(model)
 

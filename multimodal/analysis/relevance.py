@@ -192,18 +192,16 @@ def gradient_relevance(score_fn: ScoreFn, tokens: Mapping[str, ModalityTokens] |
 
 
 
-def relevance_maps(score_fn: ScoreFn, tokens: Mapping[str, ModalityTokens] | Sequence[ModalityTokens]
-                   ) -> AttentionMaps:
+def relevance_maps(score: Tensor, maps: AttentionMaps) -> AttentionMaps:
     """Gradient-weighted relevance kept per query, as maps: layer l's one pseudo-head is
     `mean_h clamp(dy/dA_l * A_l, min=0)`, `(B, 1, Nq, Nk)` (the `Abar_l` of `gradient_relevance`
-    before the sum over queries), so it is drawn and scored per phrase exactly as a head is."""
-    with torch.enable_grad():
-        score, maps = score_fn(tokens)
-        weights = [maps.weights[l] for l in maps.layers]
-        if not weights or not all(w.requires_grad for w in weights):
-            raise InputError("relevance needs every head's maps with their autograd graph: run with grad enabled "
-                             "and return_maps=True")
-        grads = torch.autograd.grad(score.sum(), weights, allow_unused=True)
+    before the sum over queries), so it is drawn and scored per phrase exactly as a head is.
+    `score (B,)` and `maps` (every head) come from one forward pass run with grad enabled."""
+    weights = [maps.weights[l] for l in maps.layers]
+    if not weights or not all(w.requires_grad for w in weights):
+        raise InputError("relevance needs every head's maps with their autograd graph: run with grad enabled "
+                         "and return_maps=True")
+    grads = torch.autograd.grad(score.sum(), weights, allow_unused=True)
     rel = {l: (torch.zeros_like(w) if g is None else g * w).detach().float().clamp_min(0).mean(1, keepdim=True)
            for l, w, g in zip(maps.layers, weights, grads)}
     return AttentionMaps(weights=rel, heads={l: [0] for l in rel}, segments=maps.segments, key_mask=maps.key_mask,

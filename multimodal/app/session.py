@@ -53,9 +53,9 @@ from multimodal.data.truth import GroundTruth, load_ground_truth
 from multimodal.analysis.familiarity import Familiarity
 from multimodal.analysis.relevance import fusion_rollout
 from multimodal.drawing import RELEVANCE_LABEL, ROLLOUT_LABEL, render_layer, write_all, write_encoder_maps
-from multimodal.inference import Inputs, check_subset, describe_model, load_inputs
+from multimodal.inference import Inputs, describe_model, load_inputs
 from multimodal.io import AudioClip
-from multimodal.model import MultimodalModel
+from multimodal.model import MultimodalModel, is_checkpoint
 from multimodal.overlays import text_html, text_panels
 from multimodal.overlays.common import colorbar, grid, save_png, value_range
 from multimodal.types import AttentionMaps, InputError, TextGeometry
@@ -324,10 +324,6 @@ class Bench:
                    head_choices(model.cfg.layers, model.cfg.heads), Familiarity.for_model(model))
 
 
-def is_checkpoint(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
-
-
 def model_choices(models_dir: str | Path | None) -> dict[str, Path]:
     """name -> checkpoint folder: the embedded default, and every checkpoint directly inside
     `models_dir` (a `train --out` folder, a copied checkpoint), by folder name."""
@@ -407,8 +403,7 @@ class App:
     def infer(self, inputs: Inputs, off: torch.Tensor | None, bench: Bench | None = None):
         return inference.run((bench or self.start).model, inputs, head_mask=off, tokenizer_lock=self._tokenizer_lock)
 
-    def tokens_notice(self, text: str, model: MultimodalModel | None = None) -> str | None:
-        model = model or self.model
+    def tokens_notice(self, text: str, model: MultimodalModel) -> str | None:
         enc = model.encoders["text"] if "text" in model.encoders else None
         if enc is None:
             return None
@@ -471,9 +466,7 @@ class App:
             model = bench.model
             inputs = load_inputs(image, audio, text, APP_LIMITS)
             cfg = model.cfg
-            notices = inputs.notices + check_subset(cfg.query, model.modalities, inputs.given)
-            if "text" in model.encoders and inputs.text is not None:
-                notices += [n for n in [inference.vocabulary_notice(model, inputs.text)] if n]
+            notices = inference.input_notices(model, inputs)
             off = head_mask_from(ablate, cfg.layers, cfg.heads)
             search = [self.examples_dir] if self.examples_dir else []
             gt = load_ground_truth(ground_truth, search) if ground_truth else None
@@ -585,10 +578,11 @@ class App:
             raise gr.Error("run the model first (press Run), then compute relevance", print_exception=False)
         try:
             query = parse_query(token, [i for i, _ in res.queries])
-            maps, rel = inference.run_with_relevance(self.bench(res.model_name).model, res.inputs,
-                                                     self._tokenizer_lock)
+            out, rel = inference.run_with_relevance(self.bench(res.model_name).model, res.inputs,
+                                                    self._tokenizer_lock)
         except InputError as e:
             raise _error(e) from None
+        maps = out.maps
         extras = {RELEVANCE_LABEL: rel, ROLLOUT_LABEL: fusion_rollout(maps)}
         folder = self.outputs.new()
         items = []

@@ -38,7 +38,7 @@ from multimodal.data.pool import ScenePool, split_seeds
 from multimodal.data.scenes import caption_words
 from multimodal.io import text_words
 from multimodal.fusion import FusionConfig
-from multimodal.model import MultimodalModel, score_candidates
+from multimodal.model import MultimodalModel, is_checkpoint, score_candidates
 from multimodal.train.config import TrainConfig, curriculum_scene_config, scene_config
 from multimodal.train.objective import (
     NegativeMining,
@@ -304,7 +304,7 @@ def _check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> tuple[dict, 
     if out_dir.is_dir():
         _recover(out_dir)
     names = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
-    has_model = (out_dir / "config.json").is_file() and (out_dir / "model.safetensors").is_file()
+    has_model = is_checkpoint(out_dir)
     if has_model and (out_dir / f"{TRAIN_STATE}.json").is_file():
         if resume:
             return _read_train_state(out_dir)

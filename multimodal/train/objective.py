@@ -87,28 +87,25 @@ def matching_loss(scores: Tensor) -> Tensor:
     return F.cross_entropy(scores, target) + F.binary_cross_entropy_with_logits(scores, labels)
 
 
-def best_cosine(t: Tensor, k: Tensor, k_mask: Tensor | None, pattern: str) -> Tensor:
-    """Each caption token's best cosine among a scene's keys, `(..., Nt)`, for every (caption, scene)
-    pair that `pattern` (an einsum over t (.., Nt, D) and k (B, Nk, D) giving (..., Nt, Nk)) forms.
+def best_cosine(t: Tensor, k: Tensor, k_mask: Tensor | None, all_pairs: bool) -> Tensor:
+    """Each caption token's best cosine among a scene's keys `k (B, Nk, D)`: with `all_pairs`, every
+    caption `t (Bt, Nt, D)` against every scene, `(Bt, B, Nt)`; else `t (B, P, Nt, D)`, scene b's own
+    P candidates against scene b, `(B, P, Nt)`.
 
     The (..., Nt, Nk) similarities are computed without autograd only to find each token's best key;
     the gradient flows through that one key's cosine, recomputed: the value and gradient of
     `amax` over the keys (which sends all of it to the maximum), without a backward pass through
     the full similarity tensor. `k_mask` (B, Nk) excludes keys (None: every key counts)."""
-    with torch.no_grad():
-        sim = torch.einsum(pattern, t, k)  # (..., Nt, Nk)
-        if k_mask is not None:
-            scene_dim = pattern.split("->")[1].index(pattern.split(",")[1][0])  # where the scene index lands
-            shape = [1] * sim.dim()
-            shape[scene_dim], shape[-1] = k_mask.shape
-            sim = sim.masked_fill(~k_mask.view(shape), -2.0)
-        idx = sim.argmax(-1)  # (..., Nt)
     scenes = torch.arange(k.shape[0], device=k.device)
-    if pattern.startswith("itd,jkd"):  # all pairs: caption i against scene j
-        picked = k[scenes[None, :, None], idx]  # (B_text, B_scene, Nt, D)
-        return (t[:, None] * picked).sum(-1)
-    picked = k[scenes[:, None, None], idx]  # (B, P, Nt, D): caption p of scene b against scene b
-    return (t * picked).sum(-1)
+    with torch.no_grad():
+        if all_pairs:
+            sim, mask = torch.einsum("itd,jkd->ijtk", t, k), None if k_mask is None else k_mask[None, :, None]
+        else:
+            sim, mask = torch.einsum("bptd,bkd->bptk", t, k), None if k_mask is None else k_mask[:, None, None]
+        idx = (sim if mask is None else sim.masked_fill(~mask, -2.0)).argmax(-1)  # (..., Nt)
+    if all_pairs:  # caption i against scene j
+        return (t[:, None] * k[scenes[None, :, None], idx]).sum(-1)  # picked keys (Bt, B, Nt, D)
+    return (t * k[scenes[:, None, None], idx]).sum(-1)  # picked keys (B, P, Nt, D)
 
 
 def contrastive_loss(model: MultimodalModel, tokens: dict[str, ModalityTokens], per_scene: int,
@@ -148,7 +145,7 @@ def contrastive_loss(model: MultimodalModel, tokens: dict[str, ModalityTokens], 
         return (best * tm).sum(-1) / tm.sum(-1).clamp_min(1)
 
     t, t_mask = captions(keep)  # (B, Nt, D), (B, Nt)
-    best = best_cosine(t, k, k_mask, "itd,jkd->ijtk")  # (B_text, B_scene, Nt)
+    best = best_cosine(t, k, k_mask, all_pairs=True)  # (B_text, B_scene, Nt)
     pair = pair_similarity(best, t_mask[:, None, :])  # (B_text, B_scene)
     target = torch.arange(pair.shape[0], device=pair.device)
     logits = pair / temperature
@@ -157,7 +154,7 @@ def contrastive_loss(model: MultimodalModel, tokens: dict[str, ModalityTokens], 
         B = k.shape[0]
         t_all, m_all = captions(slice(None))  # every candidate: (B*P, Nt, D), P = per_scene
         t_own = t_all.view(B, per_scene, *t_all.shape[1:])  # (B, P, Nt, D)
-        best = best_cosine(t_own, k, k_mask, "bptd,bkd->bptk")  # (B, P, Nt)
+        best = best_cosine(t_own, k, k_mask, all_pairs=False)  # (B, P, Nt)
         own = pair_similarity(best, m_all.view(B, per_scene, -1))  # (B, P): candidate p against scene b
         loss = loss + hard_weight * F.cross_entropy(own / temperature, torch.zeros_like(target))
     return loss
