@@ -123,12 +123,14 @@ def _every_kind(model: MultimodalModel, batch: dict, group: list, kinds, rng: np
 
 def evaluate(model: MultimodalModel, scenes: int = 500, seed: int = 0, batch_size: int = 32,
              scene_cfg: SceneConfig | None = None, baselines: bool = True, progress: bool = True,
-             grounding: bool = True, min_pairs: int = 200) -> dict:
+             grounding: bool = True, min_pairs: int = 200, untrained: MultimodalModel | None = None) -> dict:
     """Matching accuracy by negative type and, with `grounding`, per-head grounding (+ baselines).
 
     Also every kind of negative on every scene that allows it; a kind that fewer than `min_pairs`
     of the scenes allow is measured on further test scenes (up to 10x `scenes` in all) until it has
-    `min_pairs` pairs, so rare kinds (event order: two-event captions only) are measured, not guessed."""
+    `min_pairs` pairs, so rare kinds (event order: two-event captions only) are measured, not guessed.
+    `untrained`: the "random_init" baseline's model (a study passes each run's own initial weights, so the
+    comparison is paired); by default the same architecture with fresh weights (`random_init_like`)."""
     if grounding and model.cfg.query != "text":
         raise InputError("grounding evaluation scores text-phrase queries: it needs a model with query='text' "
                          "(grounding=False measures matching only)")
@@ -137,7 +139,9 @@ def evaluate(model: MultimodalModel, scenes: int = 500, seed: int = 0, batch_siz
     model.eval()
     cfg = scene_cfg or SceneConfig(**model.meta.get("train_config", {}).get("scene", {}))
     pool = ScenePool.build(split_seeds("test", min(10 * scenes, MAX_SPLIT_SCENES), seed), cfg)  # more only if needed
-    random_model = random_init_like(model, seed + 12345) if baselines else None
+    random_model = None
+    if baselines:
+        random_model = (untrained if untrained is not None else random_init_like(model, seed + 12345)).eval()
     tally = GroundingTally()
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)

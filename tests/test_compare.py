@@ -18,7 +18,8 @@ TINY_BASE = {"preset": "smoke", "steps": 2, "fusion.dim": 32, "fusion.heads": 2,
 def tiny_study(**over):
     d = {"name": "tiny", "question": "Do text queries and latent queries differ?", "seeds": [0],
          "eval_scenes": 4, "analysis_scenes": 4, "shapley_permutations": 2, "snapshots": [0, 1, 2],
-         "base": dict(TINY_BASE), "grid": {"fusion.query": ["text", "latents"]}}
+         "base": dict(TINY_BASE), "grid": {"fusion.query": ["text", "latents"]},
+         "grounded_pointing": 0.0}  # 2-step models do not ground: keep every run in the conclusions
     d.update(over)
     return d
 
@@ -204,9 +205,36 @@ def test_conclusions_claim_only_what_the_numbers_show(finished, tmp_path):
     assert "no estimate of seed noise, so no conclusion" in text and "was higher with fusion.dim" not in text
 
 
-def with_shares(run, shares):
-    """The run with its head table replaced by heads of the given (text, image, audio) shares."""
-    run["heads"] = [{"layer": 0, "head": h, "share_text": t, "share_image": i, "share_audio": a}
+def test_conclusions_use_only_the_runs_that_ground(finished, tmp_path):
+    """Strict pointing 0.9 / 0.95 grounds at 0.85; one run at 0.6 (image) does not: the first table says so,
+    and the size comparison pairs the two seeds that ground at both sizes (seed 2 drops out with its partner)."""
+    _, out = finished
+    base = done(out, "fusion.query=text,seed=0")
+    study = study_from_dict(tiny_study(seeds=[0, 1, 2], grid={"fusion.dim": [32, 64]}, snapshots=[],
+                                       grounded_pointing=0.85))
+    runs = []
+    for seed in range(3):
+        small_image = 0.6 if seed == 2 else 0.9
+        runs.append(fabricate(base, seed, {"fusion.dim": 32}, pointing_image_best_strict=small_image,
+                              pointing_audio_best_strict=0.95, entropy_mean=0.5 + 0.01 * seed))
+        runs.append(fabricate(base, seed, {"fusion.dim": 64}, pointing_image_best_strict=0.9,
+                              pointing_audio_best_strict=0.95, entropy_mean=0.7 + 0.01 * seed + (0.5 if seed == 2 else 0)))
+    text = write_report(study, runs, tmp_path)["report"].read_text()
+    first = text.index("## Grounding per run")
+    assert first < text.index("## Results per grid point") < text.index("## Conclusions")
+    table = text[first:text.index("## Results per grid point")]
+    assert "| fusion.dim=32,seed=2 | 32 | 2 |" in table and "| 0.600 |" in table and "**no**" in table
+    assert table.count("| yes |") == 5
+    assert "Left out of the conclusions (1 of 6 runs do not ground):** fusion.dim=32,seed=2" in table
+    # entropy 0.50/0.51 vs 0.70/0.71 over seeds 0 and 1: +0.20 exactly, no seed noise; seed 2's +0.70 is not in it
+    assert "(0.705 ± 0.007 vs 0.505 ± 0.007; paired difference +0.200 ± 0.000 over 2 seed-matched pairs" in text
+
+
+def with_shares(run, shares, chance):
+    """The run with its head table replaced by heads of the given (text, image, audio) shares, each
+    with a uniform head's shares `chance` (text, image, audio) for the same key counts."""
+    run["heads"] = [{"layer": 0, "head": h, "share_text": t, "share_image": i, "share_audio": a,
+                     **{f"uniform_share_{m}": c for m, c in zip(("text", "image", "audio"), chance)}}
                     for h, (t, i, a) in enumerate(shares)]
     return run
 
@@ -217,26 +245,32 @@ def test_modality_specialisation_is_summarised_and_tested(finished, tmp_path):
     study = study_from_dict(tiny_study(seeds=[0, 1, 2], snapshots=[]))
     runs = []
     for seed in range(3):
-        # text queries: both heads split image/audio 40/60 -> focus |0.4 - 0.6| = 0.2, no head led by image
-        runs.append(with_shares(fabricate(base, seed, {"fusion.query": "text"}), [(0, 0.4, 0.6), (0, 0.4, 0.6)]))
-        # latents: one image head, one audio head; text keys are left out before renormalising:
-        # (0.5, 0.45, 0.05) -> image 0.9, audio 0.1 -> focus 0.8; (0.2, 0, 0.8) -> focus 1.0; mean 0.9
+        # text queries see 65 image and 116 audio keys: a uniform head gives the image 65/181 = 0.359.
+        # Both heads split image/audio 40/60 -> focus 0.4 - 0.359 = +0.041 each: both above uniform on image
+        # (an even split of 0.5 would have called them "led by audio", |0.4 - 0.6| = 0.2)
+        runs.append(with_shares(fabricate(base, seed, {"fusion.query": "text"}), [(0, 0.4, 0.6), (0, 0.4, 0.6)],
+                                (0.0, 65 / 181, 116 / 181)))
+        # latents also see text keys, left out before renormalising: chance image 0.288 / 0.8 = 0.36.
+        # (0.5, 0.45 - 0.01 s, 0.05 + 0.01 s) -> image 0.9 - 0.02 s -> focus 0.54 - 0.02 s;
+        # (0.2, 0, 0.8) -> image 0 -> focus -0.36; mean |focus| 0.45 - 0.01 s: 0.45, 0.44, 0.43
         latents = fabricate(base, seed, {"fusion.query": "latents"})
         latents["fusion_params"] = base["fusion_params"] + 64  # latent parameters: not a model-size comparison
-        runs.append(with_shares(latents, [(0.5, 0.45 - 0.01 * seed, 0.05 + 0.01 * seed), (0.2, 0.0, 0.8)]))
+        runs.append(with_shares(latents, [(0.5, 0.45 - 0.01 * seed, 0.05 + 0.01 * seed), (0.2, 0.0, 0.8)],
+                                (0.2, 0.288, 0.512)))
     stale = tmp_path / "plots" / "grounding_vs_size.png"  # left by an earlier report of other runs
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"png")
     paths = write_report(study, runs, tmp_path)
     assert not stale.exists()
     text = paths["report"].read_text()
-    assert "**Mean image-vs-audio focus per head was higher with fusion.query=latents than with " \
+    assert "**Mean |image focus| per head (vs uniform) was higher with fusion.query=latents than with " \
            "fusion.query=text**" in text
-    assert "(0.880 ± 0.020 vs 0.200 ± 0.000" in text
-    assert "**Fraction of heads led by image was higher with fusion.query=latents" in text
+    assert "(0.440 ± 0.010 vs 0.041 ± 0.000" in text
+    assert "**Fraction of heads above uniform on image was lower with fusion.query=latents" in text
     assert "### Model size" not in text and "grounding_vs_size" not in paths
-    focus = json.loads(paths["json"].read_text())["groups"]
-    assert [round(g["mean"]["modality_focus_mean"], 3) for g in focus] == [0.2, 0.88]
+    groups = json.loads(paths["json"].read_text())["groups"]
+    assert [round(g["mean"]["modality_focus_mean"], 3) for g in groups] == [0.041, 0.44]
+    assert [g["mean"]["image_led_fraction"] for g in groups] == [1.0, 0.5]
 
 
 def assert_same_numbers(a, b, path="result"):

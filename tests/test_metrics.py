@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from multimodal.compare.summary import image_focus, image_led_fraction, modality_focus
 from multimodal import AttentionMaps, AudioGeometry, CrossAttentionFusion, FusionConfig, ImageGeometry, ModalityTokens
-from multimodal.analysis.metrics import (confidence, entropy, entropy_per_query, head_metric_table,
+from multimodal.analysis.metrics import (confidence, entropy, entropy_per_query, head_metric_table, uniform_modality_share,
                                          js_divergence_matrix, modality_share, redundancy_clusters,
                                          redundancy_summary, scaled_confidence, spatial_spread, temporal_spread)
 
@@ -141,6 +142,35 @@ def test_modality_share_and_head_table_hand_computed():
         assert row["layer"] == 0
         for k, v in exp.items():
             assert row[k] == pytest.approx(v, abs=1e-6), k
+
+
+def test_modality_focus_is_read_against_a_uniform_head():
+    """1 image key and 3 audio keys (item 0), 1 image and 1 audio key (item 1, two audio keys padded):
+    a uniform head's image share is 1/4 in item 0 and 1/2 in item 1, so 0.375 over the items; it scores
+    focus 0, not the -0.25 that |image - audio| against an even split would call "led by audio"."""
+    A = torch.tensor([[[[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0]]],  # item 0: uniform row, image-only row
+                      [[[0.5, 0.5, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]]]])  # item 1: uniform rows
+    A = A.expand(2, 2, 2, 4).clone()  # (B, H, Nq, Nk): two heads
+    A[:, 1] = torch.tensor([[[0.25, 0.25, 0.25, 0.25], [0.25, 0.25, 0.25, 0.25]],
+                            [[0.5, 0.5, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]]])  # head 1 uniform everywhere
+    geom = {"image": ImageGeometry(grid=(1, 1), image_size=(16, 16), patch_size=(16, 16)),
+            "audio": AudioGeometry(times=[0.1, 0.3, 0.5], freq_bins=1, sample_rate=16000, durations=[0.6, 0.2])}
+    key_mask = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    maps = AttentionMaps(weights={0: A}, heads={0: [0, 1]}, segments={"image": (0, 1), "audio": (1, 4)},
+                         key_mask=key_mask, key_special=torch.zeros(2, 4, dtype=torch.bool), query_source="latents",
+                         query_mask=torch.ones(2, 2, dtype=torch.bool), key_geometry=geom, num_heads=2)
+    chance = uniform_modality_share(maps, 0)
+    torch.testing.assert_close(chance["image"], torch.tensor([0.375, 0.375]))
+    torch.testing.assert_close(chance["audio"], torch.tensor([0.625, 0.625]))
+    rows = head_metric_table(maps, 0)
+    # head 0: image share item 0 = (0.25 + 1)/2 = 0.625, item 1 = 0.5 -> 0.5625; focus 0.5625 - 0.375 = 0.1875
+    # head 1 (uniform): share 0.375 = chance -> focus 0
+    assert [image_focus(r) for r in rows] == [pytest.approx(0.1875), pytest.approx(0.0, abs=1e-7)]
+    assert modality_focus(rows) == pytest.approx(0.09375)  # mean |focus|
+    assert image_led_fraction(rows) == 0.5
+    # a head measured before uniform shares were recorded: no focus, rather than one against 0.5
+    assert image_focus({"share_image": 0.2, "share_audio": 0.8}) is None
+    assert modality_focus([{"share_image": 0.2, "share_audio": 0.8}]) is None
 
 
 def test_head_table_on_a_tiny_fusion():

@@ -177,6 +177,21 @@ def modality_share(maps: AttentionMaps, layer: int, content_queries: bool = Fals
     return {m: mean_over_queries(s, valid) for m, s in maps.modality_share(layer).items()}
 
 
+def uniform_modality_share(maps: AttentionMaps, layer: int, content_queries: bool = False) -> dict[str, Tensor]:
+    """modality -> `(h,)` the share a uniform head would give each modality: per item, that modality's
+    valid keys over all valid keys, averaged over the same queries and items as `modality_share`.
+
+    The chance level a head's share is read against (docs: "modality share against chance"): with 65
+    image keys and 116 audio keys a uniform head already puts 0.64 of its perceptual mass on audio.
+    """
+    km = maps.key_mask.float()  # (B, Nk)
+    total = km.sum(-1).clamp_min(1)  # (B,)
+    valid = _query_valid(maps_query_mask(maps, content_queries))  # (B, 1, Nq)
+    shape = (km.shape[0], len(maps.heads[layer]), valid.shape[-1])  # (B, h, Nq)
+    return {m: mean_over_queries((km[:, a:b].sum(-1) / total)[:, None, None].expand(shape), valid)
+            for m, (a, b) in maps.segments.items()}
+
+
 def modality_spread(maps: AttentionMaps, layer: int, content_queries: bool = False) -> dict[str, Tensor]:
     """`{"image": (h,) px, "audio": (h,) s}` for the modalities among the keys (specials dropped)."""
     qm = maps_query_mask(maps, content_queries)
@@ -190,7 +205,7 @@ def modality_spread(maps: AttentionMaps, layer: int, content_queries: bool = Fal
 
 def head_metric_table(maps: AttentionMaps, layer: int, content_queries: bool = False) -> list[dict]:
     """One row per head of `layer`: entropy (normalised), confidence, scaled confidence,
-    `share_<modality>` for each key modality, `spread_px` / `spread_s` when image / audio keys exist.
+    `share_<modality>` for each key modality and `uniform_share_<modality>` (a uniform head's: chance), `spread_px` / `spread_s` when image / audio keys exist.
     """
     A = maps.weights[layer]  # (B, h, Nq, Nk)
     qm = maps_query_mask(maps, content_queries)
@@ -200,6 +215,7 @@ def head_metric_table(maps: AttentionMaps, layer: int, content_queries: bool = F
         "scaled_confidence": scaled_confidence(A, maps.key_mask, qm),
     }
     cols.update({f"share_{m}": s for m, s in modality_share(maps, layer, content_queries).items()})
+    cols.update({f"uniform_share_{m}": s for m, s in uniform_modality_share(maps, layer, content_queries).items()})
     units = {"image": "spread_px", "audio": "spread_s"}
     cols.update({units[m]: s for m, s in modality_spread(maps, layer, content_queries).items()})
     return [{"layer": layer, "head": head, **{k: float(v[i]) for k, v in cols.items()}}

@@ -25,7 +25,7 @@ from multimodal.data.pool import ScenePool, split_seeds
 from multimodal.data.scenes import SceneConfig, hard_negative
 from multimodal.evaluate import evaluate
 from multimodal.model import MultimodalModel, candidate_inputs
-from multimodal.train import TrainConfig, matching_loss, scene_config
+from multimodal.train import TrainConfig, build_model, matching_loss, scene_config
 from multimodal.types import AttentionMaps, AudioGeometry, ImageGeometry, ModalityTokens, TextGeometry
 
 BATCH = 32  # scenes per forward pass in the analysis
@@ -179,17 +179,27 @@ def _timed_fusion(model: MultimodalModel, data: AnalysisSet, repeats: int = 3) -
     return float(np.median(times))
 
 
+def initial_model(tc: TrainConfig, like: MultimodalModel) -> MultimodalModel:
+    """The run's model at step 0: `build_model` seeds itself with the run's seed, so these are the very
+    weights its training started from (the untrained baseline each run is paired with)."""
+    return build_model(tc, tuple(like.encoders)).to(like.device).eval()
+
+
 def analyse_model(model: MultimodalModel, tc: TrainConfig, study: Study, progress: bool = True,
-                  importance: bool = True) -> dict:
-    """Evaluate one trained model and analyse its heads. Timings go under "timing" only."""
+                  importance: bool = True, untrained: MultimodalModel | None = None) -> dict:
+    """Evaluate one trained model and analyse its heads. Timings go under "timing" only.
+
+    `untrained`: the grounding baseline's untrained model (default: this run's initial weights)."""
     model.eval()
     cfg = scene_config(tc)
     seed_everything(study.eval_seed)
     t0 = time.perf_counter()
     grounding = None
     if model.cfg.query == "text":
+        if study.baselines and untrained is None:
+            untrained = initial_model(tc, model)
         ev = evaluate(model, scenes=study.eval_scenes, seed=study.eval_seed, scene_cfg=cfg,
-                      baselines=study.baselines, progress=progress)
+                      baselines=study.baselines, progress=progress, untrained=untrained)
         matching = ev["matching"]
         grounding = {"summary": ev["summary"], "baselines": ev["baselines"], "heads": ev["heads"]}
     else:

@@ -19,8 +19,8 @@ import numpy as np
 
 from multimodal.compare.plots import plot_attention_kinds, plot_dynamics, plot_heads, plot_size, plot_summary
 from multimodal.compare.summary import (BASELINE_SOURCES, DYNAMICS, HEAD_COLUMNS, METRICS, MODALITIES, TIMING, Group,
-                                        baseline_pointing_best, group_runs, mean_std, pointing_best, sizes_differ,
-                                        snapshot_series, value)
+                                        baseline_pointing_best, grounds, group_runs, mean_std, pointing_best,
+                                        pointing_best_strict, sizes_differ, snapshot_series, value)
 
 # two-sided 95% critical values of Student's t by degrees of freedom (the largest tabulated df <= df is used)
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -173,7 +173,7 @@ def size_lines(results: list[dict]) -> list[str]:
 def baseline_lines(results: list[dict]) -> tuple[list[str], int]:
     lines, tests = [], 0
     baselines = (("uniform", "a uniform map (chance)", "the uniform map"),
-                 ("random_init", "the same architecture with random weights", "the random-weight model"))
+                 ("random_init", "the same model untrained (its own initial weights)", "its untrained self"))
     for mod in MODALITIES:
         for source, long_name, short_name in baselines:
             xa, xb = _both_present((value(r, baseline_pointing_best(source, mod)), value(r, pointing_best(mod)))
@@ -190,6 +190,37 @@ def baseline_lines(results: list[dict]) -> tuple[list[str], int]:
         lines.append("- The best head is picked on the same scenes it is scored on, out of layers x heads "
                      "candidates, so best-head pointing is optimistic; the per-head tables give every head.")
     return lines, tests
+
+
+def grounding_lines(results: list[dict], grid_keys: list[str], threshold: float) -> list[str]:
+    """The report's first table: each run's grounding (best-head pointing, strict and tolerant, per modality)
+    and whether it counts as grounded, then which runs the conclusions leave out."""
+    header = ["run", *grid_keys, "seed", "matching"]
+    for mod in MODALITIES:
+        header += [f"{mod} strict", f"{mod} tolerant"]
+    header.append(f"grounds (strict >= {threshold:g} on both)")
+    rows, left_out = [], []
+    for r in results:
+        g = grounds(r, threshold)
+        if g is False:
+            left_out.append(r["run_id"])
+        cells = [r["run_id"], *[_fmt_level(r["point"].get(k)) for k in grid_keys], str(r["seed"])]
+        for key in ["matching_accuracy"] + [k for m in MODALITIES for k in (pointing_best_strict(m), pointing_best(m))]:
+            v = value(r, key)
+            cells.append("n/a" if v is None else f"{v:.3f}")
+        cells.append({True: "yes", False: "**no**", None: "n/a"}[g])
+        rows.append(cells)
+    L = ["## Grounding per run", "",
+         "Best-head pointing on the evaluation scenes: strict (the map's peak on the object / inside the event) "
+         "and tolerant (within one patch / one column of it). A run grounds when its strict pointing is >= "
+         f"{threshold:g} on both modalities; the comparisons of heads below use only those runs (a run with no "
+         "strict reading, e.g. latent queries, is kept).", ""]
+    L += _md_table(header, rows) + [""]
+    if left_out:
+        L += [f"**Left out of the conclusions ({len(left_out)} of {len(results)} runs do not ground):** "
+              f"{', '.join(left_out)}. Their numbers stay in the tables; the paired tests skip them (and their "
+              "partners).", ""]
+    return L
 
 
 def dynamics_lines(groups: list[Group]) -> tuple[list[str], list[dict], int]:
@@ -271,11 +302,13 @@ def write_report(study, results: list[dict], out: str | Path, planned: Sequence[
         else:  # not drawn for these runs: a file left by an earlier report would be stale
             (plots / f"{name}.png").unlink(missing_ok=True)
 
-    # conclusions
-    factor, factor_records, n_tests = factor_conclusions(results, grid)
+    # conclusions about heads: over the runs whose models ground only (grounding itself: over every run)
+    threshold = getattr(study, "grounded_pointing", 0.0)
+    grounded = [r for r in results if grounds(r, threshold) is not False]
+    factor, factor_records, n_tests = factor_conclusions(grounded, grid)
     base, n_base = baseline_lines(results)
     dyn, dyn_records, n_dyn = dynamics_lines(groups)
-    size = size_lines(results)
+    size = size_lines(grounded)
     n_tests += n_base + n_dyn
 
     L: list[str] = [f"# Study: {study.name}", ""]
@@ -302,6 +335,8 @@ def write_report(study, results: list[dict], out: str | Path, planned: Sequence[
               "referring phrase's text-token queries; these runs have no such queries, so they are compared on "
               "matching accuracy, entropy, redundancy and importance only (n/a in the grounding columns).", ""]
 
+    L += grounding_lines(results, grid_keys, threshold)
+
     # main table
     metric_cols = [(k, t, f) for k, t, f in METRICS if any(value(r, k) is not None for r in results)]
     header = grid_keys + ["fusion params", "seeds"] + [t for _, t, _ in metric_cols] + [t for _, t, _ in TIMING]
@@ -312,10 +347,11 @@ def write_report(study, results: list[dict], out: str | Path, planned: Sequence[
     L += ["Matching accuracy: the true caption outscores a one-attribute hard negative. Pointing: the best head's "
           "pointing-game accuracy for the phrases' referents. Energy gain: mass inside the referent / the uniform "
           "map's, mean over heads. Entropy: normalised to [0, 1] (1 = uniform), mean over heads. sqrt-JS: mean "
-          "distance between every pair of heads' maps (small = redundant heads). Image-vs-audio focus: per head, "
-          "|image share - audio share| with the two renormalised to sum to 1 (text keys left out), mean over heads "
-          "(0 = every head splits evenly, 1 = every head attends to one modality). Heads led by image: the fraction "
-          "of heads with more mass on image than on audio keys. Top-head Shapley share: the "
+          "distance between every pair of heads' maps (small = redundant heads). Image focus: per head, its image share "
+          "(image and audio renormalised to sum to 1, text keys left out) minus the share a uniform head would "
+          "give the image with the same key counts; the table gives the mean of its absolute value over heads "
+          "(0 = every head splits its mass as chance would, however many tokens each modality has). Heads above "
+          "uniform on image: the fraction of heads whose image focus is > 0. Top-head Shapley share: the "
           "largest |Shapley value| / the sum over heads (large = one head carries the task). Timings are "
           "wall-clock on the machine that ran the study.", ""]
     base_cols = [(baseline_pointing_best(src, mod), f"{src.replace('_', ' ')} pointing ({mod})")

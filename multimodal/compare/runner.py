@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from multimodal.compare.analyse import analyse_model, seed_everything
+from multimodal.compare.analyse import analyse_model, initial_model, seed_everything
 from multimodal.compare.study import (DONE, ERROR, RESULT_FORMAT, RUN_ONLY_KEYS, Run, Study, comparable_config,
                                       fingerprint, load_study, plan_runs, run_status)
 from multimodal.model import MultimodalModel
-from multimodal.train import TrainConfig, build_model, train
+from multimodal.train import TrainConfig, train
 from multimodal.types import InputError
 
 MODEL = "model"  # checkpoint folder inside a run folder
@@ -71,15 +71,16 @@ def execute_run(run: Run, study: Study, runs_dir: str | Path, progress: bool = T
         loaded = True
     threads = torch.get_num_threads()
     model = MultimodalModel.from_pretrained(model_dir, map_location=tc.device)
-    final = analyse_model(model, tc, study, progress=progress)
+    untrained = initial_model(tc, model)  # this run's step 0: its own untrained baseline, and snapshot 0
+    final = analyse_model(model, tc, study, progress=progress, untrained=untrained)
     snapshots = []
     for step in study.snapshots:
         if step == tc.steps:
             s = {k: final[k] for k in ("matching", "grounding", "redundancy", "summary", "timing")}
         else:
-            m = (build_model(tc).to(tc.device) if step == 0 else
+            m = (untrained if step == 0 else
                  MultimodalModel.from_pretrained(model_dir / "snapshots" / f"step_{step}", map_location=tc.device))
-            s = analyse_model(m, tc, study, progress=progress, importance=False)
+            s = analyse_model(m, tc, study, progress=progress, importance=False, untrained=untrained)
             s.pop("heads")
         snapshots.append({"step": step, **s})
     history = [{k: v for k, v in h.items() if k != "elapsed_s"} for h in summary.get("history", [])]

@@ -22,7 +22,8 @@ from multimodal.train import PRESETS, TrainConfig, build_model, load_config
 from multimodal.types import InputError
 
 STUDY_DIR = Path(__file__).resolve().parents[1] / "studies"  # the shipped studies (multimodal/studies/)
-RESULT_FORMAT = "multimodal-compare-run/1"  # bump when done.json changes meaning: old runs then rerun
+RESULT_FORMAT = "multimodal-compare-run/2"  # bump when done.json changes meaning: old runs then rerun
+# /2: the untrained baseline is each run's own initial weights; heads record a uniform head's shares
 DONE = "done.json"
 ERROR = "error.txt"
 RUN_ONLY_KEYS = ("device", "workers")  # how a run executes, not what it computes: not in its fingerprint
@@ -52,6 +53,8 @@ class Study:
     baselines: bool = True  # uniform-map / random-init / gradient-relevance grounding baselines
     eval_seed: int = 0  # which held-out scenes (split "test") every run is evaluated on
     redundancy_threshold: float = 0.3  # sqrt-JS distance under which heads are clustered as redundant
+    grounded_pointing: float = 0.85  # a run grounds when its best head's strict pointing is >= this on both
+    # modalities; conclusions about heads are drawn over the runs that ground only (the others are listed)
     base: Mapping[str, Any] = field(default_factory=dict)  # flattened TrainConfig overrides (+ "preset")
     grid: Mapping[str, tuple] = field(default_factory=dict)  # flattened key -> values, in file order
 
@@ -131,6 +134,9 @@ def study_from_dict(d: Mapping[str, Any], source: str = "study") -> Study:
             raise InputError(f"{source}: {key} = {d[key]} must be >= 1")
     if "redundancy_threshold" in d and d["redundancy_threshold"] <= 0:
         raise InputError(f"{source}: redundancy_threshold = {d['redundancy_threshold']} must be > 0")
+    if "grounded_pointing" in d and not 0 <= d["grounded_pointing"] <= 1:
+        raise InputError(f"{source}: grounded_pointing = {d['grounded_pointing']} is a pointing accuracy: use a "
+                         "value in [0, 1]")
     seeds = tuple(d.get("seeds", (0,)))
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise InputError(f"{source}: seeds = {list(seeds)} must be a non-empty list of distinct integers >= 0")
@@ -172,6 +178,7 @@ def study_from_dict(d: Mapping[str, Any], source: str = "study") -> Study:
                  snapshots=tuple(sorted(snapshots)), baselines=d.get("baselines", Study.baselines),
                  eval_seed=d.get("eval_seed", Study.eval_seed),
                  redundancy_threshold=float(d.get("redundancy_threshold", Study.redundancy_threshold)),
+                 grounded_pointing=float(d.get("grounded_pointing", Study.grounded_pointing)),
                  base=base, grid={k: tuple(v) for k, v in grid.items()})
 
 

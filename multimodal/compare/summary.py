@@ -23,6 +23,11 @@ def pointing_best(mod: str) -> str:
     return f"pointing_{mod}_best"
 
 
+def pointing_best_strict(mod: str) -> str:
+    """Summary key: the best head's STRICT pointing on one modality (the peak on the object / in the event)."""
+    return f"pointing_{mod}_best_strict"
+
+
 def baseline_pointing_best(source: str, mod: str) -> str:
     """Summary key: best-'head' pointing of a grounding baseline (`BASELINE_SOURCES`)."""
     return f"{source}_pointing_{mod}_best"
@@ -48,8 +53,8 @@ METRICS = [
     Metric("energy_gain_audio_mean", "mean energy gain (audio)", ".2f"),
     Metric("entropy_mean", "mean normalised entropy", ".3f"),
     Metric("js_distance_mean", "mean sqrt-JS distance between heads", ".3f"),
-    Metric("modality_focus_mean", "mean image-vs-audio focus per head", ".3f"),
-    Metric("image_led_fraction", "fraction of heads led by image", ".2f"),
+    Metric("modality_focus_mean", "mean |image focus| per head (vs uniform)", ".3f"),
+    Metric("image_led_fraction", "fraction of heads above uniform on image", ".2f"),
     Metric("shapley_top_share", "top head's share of Shapley mass", ".2f"),
 ]
 TIMING = [Metric("train_s", "train s", ".0f"), Metric("eval_s", "eval s", ".1f"),
@@ -93,6 +98,7 @@ def summarise(result: dict) -> dict:
     for mod in MODALITIES:
         gm = g["summary"].get(mod)
         s[pointing_best(mod)] = gm["best_pointing"] if gm else None
+        s[pointing_best_strict(mod)] = gm.get("best_pointing_strict") if gm else None
         s[f"energy_{mod}_mean"] = gm["mean_energy"] if gm else None
         s[f"energy_gain_{mod}_mean"] = gm["mean_energy_gain"] if gm else None
         for src in BASELINE_SOURCES:
@@ -124,27 +130,49 @@ def sizes_differ(params: set[int]) -> bool:
     return bool(params) and max(params) >= SIZE_SPREAD * min(params)
 
 
-def _perceptual_shares(heads: list[dict]) -> list[tuple[float, float]]:
-    """(image, audio) share of every head that has both, renormalised to sum to 1 (text keys left out,
-    so text-token queries, which see no text keys, and latents, which do, compare on the same scale)."""
-    pairs = [(h.get("share_image"), h.get("share_audio")) for h in heads]
-    return [(i / (i + a), a / (i + a)) for i, a in pairs if i is not None and a is not None and i + a > 0]
+def _renormalised(image: float | None, audio: float | None) -> float | None:
+    """image / (image + audio): the image part of the perceptual mass (text keys left out, so text-token
+    queries, which see no text keys, and latents, which do, compare on the same scale)."""
+    if image is None or audio is None or image + audio <= 0:
+        return None
+    return image / (image + audio)
+
+
+def image_focus(head: dict) -> float | None:
+    """A head's image share (renormalised over image + audio) minus a uniform head's with the same key
+    counts: 0 for a uniform head, > 0 leaning to the image, < 0 to the audio. None for heads measured
+    before the uniform shares were recorded, or without both modalities."""
+    share = _renormalised(head.get("share_image"), head.get("share_audio"))
+    chance = _renormalised(head.get("uniform_share_image"), head.get("uniform_share_audio"))
+    return None if share is None or chance is None else share - chance
+
+
+def _focuses(heads: list[dict]) -> list[float]:
+    return [f for f in map(image_focus, heads) if f is not None]
 
 
 def modality_focus(heads: list[dict]) -> float | None:
-    """Mean over heads of |image share - audio share| (renormalised): 0 = every head splits its
-    perceptual mass evenly, 1 = every head looks at one modality only."""
-    shares = _perceptual_shares(heads)
-    return float(np.mean([abs(i - a) for i, a in shares])) if shares else None
+    """Mean over heads of |image focus| (`image_focus`): 0 when every head splits its perceptual mass as a
+    uniform head would given the token counts; larger as heads favour one modality beyond that."""
+    f = _focuses(heads)
+    return float(np.mean(np.abs(f))) if f else None
 
 
 def image_led_fraction(heads: list[dict]) -> float | None:
-    """Fraction of heads with more mass on image keys than on audio keys (0.5 = an even split of heads)."""
-    shares = _perceptual_shares(heads)
-    return float(np.mean([i > a for i, a in shares])) if shares else None
+    """Fraction of heads whose image share is above a uniform head's (image focus > 0)."""
+    f = _focuses(heads)
+    return float(np.mean([x > 0 for x in f])) if f else None
 
 
 DERIVED = {"modality_focus_mean": modality_focus, "image_led_fraction": image_led_fraction}  # from the head tables
+
+
+def grounds(run: dict, threshold: float) -> bool | None:
+    """Does the run's model ground: best-head strict pointing >= `threshold` on every modality it is
+    scored on? None when it has no strict pointing (a latent-query model, or results from before it)."""
+    strict = [run["summary"].get(pointing_best_strict(m)) for m in MODALITIES]
+    strict = [v for v in strict if v is not None]
+    return None if not strict else all(v >= threshold for v in strict)
 
 
 def value(run: dict, key: str) -> float | None:

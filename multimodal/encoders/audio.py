@@ -89,6 +89,7 @@ class AudioEncoder(nn.Module):
         self.patch_size, self.time_stride = int(cfg.patch_size), int(cfg.time_stride)
         self.freq_bins, self.time_cols = model.embeddings.get_shape(cfg)  # patches per window
         self.dim = int(cfg.hidden_size)
+        self.time_window = int(getattr(cfg, "time_window", 0) or 0)  # > 0: layers attend within that many columns
 
     # -- construction -------------------------------------------------------------------
 
@@ -178,6 +179,20 @@ class AudioEncoder(nn.Module):
         w = torch.arange(windows) * self.max_length  # (W,)
         return (w[:, None] + t[None, :]).reshape(-1)  # (W*T,)
 
+    def time_window_mask(self, device=None, dtype=torch.float32) -> Tensor:
+        """Additive self-attention mask `(1, 1, N, N)` (0: may attend) in AST's own token order
+        (CLS, distillation, then f-major patches) for `time_window > 0`: a patch attends to the patches
+        of every band within `time_window` time columns of its own and to nothing else, not even the
+        prefix tokens; the prefix tokens attend to everything (they pool; no patch reads them back)."""
+        Fq, T = self.freq_bins, self.time_cols
+        t = torch.arange(Fq * T, device=device) % T  # f-major: patch f * T + t
+        near = (t[:, None] - t[None, :]).abs() <= self.time_window  # (F*T, F*T)
+        n = AST_PREFIX + Fq * T
+        keep = torch.zeros(n, n, dtype=torch.bool, device=device)
+        keep[:AST_PREFIX] = True
+        keep[AST_PREFIX:, AST_PREFIX:] = near
+        return torch.zeros(n, n, device=device, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)[None, None]
+
     def forward(self, batch: dict[str, Any], capture_attention: bool | Sequence[int] = False) -> ModalityTokens:
         """`capture_attention`: True for every layer's self-attention (eager `output_attentions`), or a list
         of layers for only those (`self_attention[i]` is the i-th of them in layer order; the rest stay SDPA)."""
@@ -187,10 +202,13 @@ class AudioEncoder(nn.Module):
         Fq, T = self.freq_bins, self.time_cols
         x = x.reshape(B * W, L, M)  # (B*W, L, M), item-major
         hidden, first_window = [], []
+        extra = {}
+        if self.time_window > 0 and self.model.config.num_hidden_layers:
+            extra["attention_mask"] = self.time_window_mask(p.device, p.dtype)
         for start in range(0, B * W, WINDOWS_PER_CALL):
             chunk = x[start:start + WINDOWS_PER_CALL]  # (n, L, M)
             keep = [r - start for r in range(start, start + chunk.shape[0]) if r % W == 0]  # items' first windows
-            out, maps = forward_with_attention(self.model, {"input_values": chunk},
+            out, maps = forward_with_attention(self.model, {"input_values": chunk, **extra},
                                                capture_attention if keep else False, rows=keep)
             if maps is not None:
                 first_window.append(maps)  # per layer (k, H, 2+F*T, 2+F*T)
@@ -249,3 +267,12 @@ def ast_layerscale_scenes(branch_scale: float = 1e-4, **overrides) -> AudioEncod
                 linear.weight.mul_(branch_scale)
                 linear.bias.zero_()
     return AudioEncoder(encoder.model, "ast-layerscale-scenes").eval()
+
+
+@register_builtin("audio", "ast-window-scenes")
+def ast_window_scenes(branch_scale: float = 1e-4, **overrides) -> AudioEncoder:
+    """`ast-layerscale-scenes` whose 2 layers attend only within one time column (0.1 s) either side,
+    across every frequency band (`AudioEncoder.time_window_mask`): after both layers a token has heard
+    from at most 0.2 s around its own patch, so tokens stay about when they are."""
+    encoder = ast_layerscale_scenes(branch_scale, **{"time_window": 1, **overrides})
+    return AudioEncoder(encoder.model, "ast-window-scenes").eval()

@@ -193,15 +193,49 @@ default_cfgs = generate_default_cfgs({"vit_convstem_scenes": {
     "url": "", "num_classes": 0, "input_size": (3, 128, 128), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}})
 
 
+def window_mask(grid: tuple[int, int], num_prefix: int, window: int, device=None) -> Tensor:
+    """Neighbourhood self-attention `(1, 1, N, N)` bool (True: may attend), N = num_prefix + gh * gw.
+
+    A patch attends to the patches within `window` cells of it (Chebyshev distance) and to nothing
+    else, not even the prefix (CLS) tokens: what it holds stays about its neighbourhood, whatever the
+    depth times `window`. Prefix tokens attend to everything (they pool; no patch reads them back)."""
+    gh, gw = grid
+    rows, cols = torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device), indexing="ij")
+    rows, cols = rows.reshape(-1), cols.reshape(-1)  # (gh*gw,)
+    near = ((rows[:, None] - rows[None, :]).abs() <= window) & ((cols[:, None] - cols[None, :]).abs() <= window)
+    n = num_prefix + gh * gw
+    mask = torch.zeros(n, n, dtype=torch.bool, device=device)
+    mask[:num_prefix] = True
+    mask[num_prefix:, num_prefix:] = near
+    return mask[None, None]
+
+
+class WindowedVisionTransformer(VisionTransformer):
+    """timm's VisionTransformer whose blocks attend within `window` patch cells (`window_mask`);
+    `window = 0` is the plain model."""
+
+    def __init__(self, *args, window: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.window = int(window)
+
+    def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        if attn_mask is None and not is_causal and self.window > 0 and len(self.blocks):
+            grid = tuple(int(g) for g in self.patch_embed.grid_size)
+            attn_mask = window_mask(grid, int(self.num_prefix_tokens), self.window, x.device)
+        return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
+
+
 @register_model
 def vit_convstem_scenes(pretrained: bool = False, stem_widths: Sequence[int] = (24, 48, 96, 192),
-                        stem_kernel: int = 3, **kwargs) -> VisionTransformer:
+                        stem_kernel: int = 3, window: int = 0, **kwargs) -> VisionTransformer:
     """timm's VisionTransformer whose patch embedding is timm's HybridEmbed over `conv_stem`:
-    one token per 2**len(stem_widths) pixels square, projected 1x1 to `embed_dim`."""
+    one token per 2**len(stem_widths) pixels square, projected 1x1 to `embed_dim`; `window > 0`:
+    its blocks attend only within that many cells (`WindowedVisionTransformer`)."""
     stem = conv_stem(kwargs.get("in_chans", 3), stem_widths, stem_kernel)
     kwargs.setdefault("patch_size", 1)  # HybridEmbed's patch size is in feature-map cells
-    return build_model_with_cfg(VisionTransformer, "vit_convstem_scenes", pretrained,  # pretrained: a local-dir: folder
-                                embed_layer=partial(HybridEmbed, backbone=stem), **kwargs)
+    cls, extra = (WindowedVisionTransformer, {"window": window}) if window else (VisionTransformer, {})
+    return build_model_with_cfg(cls, "vit_convstem_scenes", pretrained,  # pretrained: a local-dir: folder
+                                embed_layer=partial(HybridEmbed, backbone=stem), **extra, **kwargs)
 
 
 @register_builtin("image", "vit-conv-scenes")
@@ -234,3 +268,14 @@ def vit_layerscale_scenes(**overrides) -> ImageEncoder:
             "init_values": 1e-4, **overrides}
     model = timm.create_model("vit_convstem_scenes", pretrained=False, **args)
     return ImageEncoder(model, "vit-layerscale-scenes").eval()
+
+
+@register_builtin("image", "vit-window-scenes")
+def vit_window_scenes(**overrides) -> ImageEncoder:
+    """`vit-layerscale-scenes` whose 2 blocks attend only within one cell (3x3 patches, `window_mask`):
+    after both blocks a token has heard from at most 2 cells around its own, and the CLS token
+    pools without being read back, so tokens stay about where they are."""
+    args = {"img_size": 128, "embed_dim": 128, "depth": 2, "num_heads": 4, "num_classes": 0, "stem_kernel": 4,
+            "init_values": 1e-4, "window": 1, **overrides}
+    model = timm.create_model("vit_convstem_scenes", pretrained=False, **args)
+    return ImageEncoder(model, "vit-window-scenes").eval()
