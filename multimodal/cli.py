@@ -282,6 +282,7 @@ STUDY_EXAMPLE = """study file (TOML):
 examples:
   multimodal compare size --dry-run
   multimodal compare my_study.toml --out reports/mine --workers 2
+  multimodal compare size --engine ray --address auto --cpus-per-run 4 --gpus-per-run 1
 """
 
 
@@ -303,6 +304,16 @@ def add_compare_parser(sub) -> None:
     p.add_argument("--workers", type=int, default=1,
                    help="independent runs in parallel processes (default 1); each gets cores/N torch threads. "
                         "The numbers do not depend on N beyond float rounding (summation order)")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local (default): this machine, --workers processes; ray: each run is a Ray task on the "
+                        "cluster at --address, or on a local Ray instance (needs pip install \".[cluster]\")")
+    p.add_argument("--address", default=None,
+                   help="with --engine ray: the cluster to join, e.g. ray://HEAD:10001 or auto (default: start a "
+                        "local Ray instance for this study)")
+    p.add_argument("--cpus-per-run", type=float, default=1,
+                   help="with --engine ray: CPUs each run asks for, and its torch threads (default 1)")
+    p.add_argument("--gpus-per-run", type=float, default=0,
+                   help="with --engine ray: GPUs each run asks for (default 0; a run uses CUDA when its node has it)")
     p.add_argument("--dry-run", action="store_true",
                    help="check the study and list its runs (done / pending / stale) without running anything")
     p.add_argument("--report-only", action="store_true",
@@ -327,7 +338,10 @@ def cmd_compare(args) -> int:
         paths = report_from(study, results, runs, out)
         print(f"report from {len(results)} of {len(runs)} runs: {paths['report']}")
         return 0
-    result = run_study(study, out, workers=args.workers, progress=not args.quiet)
+    if args.engine != "ray" and (args.address or args.cpus_per_run != 1 or args.gpus_per_run):
+        raise InputError("--address, --cpus-per-run and --gpus-per-run go with --engine ray")
+    result = run_study(study, out, workers=args.workers, progress=not args.quiet, engine=args.engine,
+                       address=args.address, cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run)
     print(f"ran {len(result['ran'])}, skipped {len(result['skipped'])} (already done), "
           f"failed {len(result['failed'])}")
     for run_id in result["failed"]:

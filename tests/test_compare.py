@@ -3,6 +3,7 @@
 import copy
 import json
 import shutil
+import sys
 import time
 
 import pytest
@@ -297,3 +298,34 @@ def test_workers_2_gives_the_same_results_as_workers_1(finished, tmp_path):
     for r in result["runs"]:
         # one thread per worker vs two in one process: float sums may differ in the last bits
         assert_same_numbers(without_timing(r), without_timing(done(out, r["run_id"])))
+
+
+def test_ray_engine_runs_a_grid_on_a_real_local_ray_instance(finished, tmp_path, capsys):
+    """Two runs as Ray tasks on a local Ray instance the engine starts (and stops): the same numbers as
+    the local engine's, done.json written by the driver, and a re-run skips both without starting Ray."""
+    pytest.importorskip("ray")
+    toml, local_out = finished
+    out = tmp_path / "ray"
+    assert main(["compare", str(toml), "--out", str(out), "--engine", "ray", "--cpus-per-run", "1", "--quiet"]) == 0
+    assert "ran 2, skipped 0" in capsys.readouterr().out
+    for run_id in ("fusion.query=text,seed=0", "fusion.query=latents,seed=0"):
+        assert_same_numbers(without_timing(done(local_out, run_id)), without_timing(done(out, run_id)))
+        assert done(out, run_id)["timing"]["threads"] == 1
+    assert (out / "report.md").is_file()
+    import ray
+
+    assert not ray.is_initialized()  # the instance it started is stopped
+    assert main(["compare", str(toml), "--out", str(out), "--engine", "ray", "--quiet"]) == 0
+    assert "ran 0, skipped 2" in capsys.readouterr().out
+
+
+def test_ray_engine_without_ray_or_with_local_flags_says_what_to_do(finished, tmp_path, monkeypatch, capsys):
+    toml, _ = finished
+    assert main(["compare", str(toml), "--out", str(tmp_path / "a"), "--address", "auto"]) == 2
+    assert "--address, --cpus-per-run and --gpus-per-run go with --engine ray" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the cluster extra were not installed
+    with pytest.raises(InputError, match=r"pip install \"\.\[cluster\]\""):
+        run_study(load_study(toml), tmp_path / "b", engine="ray", progress=False)
+    with pytest.raises(InputError, match="engine = 'slurm'"):
+        run_study(load_study(toml), tmp_path / "c", engine="slurm", progress=False)

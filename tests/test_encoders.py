@@ -179,6 +179,53 @@ def test_local_builtins_keep_tokens_local_and_centred():
     assert diff[times < 1.5].max() == 0 and diff[(times > 1.9) & (times < 2.3)].max() > 0
 
 
+def test_window_builtins_keep_tokens_near_and_round_trip(tmp_path):
+    """vit-window-scenes / ast-window-scenes: transformer layers whose self-attention stays within one
+    cell / one time column. With the LayerScale branches scaled up (so the blocks really mix), a change
+    in cell (3, 5) still reaches no token more than 1 (stem) + 2 (two blocks) cells away, whereas the
+    same blocks attending globally move every token; the masks survive save/load."""
+    torch.manual_seed(0)
+    a = np.zeros((128, 128, 3), np.uint8)
+    b = a.copy()
+    b[48:64, 80:96] = 255  # cell (3, 5)
+    for window in (1, 0):
+        img = build_encoder("image", "vit-window-scenes", init_values=1.0, window=window)
+        with torch.no_grad():
+            moved = (img.encode([a]).tokens - img.encode([b]).tokens).norm(dim=-1)[0, 1:].view(8, 8)
+        far = torch.ones(8, 8, dtype=torch.bool)
+        far[0:7, 2:8] = False  # rows 3 +- 3, columns 5 +- 3
+        if window:
+            assert moved[far].max() == 0 and moved[3, 5] > 0
+            assert img.config_dict()["model_args"]["window"] == 1
+            img.save_pretrained(tmp_path / "vit")
+            again = ImageEncoder.from_directory(tmp_path / "vit")
+            assert again.model.window == 1
+            torch.testing.assert_close(again.encode([b]).tokens, img.encode([b]).tokens)
+        else:
+            assert moved[far].min() > 0  # global attention: the change reaches every token
+    quiet, rate = noise(3.0)
+    loud = quiet.copy()
+    loud[int(2.0 * rate):int(2.2 * rate)] += 0.5 * np.sin(np.arange(int(0.2 * rate)) * 0.3).astype(np.float32)
+    for time_window in (1, 0):
+        aud = build_encoder("audio", "ast-window-scenes", branch_scale=1.0, time_window=time_window)
+        with torch.no_grad():
+            out = aud.encode([(quiet, rate)])
+            diff = (out.tokens - aud.encode([(loud, rate)]).tokens).norm(dim=-1)[0]  # (T * F,)
+            out.self_attention = aud.encode([(quiet, rate)], capture_attention=True).self_attention  # eager
+        times = torch.tensor(out.geometry.times).repeat_interleave(out.geometry.freq_bins)
+        if time_window:
+            # the burst's patches span ~1.85-2.35 s; two layers reach 0.2 s further: nothing before 1.5 s moves
+            assert diff[times < 1.5].max() == 0 and diff[(times > 1.9) & (times < 2.3)].max() > 0
+            weights = out.self_attention[0][0, 0, 2:, 2:]  # (T*F, T*F) time-major, prefix left out
+            col = torch.arange(weights.shape[0]) // out.geometry.freq_bins
+            assert weights[(col[:, None] - col[None, :]).abs() > 1].max() == 0
+            assert out.self_attention[0][0, :, 2:, :2].max() == 0  # patches do not read the prefix tokens
+            aud.save_pretrained(tmp_path / "ast")
+            assert AudioEncoder.from_directory(tmp_path / "ast").time_window == 1
+        else:
+            assert diff[times < 1.5].max() > 0
+
+
 def test_audio_batch_padding_and_times(encoders):
     enc = encoders["audio"]
     with torch.no_grad():

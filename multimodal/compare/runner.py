@@ -94,11 +94,17 @@ def execute_run(run: Run, study: Study, runs_dir: str | Path, progress: bool = T
         "snapshots": snapshots,
         "timing": {"train_s": summary["wall_time_s"], **final["timing"], "threads": threads},
     }
+    write_done(folder, result)
+    return result
+
+
+def write_done(folder: Path, result: dict) -> None:
+    """A run's done.json, written whole or not at all; its error.txt from an earlier try goes."""
+    folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / (DONE + ".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(folder / DONE)
     (folder / ERROR).unlink(missing_ok=True)
-    return result
 
 
 def without_timing(result: dict) -> dict:
@@ -127,6 +133,18 @@ def _record_failure(runs_dir: str | Path, run_id: str) -> str:
     return text
 
 
+def _ray_job(run: Run, study: Study, runs_dir: str, threads: int) -> tuple[dict | None, str | None]:
+    """One run as a Ray task: (its results, None) or (None, the traceback). Uses CUDA where the task runs
+    when the node has it (the device is how a run executes, not part of what it computes)."""
+    torch.set_num_threads(threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    run = replace(run, config=replace(run.config, device=device, workers=min(run.config.workers, threads)))
+    try:
+        return execute_run(run, study, runs_dir, progress=False), None
+    except Exception:
+        return None, _record_failure(runs_dir, run.run_id)
+
+
 def _worker_job(job: tuple) -> tuple[str, str | None]:
     run, study, runs_dir = job
     try:
@@ -141,13 +159,20 @@ def _worker_job(job: tuple) -> tuple[str, str | None]:
 # ---------------------------------------------------------------------------------------
 
 
+ENGINES = ("local", "ray")
+
+
 def run_study(study: Study | str | Path, out: str | Path | None = None, workers: int = 1, progress: bool = True,
-              report: bool = True) -> dict:
+              report: bool = True, engine: str = "local", address: str | None = None, cpus_per_run: float = 1,
+              gpus_per_run: float = 0) -> dict:
     """Run every run of a study that is not done yet, then write the report.
 
     `study` is a `Study`, a TOML path or a shipped study's name; `out` the report folder
     (default `reports/<name>`). With `workers` > 1 independent runs go to that many
-    spawned processes, each with `cores // workers` torch threads. Returns
+    spawned processes, each with `cores // workers` torch threads. `engine="ray"`: each run is a
+    Ray task asking for `cpus_per_run` CPUs (its torch threads) and `gpus_per_run` GPUs, on the
+    cluster at `address` or a local Ray instance (`multimodal.compare.cluster`); `workers` is
+    then unused (the cluster's free resources decide how many run at once). Returns
     `{"runs": [done.json results in plan order], "ran": [...], "skipped": [...], "failed":
     {run_id: traceback}, "report": {name: path}}`.
     """
@@ -155,6 +180,8 @@ def run_study(study: Study | str | Path, out: str | Path | None = None, workers:
         study = load_study(study)
     if workers < 1:
         raise InputError(f"workers = {workers} must be >= 1")
+    if engine not in ENGINES:
+        raise InputError(f"engine = {engine!r}: choose one of {', '.join(ENGINES)}")
     out = Path(out or Path("reports") / study.name)
     runs = plan_runs(study)  # every config checked before anything is created
     runs_dir = out / "runs"
@@ -169,7 +196,25 @@ def run_study(study: Study | str | Path, out: str | Path | None = None, workers:
     if skipped and progress:
         bar.write(f"{len(skipped)} of {len(runs)} runs already done: skipped")
     cores = os.cpu_count() or 1
-    if workers == 1 or len(pending) <= 1:
+    if engine == "ray" and pending:
+        from multimodal.compare.cluster import run_tasks  # Ray: an optional extra
+
+        def on_result(run_id: str, returned: tuple[dict | None, str | None]) -> None:
+            result, error = returned
+            if error is None:
+                write_done(runs_dir / run_id, result)  # also when the task ran on a node with its own disk
+                bar.write(f"run {run_id} done")
+            else:
+                failed[run_id] = error
+                (runs_dir / run_id).mkdir(parents=True, exist_ok=True)
+                (runs_dir / run_id / ERROR).write_text(error)
+                bar.write(f"run {run_id} FAILED (traceback in {runs_dir / run_id / ERROR})")
+            bar.update(1)
+
+        threads = max(1, int(cpus_per_run))
+        run_tasks(_ray_job, [(r.run_id, (r, study, str(runs_dir.resolve()), threads)) for r in pending], on_result,
+                  address=address, cpus=cpus_per_run, gpus=gpus_per_run)
+    elif workers == 1 or len(pending) <= 1:
         for run in pending:
             bar.set_postfix_str(run.run_id)
             try:
