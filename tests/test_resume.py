@@ -111,6 +111,24 @@ def test_ctrl_c_at_any_step_resumes_bit_identical(tmp_path, monkeypatch, uninter
     assert_same_run(out, uninterrupted)
 
 
+def test_ctrl_c_after_a_stall_restart_resumes_the_restarted_start_bit_identical(tmp_path, monkeypatch):
+    """Start 1 "stalls" at step 2 (stall_loss -1) and the run starts again; Ctrl-C in the second start's
+    step 3 (the 5th step run) and a resume end where the uninterrupted run with its restart ends."""
+    config = rich(stall_step=2, stall_loss=-1.0, stall_restarts=1)
+    train(config, tmp_path / "whole", progress=False)
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        send_sigint_during_step(m, 5)
+        with pytest.raises(TrainingInterrupted) as stopped:
+            train(config, out, progress=False)
+    assert stopped.value.step == 3
+    state = json.loads((out / f"{TRAIN_STATE}.json").read_text())["loop"]
+    assert state["attempt"] == 1 and [r["start"] for r in state["restarts"]] == [2]
+    summary = train(config, out, resume=True, progress=False)
+    assert [r["start"] for r in summary["restarts"]] == [2]
+    assert_same_run(out, tmp_path / "whole")
+
+
 def test_ctrl_c_on_the_command_line_saves_and_prints_the_resume_command(tmp_path, uninterrupted):
     """The real thing: SIGINT from outside to a `multimodal train` process, then the printed command."""
     out = tmp_path / "run"

@@ -49,6 +49,30 @@ def test_same_seed_gives_the_same_weights(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_a_stalled_start_restarts_itself_and_says_so(tmp_path, capsys):
+    """A start whose running loss is above stall_loss at stall_step begins again from fresh weights and
+    data draws, at most stall_restarts times; the log, the summary and the checkpoint record it, and a
+    run that does not stall is the run without the check, bit for bit."""
+    never = train(smoke(steps=4, stall_step=2, stall_loss=1e9), tmp_path / "never", progress=True)
+    plain = train(smoke(steps=4, stall_restarts=0), tmp_path / "plain", progress=False)
+    assert never["restarts"] == [] and never["history"][-1]["loss"] == plain["history"][-1]["loss"]
+    capsys.readouterr()
+    # stall_loss -1: every start "stalls" at step 2; two restarts allowed, then the third start runs to the end
+    summary = train(smoke(steps=4, stall_step=2, stall_loss=-1.0, stall_restarts=2), tmp_path / "stalls")
+    log = "".join(capsys.readouterr())
+    assert log.count("this start has stalled") == 2 and "start 3 of at most 3" in log
+    assert [r["start"] for r in summary["restarts"]] == [2, 3] and all(r["step"] == 2 for r in summary["restarts"])
+    assert summary["steps"] == 4 and [h["step"] for h in summary["history"]] == [3, 4]  # the last start's only
+    weights = MultimodalModel.from_pretrained(tmp_path / "stalls").state_dict()
+    plain_weights = MultimodalModel.from_pretrained(tmp_path / "plain").state_dict()
+    assert any(not torch.equal(weights[k], plain_weights[k]) for k in weights)
+    tc = smoke()
+    assert any(not torch.equal(a, b) for a, b in zip(build_model(tc, attempt=1).state_dict().values(),
+                                                    build_model(tc).state_dict().values()))
+    with pytest.raises(InputError, match="stall_restarts"):
+        smoke(stall_restarts=-1)
+
+
 def test_bad_config_keys_and_values_are_refused_by_name(tmp_path):
     with pytest.raises(InputError, match="'stepz'"):
         load_config("smoke", overrides={"stepz": 3})

@@ -179,10 +179,11 @@ def _timed_fusion(model: MultimodalModel, data: AnalysisSet, repeats: int = 3) -
     return float(np.median(times))
 
 
-def initial_model(tc: TrainConfig, like: MultimodalModel) -> MultimodalModel:
-    """The run's model at step 0: `build_model` seeds itself with the run's seed, so these are the very
-    weights its training started from (the untrained baseline each run is paired with)."""
-    return build_model(tc, tuple(like.encoders)).to(like.device).eval()
+def initial_model(tc: TrainConfig, like: MultimodalModel, attempt: int = 0) -> MultimodalModel:
+    """The run's model at step 0: `build_model` seeds itself from the run's seed (and `attempt`, the start
+    the run finished with after any stall restarts), so these are the very weights its training started
+    from (the untrained baseline each run is paired with)."""
+    return build_model(tc, tuple(like.encoders), attempt).to(like.device).eval()
 
 
 def analyse_model(model: MultimodalModel, tc: TrainConfig, study: Study, progress: bool = True,

@@ -71,7 +71,7 @@ def execute_run(run: Run, study: Study, runs_dir: str | Path, progress: bool = T
         loaded = True
     threads = torch.get_num_threads()
     model = MultimodalModel.from_pretrained(model_dir, map_location=tc.device)
-    untrained = initial_model(tc, model)  # this run's step 0: its own untrained baseline, and snapshot 0
+    untrained = initial_model(tc, model, len(summary.get("restarts", [])))  # its step 0: baseline, snapshot 0
     final = analyse_model(model, tc, study, progress=progress, untrained=untrained)
     snapshots = []
     for step in study.snapshots:

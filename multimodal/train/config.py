@@ -61,6 +61,11 @@ class TrainConfig:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     workers: int = 0  # 0: each scene is generated when first drawn; N: the whole pool up front, in N processes
     snapshots: tuple[int, ...] = ()  # steps after which the model is also saved to OUT/snapshots/step_N
+    # a start whose loss (running mean) is still above stall_loss at stall_step has stalled: the run starts
+    # again from fresh weights and data draws (init_seed), at most stall_restarts times; the log says so
+    stall_step: int = 300
+    stall_loss: float = 3.5
+    stall_restarts: int = 2
 
     def __post_init__(self):
         object.__setattr__(self, "snapshots", tuple(self.snapshots))  # a TOML list is fine
@@ -79,6 +84,8 @@ class TrainConfig:
             raise InputError(f"pool_scenes={self.pool_scenes} must be >= batch_size={self.batch_size}")
         if not 0.0 <= self.binding_negatives <= 1.0:
             raise InputError(f"binding_negatives={self.binding_negatives} is a share: use a value in [0, 1]")
+        if self.stall_restarts < 0 or self.stall_step < 1:
+            raise InputError(f"stall_restarts={self.stall_restarts} must be >= 0 and stall_step={self.stall_step} >= 1")
         if self.curriculum_steps < 0:
             raise InputError(f"curriculum_steps={self.curriculum_steps} must be >= 0")
         if self.masked_word_weight and self.match != "bilinear":

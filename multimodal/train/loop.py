@@ -62,8 +62,17 @@ RESUME_FORMAT = 2  # train_state.json with "loop" (exact resume); format 1 held 
 # ---------------------------------------------------------------------------------------
 
 
-def build_model(tc: TrainConfig, modalities: tuple[str, ...] = ("text", "image", "audio")) -> MultimodalModel:
-    torch.manual_seed(tc.seed)
+def init_seed(tc: TrainConfig, attempt: int = 0) -> int | list[int]:
+    """The seed of a run's weights and data draws: the run's seed, or for a restart after a stall
+    (`attempt` >= 1) one derived from it, so every attempt of every seed is reproducible."""
+    return tc.seed if attempt == 0 else [tc.seed, attempt]
+
+
+def build_model(tc: TrainConfig, modalities: tuple[str, ...] = ("text", "image", "audio"),
+                attempt: int = 0) -> MultimodalModel:
+    """The run's model at step 0 (of its `attempt`-th start: see `TrainConfig.stall_restarts`)."""
+    seed = init_seed(tc, attempt)
+    torch.manual_seed(seed if isinstance(seed, int) else int(np.random.SeedSequence(seed).generate_state(1)[0]))
     specs = {"text": tc.text_encoder, "image": tc.image_encoder, "audio": tc.audio_encoder}
     model = MultimodalModel.from_specs(fusion=FusionConfig.from_dict(dict(tc.fusion)), match=tc.match,
                                        match_over=tc.match_over,
@@ -408,19 +417,25 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
     out_dir = Path(out_dir)
     resumed = _check_out_dir(out_dir, resume, overwrite)  # before any work
     t_start = time.perf_counter()
-    torch.manual_seed(tc.seed)
-    np_rng = np.random.default_rng(tc.seed)
     scfg = scene_config(tc)
     modalities = ("text", "image", "audio")
     if tc.manifest:
         train_rows, val_rows, modalities = manifest_pools(tc)
-    model = build_model(tc, modalities).to(tc.device)
-    model.meta["caption_words"] = (sorted({w for r in train_rows for w in text_words(r.caption)}) if tc.manifest
-                                   else caption_words())  # what the app and `maps` call new words
-    for m in set(tc.freeze) & set(model.encoders):
-        for p in model.encoders[m].parameters():
-            p.requires_grad_(False)
-    opt = torch.optim.AdamW(parameter_groups(model, tc), lr=tc.lr)
+    words = (sorted({w for r in train_rows for w in text_words(r.caption)}) if tc.manifest
+             else caption_words())  # what the app and `maps` call new words
+
+    def start(attempt: int):
+        """Fresh weights, optimizer and data generator for the `attempt`-th start of the run."""
+        np_rng = np.random.default_rng(init_seed(tc, attempt))
+        model = build_model(tc, modalities, attempt).to(tc.device)
+        model.meta["caption_words"] = words
+        for m in set(tc.freeze) & set(model.encoders):
+            for p in model.encoders[m].parameters():
+                p.requires_grad_(False)
+        return model, torch.optim.AdamW(parameter_groups(model, tc), lr=tc.lr), np_rng
+
+    attempt, restarts = 0, []  # restarts after a stall (TrainConfig.stall_restarts)
+    model, opt, np_rng = start(0)
     step, history, loop = 0, [], None
     if resumed:
         meta, tensors = resumed
@@ -432,7 +447,9 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
                              f"({str(e).splitlines()[0]}): resume with the config it was trained with") from None
         _load_optimizer(opt, meta, tensors, out_dir)
         step, history, loop = int(meta["step"]), list(meta["history"]), meta.get("loop")
-        print(f"resuming from step {step} in {out_dir}")
+        if loop:
+            attempt, restarts = int(loop.get("attempt", 0)), list(loop.get("restarts", []))
+        print(f"resuming from step {step} in {out_dir}" + (f" (start {attempt + 1}, after a stall)" if attempt else ""))
         before, now = saved.meta.get("train_config", {}), json.loads(json.dumps(tc.to_dict()))
         changed = [f"{k} {before[k]!r} -> {now[k]!r}" for k in now if k in before and before[k] != now[k]]
         if changed:
@@ -454,10 +471,14 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
     in_curriculum = bool(tc.curriculum_steps) and not tc.manifest and (
         loop["pool"] == "curriculum" if loop else step < tc.curriculum_steps)
     pool = train_pool
-    if in_curriculum and step < tc.curriculum_steps:
+    curriculum_pool = None
+    if tc.curriculum_steps and not tc.manifest:
         n = min(tc.pool_scenes, tc.curriculum_steps * tc.batch_size)  # at most one pass over them
-        pool = ScenePool.build(split_seeds("curriculum", n, tc.seed), curriculum_scene_config(tc), tc.workers,
-                               "generating curriculum scenes", progress)
+        curriculum_pool = ScenePool.build(split_seeds("curriculum", n, tc.seed), curriculum_scene_config(tc),
+                                          tc.workers if in_curriculum and step < tc.curriculum_steps else 0,
+                                          "generating curriculum scenes", progress)
+    if in_curriculum and step < tc.curriculum_steps:
+        pool = curriculum_pool
 
     def lr_at(s):
         if s < tc.warmup:
@@ -491,7 +512,8 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
         nonlocal stale_summary
         state = {"cursor": cursor, "pool": "curriculum" if in_curriculum else "train",
                  "np_rng": np_rng.bit_generator.state, "mining": mining.error, "ema_loss": ema_loss,
-                 "ema_acc": ema_acc, "elapsed_s": time.perf_counter() - t_start}
+                 "ema_acc": ema_acc, "elapsed_s": time.perf_counter() - t_start, "attempt": attempt,
+                 "restarts": restarts}
         save_checkpoint(model, opt, step, tc, out_dir, history, state,
                         {"data.order": torch.from_numpy(np.ascontiguousarray(order, dtype=np.int64))})
         if stale_summary:  # it no longer describes the checkpoint; the run's own is written when it ends
@@ -530,6 +552,22 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
             if step % tc.checkpoint_every == 0 or step == tc.steps:
                 checkpoint()
                 saved_step = step
+            if (tc.stall_restarts and step == tc.stall_step and ema_loss > tc.stall_loss
+                    and attempt < tc.stall_restarts):
+                attempt += 1
+                restarts.append({"step": step, "loss": ema_loss, "start": attempt + 1})
+                bar.write(f"step {step}: loss {ema_loss:.3f} is above {tc.stall_loss}: this start has stalled "
+                          f"(stall_step / stall_loss). Restarting from step 0 with fresh weights and data draws "
+                          f"(start {attempt + 1} of at most {tc.stall_restarts + 1})")
+                model, opt, np_rng = start(attempt)
+                mining = NegativeMining(tc.negative_mining)
+                step, history, ema_loss, ema_acc = 0, [], None, None
+                in_curriculum = bool(tc.curriculum_steps) and not tc.manifest
+                pool = curriculum_pool if in_curriculum else train_pool
+                order, cursor = np_rng.permutation(len(pool.scenes)), 0
+                bar.reset(total=tc.steps)
+                saved_step = None
+                continue
             if step in tc.snapshots:
                 _save_snapshot(model, tc, step, out_dir)
             if interrupted() and step < tc.steps:  # Ctrl-C during this step: it is whole, keep it
@@ -538,6 +576,6 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
                 raise TrainingInterrupted(step, tc.steps, out_dir)
     wall = time.perf_counter() - t_start
     summary = {"steps": step, "wall_time_s": wall, "setup_s": setup_s, "device": tc.device, "history": history,
-               "config": tc.to_dict()}
+               "restarts": restarts, "config": tc.to_dict()}
     _write_atomic(out_dir / SUMMARY, json.dumps(summary, indent=1))
     return summary
