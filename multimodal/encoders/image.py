@@ -279,3 +279,14 @@ def vit_window_scenes(**overrides) -> ImageEncoder:
             "init_values": 1e-4, "window": 1, **overrides}
     model = timm.create_model("vit_convstem_scenes", pretrained=False, **args)
     return ImageEncoder(model, "vit-window-scenes").eval()
+
+
+@register_builtin("image", "vit-window-fine-scenes")
+def vit_window_fine_scenes(**overrides) -> ImageEncoder:
+    """`vit-window-scenes` on a grid twice as fine: a 3-conv stem, so one token per 8-px cell (16 x 16
+    tokens on 128 x 128 inputs). On the scenes' small objects a map on 16-px cells can put its peak on the
+    object at best 0.75 of the time (a map of each cell's share of the object, 300 test scenes), on 8-px
+    cells 0.997: strict pointing needs this grid."""
+    args = {"stem_widths": (32, 64, 128), **overrides}
+    encoder = vit_window_scenes(**args)
+    return ImageEncoder(encoder.model, "vit-window-fine-scenes").eval()
