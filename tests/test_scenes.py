@@ -12,7 +12,7 @@ import soundfile as sf
 from PIL import Image
 
 from multimodal.data.scenes import (CHANGE_TYPES, COLOURS, EVENT_KINDS, SHAPES, SIZES, Scene, SceneConfig,
-                                    caption_is_true, event_phrase, generate_scene, hard_negative,
+                                    caption_is_true, change_kinds, event_phrase, generate_scene, hard_negative,
                                     load_scene_truth, parse_caption, save_scene)
 
 SEEDS = range(200)
@@ -293,3 +293,28 @@ def test_save_and_load_ground_truth_round_trip(tmp_path):
     assert gt["masks"].dtype == np.bool_
     np.testing.assert_array_equal(gt["masks"], s.masks)
     assert gt["image"] == "s11.png" and gt["audio"] == "s11.wav"
+
+
+def test_captions_about_one_modality_only_and_bad_counts_refused():
+    """max_mentioned_events = 0: captions name objects only (and their negatives change objects only);
+    max_mentioned_objects = 0: events only. The scenes themselves still have both. Configs that would
+    leave a caption empty or a scene without objects/events are refused by name."""
+    from multimodal.errors import InputError
+
+    rng = np.random.default_rng(0)
+    for cfg, target, kinds in ((SceneConfig(max_mentioned_events=0), "object", {"colour", "shape", "size"}),
+                               (SceneConfig(max_mentioned_objects=0), "event",
+                                {"pitch", "direction", "event_kind", "order"})):
+        for seed in range(20):
+            s = generate_scene(seed, cfg)
+            assert s.phrases and {p["target"] for p in s.phrases} == {target}
+            assert len(s.objects) >= 2 and len(s.events) >= 1
+            assert set(change_kinds(s)) <= kinds
+            neg, _, change = hard_negative(s, rng)
+            assert neg != s.caption and change["type"] in kinds
+    assert generate_scene(3).caption == generate_scene(3, SceneConfig()).caption  # both: draws unchanged
+    for bad, named in ((dict(max_mentioned_objects=0, max_mentioned_events=0), "captions empty"),
+                       (dict(max_mentioned_events=-1), "must be >= 0"), (dict(min_objects=0), "1 <= min <= max"),
+                       (dict(min_events=3, max_events=2), "1 <= min <= max")):
+        with pytest.raises(InputError, match=named):
+            SceneConfig(**bad)

@@ -15,6 +15,7 @@ from typing import Mapping
 import numpy as np
 from PIL import Image
 
+from multimodal.errors import InputError
 from multimodal.io import SAMPLE_RATE
 
 # -- vocabulary -------------------------------------------------------------------------
@@ -44,6 +45,16 @@ class SceneConfig:
     max_mentioned_objects: int = 2
     max_mentioned_events: int = 2
     size_word_probability: float = 0.5  # chance an object phrase names its size
+
+    def __post_init__(self):
+        if self.max_mentioned_objects < 0 or self.max_mentioned_events < 0:
+            raise InputError("max_mentioned_objects and max_mentioned_events must be >= 0")
+        if self.max_mentioned_objects == 0 and self.max_mentioned_events == 0:
+            raise InputError("max_mentioned_objects = max_mentioned_events = 0 leaves the captions empty: let one "
+                             "of them be >= 1 (0 for one of them: captions about the other modality only)")
+        if not 1 <= self.min_objects <= self.max_objects or not 1 <= self.min_events <= self.max_events:
+            raise InputError(f"objects {self.min_objects}..{self.max_objects} and events {self.min_events}.."
+                             f"{self.max_events}: each needs 1 <= min <= max")
 
 
 # One object, and the caption names it: a shape or colour word can only refer to that object
@@ -252,12 +263,15 @@ def generate_scene(seed: int, cfg: SceneConfig = SceneConfig()) -> Scene:
     rng = np.random.default_rng(seed)
     image, masks, objects = _render_image(rng, cfg)
     audio, events = _render_audio(rng, cfg)
-    k = int(rng.integers(1, min(cfg.max_mentioned_objects, len(objects)) + 1))
-    mentioned_objs = sorted(rng.choice(len(objects), size=k, replace=False).tolist())
-    rng.shuffle(mentioned_objs)
-    sizes_named = [bool(rng.random() < cfg.size_word_probability) for _ in mentioned_objs]
-    e = int(rng.integers(1, min(cfg.max_mentioned_events, len(events)) + 1))
-    mentioned_events = sorted(rng.choice(len(events), size=e, replace=False).tolist())  # temporal order
+    mentioned_objs, sizes_named, mentioned_events = [], [], []
+    if cfg.max_mentioned_objects:  # 0: captions about the sound only
+        k = int(rng.integers(1, min(cfg.max_mentioned_objects, len(objects)) + 1))
+        mentioned_objs = sorted(rng.choice(len(objects), size=k, replace=False).tolist())
+        rng.shuffle(mentioned_objs)
+        sizes_named = [bool(rng.random() < cfg.size_word_probability) for _ in mentioned_objs]
+    if cfg.max_mentioned_events:  # 0: captions about the picture only
+        e = int(rng.integers(1, min(cfg.max_mentioned_events, len(events)) + 1))
+        mentioned_events = sorted(rng.choice(len(events), size=e, replace=False).tolist())  # temporal order
     caption, phrases = _describe(objects, events, mentioned_objs, sizes_named, mentioned_events)
     return Scene(image, masks, objects, audio, events, caption, phrases, seed, cfg.sample_rate)
 
