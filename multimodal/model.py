@@ -75,17 +75,19 @@ class MultimodalModel(nn.Module):
 
     @classmethod
     def from_specs(cls, fusion: FusionConfig | Mapping | None = None, match: str = "mean",
-                   match_over: str = "content", **specs: str | None) -> "MultimodalModel":
+                   match_over: str = "content", encoder_args: Mapping[str, Mapping[str, Any]] | None = None,
+                   **specs: str | None) -> "MultimodalModel":
         """Build from encoder specs (built-in name, local directory or hub name) per modality.
 
         `MultimodalModel.from_specs(text="bert-tiny-scenes", image="vit-tiny-scenes", audio=None)`.
         Modalities left out use the built-in default; `None` leaves that modality out.
+        `encoder_args`: modality -> keyword arguments for its encoder's builder (e.g. a built-in's depth).
         """
         unknown = set(specs) - set(MODALITIES)
         if unknown:
             raise InputError(f"unknown modality {sorted(unknown)}; use {MODALITIES}")
         chosen = {**DEFAULT_SPECS, **specs}
-        encoders = {m: build_encoder(m, s) for m, s in chosen.items() if s}
+        encoders = {m: build_encoder(m, s, **dict((encoder_args or {}).get(m, {}))) for m, s in chosen.items() if s}
         return cls(encoders, fusion or FusionConfig(), match=match, match_over=match_over)
 
     @property

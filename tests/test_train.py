@@ -73,6 +73,26 @@ def test_a_stalled_start_restarts_itself_and_says_so(tmp_path, capsys):
         smoke(stall_restarts=-1)
 
 
+def test_encoder_depth_and_window_reach_the_built_in_encoders():
+    """encoder_depth / encoder_window give the image and audio built-ins N blocks / layers attending within
+    N cells / columns (what the encoder-depth study varies); -1 leaves them as built."""
+    tc = smoke(image_encoder="vit-layerscale-scenes", audio_encoder="ast-layerscale-scenes", encoder_depth=4,
+               encoder_window=1)
+    model = build_model(tc)
+    image, audio = model.encoders["image"], model.encoders["audio"]
+    assert len(image.model.blocks) == 4 and image.model.window == 1
+    assert audio.model.config.num_hidden_layers == 4 and audio.time_window == 1
+    plain = build_model(smoke(image_encoder="vit-layerscale-scenes", audio_encoder="ast-layerscale-scenes"))
+    assert len(plain.encoders["image"].model.blocks) == 2 and plain.encoders["audio"].time_window == 0
+    assert len(build_model(smoke(encoder_depth=0)).encoders["image"].model.blocks) == 0
+    with pytest.raises(InputError, match="does not take"):  # the timm-registry ViT has no window
+        build_model(smoke(image_encoder="vit-tiny-scenes", encoder_window=1))
+    with pytest.raises(InputError, match="not a built-in"):
+        build_model(smoke(image_encoder="/some/folder", encoder_depth=2))
+    with pytest.raises(InputError, match="encoder_depth"):
+        smoke(encoder_depth=-2)
+
+
 def test_bad_config_keys_and_values_are_refused_by_name(tmp_path):
     with pytest.raises(InputError, match="'stepz'"):
         load_config("smoke", overrides={"stepz": 3})

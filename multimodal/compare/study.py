@@ -33,7 +33,7 @@ NEUTRAL_KEYS = {"contrastive_hard_weight": 0.0, "negative_mining": 0.0, "curricu
                 "masked_word_weight": 0.0, "freeze": [], "masked_word_rate": 0.3,
                 "curriculum_scene": dict(ONE_OBJECT), "phrase_queries": False, "binding_negatives": 0.0,
                 "encoder_lr_scales": {}, "match_over": "content", "stall_restarts": 0, "stall_step": 300,
-                "stall_loss": 3.5}
+                "stall_loss": 3.5, "encoder_depth": -1, "encoder_window": -1}
 NEUTRAL_FUSION_KEYS = {"compete": False, "sinks": 0, "partial_sort": 0}  # the same inside the fusion table
 
 

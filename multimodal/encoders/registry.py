@@ -77,7 +77,11 @@ def build_encoder(modality: str, spec: str | os.PathLike, **overrides: Any) -> n
         raise InputError(f"{modality} encoder spec must be a non-empty string, got {spec!r}")
     spec = str(spec).strip()
     if spec in BUILTINS[modality]:
-        return BUILTINS[modality][spec](**overrides)
+        try:
+            return BUILTINS[modality][spec](**overrides)
+        except TypeError as e:  # an argument this built-in does not take
+            raise InputError(f"the built-in {modality} encoder '{spec}' does not take {sorted(overrides)} "
+                             f"({_reason(e)})") from None
     path = Path(spec).expanduser()
     if path.is_dir():
         try:

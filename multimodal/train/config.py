@@ -39,6 +39,11 @@ class TrainConfig:
     text_encoder: str = "bert-tiny-scenes"
     image_encoder: str = "vit-local-scenes"  # local tokens: a query gathers only what is where it looks
     audio_encoder: str = "ast-local-scenes"
+    # -1: the built-ins' own; N >= 0: the image and audio built-ins get N transformer blocks / layers, and
+    # attend within N cells / time columns (0: globally). For the convolution-stem built-ins (vit-*-scenes
+    # but vit-tiny-scenes, ast-*-scenes): what the encoder-depth study varies
+    encoder_depth: int = -1
+    encoder_window: int = -1
     freeze_encoders: bool = False  # all of them: the same as freeze = ["text", "image", "audio"]
     freeze: tuple[str, ...] = ()  # modalities whose encoders keep their initial weights, e.g. ["text"]
     match: str = "attended"
@@ -84,6 +89,9 @@ class TrainConfig:
             raise InputError(f"pool_scenes={self.pool_scenes} must be >= batch_size={self.batch_size}")
         if not 0.0 <= self.binding_negatives <= 1.0:
             raise InputError(f"binding_negatives={self.binding_negatives} is a share: use a value in [0, 1]")
+        if self.encoder_depth < -1 or self.encoder_window < -1:
+            raise InputError(f"encoder_depth={self.encoder_depth} and encoder_window={self.encoder_window} must be "
+                             ">= 0 (or -1: the built-in encoders' own)")
         if self.stall_restarts < 0 or self.stall_step < 1:
             raise InputError(f"stall_restarts={self.stall_restarts} must be >= 0 and stall_step={self.stall_step} >= 1")
         if self.curriculum_steps < 0:

@@ -38,6 +38,7 @@ from multimodal.data.pool import ScenePool, split_seeds
 from multimodal.data.scenes import caption_words
 from multimodal.io import text_words
 from multimodal.fusion import FusionConfig
+from multimodal.encoders import BUILTINS
 from multimodal.model import MultimodalModel, is_checkpoint, score_candidates
 from multimodal.train.config import TrainConfig, curriculum_scene_config, scene_config
 from multimodal.train.objective import (
@@ -68,6 +69,21 @@ def init_seed(tc: TrainConfig, attempt: int = 0) -> int | list[int]:
     return tc.seed if attempt == 0 else [tc.seed, attempt]
 
 
+def encoder_args(tc: TrainConfig) -> dict[str, dict[str, int]]:
+    """The built-in image / audio encoders' arguments that `encoder_depth` and `encoder_window` set."""
+    args: dict[str, dict[str, int]] = {"image": {}, "audio": {}}
+    if tc.encoder_depth >= 0:
+        args["image"]["depth"] = args["audio"]["num_hidden_layers"] = tc.encoder_depth
+    if tc.encoder_window >= 0:
+        args["image"]["window"] = args["audio"]["time_window"] = tc.encoder_window
+    specs = {"image": tc.image_encoder, "audio": tc.audio_encoder}
+    for m, a in args.items():
+        if a and specs[m] not in BUILTINS[m]:
+            raise InputError(f"encoder_depth / encoder_window set the built-in encoders' layers; {m}_encoder = "
+                             f"{specs[m]!r} is not a built-in (leave them at -1 for it)")
+    return {m: a for m, a in args.items() if a}
+
+
 def build_model(tc: TrainConfig, modalities: tuple[str, ...] = ("text", "image", "audio"),
                 attempt: int = 0) -> MultimodalModel:
     """The run's model at step 0 (of its `attempt`-th start: see `TrainConfig.stall_restarts`)."""
@@ -75,7 +91,7 @@ def build_model(tc: TrainConfig, modalities: tuple[str, ...] = ("text", "image",
     torch.manual_seed(seed if isinstance(seed, int) else int(np.random.SeedSequence(seed).generate_state(1)[0]))
     specs = {"text": tc.text_encoder, "image": tc.image_encoder, "audio": tc.audio_encoder}
     model = MultimodalModel.from_specs(fusion=FusionConfig.from_dict(dict(tc.fusion)), match=tc.match,
-                                       match_over=tc.match_over,
+                                       match_over=tc.match_over, encoder_args=encoder_args(tc),
                                        **{m: (s if m in modalities else None) for m, s in specs.items()})
     if tc.phrase_queries:
         model.encoders["text"].phrase_pooling = True
