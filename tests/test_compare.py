@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 import shutil
 import sys
 import time
@@ -329,3 +330,27 @@ def test_ray_engine_without_ray_or_with_local_flags_says_what_to_do(finished, tm
         run_study(load_study(toml), tmp_path / "b", engine="ray", progress=False)
     with pytest.raises(InputError, match="engine = 'slurm'"):
         run_study(load_study(toml), tmp_path / "c", engine="slurm", progress=False)
+
+
+def test_zip_varies_keys_together_and_the_report_compares_each(tmp_path):
+    """[zip]: compete off / on / on with sinks as three points (a full product would include sinks without
+    competition, which the fusion block refuses), crossed with the grid; each key's levels are compared on
+    the points that differ in it alone."""
+    toml = tmp_path / "competition.toml"
+    toml.write_text('name = "competition"\nseeds = [0, 1]\n[base]\npreset = "smoke"\n'
+                    '[grid]\n"fusion.heads" = [2, 4]\n'
+                    '[zip]\n"fusion.compete" = [false, true, true]\n"fusion.sinks" = [0, 0, 8]\n')
+    study = load_study(toml)
+    assert study.factors == {"fusion.heads": [2, 4], "fusion.compete": [False, True], "fusion.sinks": [0, 8]}
+    runs = plan_runs(study, check_models=False)
+    assert len(runs) == 2 * 3 * 2
+    assert {(r.config.fusion["compete"], r.config.fusion["sinks"]) for r in runs} == {(False, 0), (True, 0), (True, 8)}
+    assert runs[0].run_id == "fusion.heads=2,fusion.compete=false,fusion.sinks=0,seed=0"
+    for zipped, named in (('"fusion.compete" = [false, true]\n"fusion.sinks" = [0]', "all of one length"),
+                          ('"fusion.compete" = [true, true]\n"fusion.sinks" = [8, 8]', "two points are the same"),
+                          ('"fusion.heads" = [2, 8]', "in both [grid] and [zip]"),
+                          ('"fusion.compete" = [false]\n"fusion.sinks" = [8]', "background queries"),
+                          ('"fusion.colour" = [1]', "unknown key")):
+        toml.write_text(f'name = "c"\n[base]\npreset = "smoke"\n[grid]\n"fusion.heads" = [2, 4]\n[zip]\n{zipped}\n')
+        with pytest.raises(InputError, match=re.escape(named)):
+            plan_runs(load_study(toml), check_models=False)

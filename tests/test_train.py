@@ -93,6 +93,23 @@ def test_encoder_depth_and_window_reach_the_built_in_encoders():
         smoke(encoder_depth=-2)
 
 
+def test_captions_about_one_modality_train_on_such_captions(tmp_path, monkeypatch):
+    """captions = "audio": every caption the run draws (curriculum and full scenes) names events only."""
+    import multimodal.train.loop as train_module
+
+    seen, original = [], train_module.candidate_captions
+
+    def recording(pool, idx, *args, **kwargs):
+        seen.extend({p["target"] for p in pool.scenes[i].phrases} for i in idx)
+        return original(pool, idx, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "candidate_captions", recording)
+    train(smoke(steps=3, curriculum_steps=1, captions="audio"), tmp_path / "run", progress=False)
+    assert len(seen) == 3 * 4 and all(targets == {"event"} for targets in seen)
+    with pytest.raises(InputError, match="captions='video'"):
+        smoke(captions="video")
+
+
 def test_bad_config_keys_and_values_are_refused_by_name(tmp_path):
     with pytest.raises(InputError, match="'stepz'"):
         load_config("smoke", overrides={"stepz": 3})

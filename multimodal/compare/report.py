@@ -286,7 +286,7 @@ def write_report(study, results: list[dict], out: str | Path, planned: Sequence[
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     groups = group_runs(results)
-    grid = {k: list(v) for k, v in study.grid.items()}
+    grid = study.factors
     grid_keys = list(grid)
     paths: dict[str, Path] = {}
 

@@ -33,7 +33,8 @@ NEUTRAL_KEYS = {"contrastive_hard_weight": 0.0, "negative_mining": 0.0, "curricu
                 "masked_word_weight": 0.0, "freeze": [], "masked_word_rate": 0.3,
                 "curriculum_scene": dict(ONE_OBJECT), "phrase_queries": False, "binding_negatives": 0.0,
                 "encoder_lr_scales": {}, "match_over": "content", "stall_restarts": 0, "stall_step": 300,
-                "stall_loss": 3.5, "encoder_depth": -1, "encoder_window": -1}
+                "stall_loss": 3.5, "encoder_depth": -1, "encoder_window": -1,
+                "captions": "both"}
 NEUTRAL_FUSION_KEYS = {"compete": False, "sinks": 0, "partial_sort": 0}  # the same inside the fusion table
 
 
@@ -58,14 +59,33 @@ class Study:
     # modalities; conclusions about heads are drawn over the runs that ground only (the others are listed)
     base: Mapping[str, Any] = field(default_factory=dict)  # flattened TrainConfig overrides (+ "preset")
     grid: Mapping[str, tuple] = field(default_factory=dict)  # flattened key -> values, in file order
+    # keys varied together ([zip]: the i-th values of every key form one point), crossed with the grid: for
+    # points a full product would not allow, e.g. compete off / on / on with sinks
+    zipped: Mapping[str, tuple] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["base"], d["grid"] = dict(self.base), {k: list(v) for k, v in self.grid.items()}
+        d["zipped"] = {k: list(v) for k, v in self.zipped.items()}
         return d
 
+    @property
+    def factors(self) -> dict[str, list]:
+        """Every varied key -> its distinct values in file order (grid keys, then [zip] keys)."""
+        out = {k: list(v) for k, v in self.grid.items()}
+        for k, values in self.zipped.items():
+            out[k] = list({json.dumps(v, sort_keys=True): v for v in values}.values())
+        return out
 
-STUDY_KEYS = tuple(f.name for f in fields(Study))
+    def points(self) -> list[tuple[tuple[str, Any], ...]]:
+        """Every point: the grid's product, each crossed with the [zip] rows, as (key, value) pairs."""
+        keys, zkeys = list(self.grid), list(self.zipped)
+        rows = list(zip(*(self.zipped[k] for k in zkeys))) if zkeys else [()]
+        return [tuple(zip(keys, values)) + tuple(zip(zkeys, row))
+                for values in itertools.product(*(self.grid[k] for k in keys)) for row in rows]
+
+
+STUDY_KEYS = tuple("zip" if f.name == "zipped" else f.name for f in fields(Study))  # as the file spells them
 
 
 def _type_ok(value: Any, ann: str) -> bool:
@@ -128,7 +148,7 @@ def study_from_dict(d: Mapping[str, Any], source: str = "study") -> Study:
         raise InputError(f"{source}: the study needs a name (name = \"...\")")
     for f in fields(Study):
         key, ann = f.name, _annotation(f)
-        if key not in ("base", "grid") and key in d and not _type_ok(d[key], ann):
+        if key not in ("base", "grid", "zipped") and key in d and not _type_ok(d[key], ann):
             raise InputError(f"{source}: {key} = {d[key]!r} must be {ann}")
     for key in ("eval_scenes", "analysis_scenes", "shapley_permutations"):
         if key in d and d[key] < 1:
@@ -148,7 +168,7 @@ def study_from_dict(d: Mapping[str, Any], source: str = "study") -> Study:
         raise InputError(f"{source}: name = {d['name']!r} may hold only letters, digits, '.', '_' and '-'")
 
     known = config_fields()
-    for table in ("base", "grid"):
+    for table in ("base", "grid", "zip"):
         if table in d and not isinstance(d[table], Mapping):
             raise InputError(f"{source}: {table} must be a table ([{table}])")
     base = _flatten(d.get("base", {}))
@@ -156,9 +176,22 @@ def study_from_dict(d: Mapping[str, Any], source: str = "study") -> Study:
     if preset is not None and preset not in PRESETS:
         raise InputError(f"{source}: base.preset = {preset!r} is unknown; presets: {sorted(PRESETS)}")
     grid = _flatten(d.get("grid", {}))
+    zipped = _flatten(d.get("zip", {}))
+    lengths = {len(v) for v in zipped.values() if isinstance(v, list)}
+    if zipped and (len(lengths) != 1 or not all(isinstance(v, list) for v in zipped.values())):
+        raise InputError(f"{source} [zip]: every key needs a list of values, all of one length (the i-th values "
+                         f"form one point); got {({k: v for k, v in zipped.items()})}")
+    both = sorted(set(zipped) & set(grid))
+    if both:
+        raise InputError(f"{source}: {both} in both [grid] and [zip]: vary a key in one of them")
+    for key, values in zipped.items():
+        for v in values:
+            _check_key_value(key, v, f"{source} [zip]", known)
+    if zipped and len({json.dumps(row, sort_keys=True) for row in zip(*zipped.values())}) != next(iter(lengths)):
+        raise InputError(f"{source} [zip]: two points are the same")
     for key, why in (("seed", "the study's seeds = [...] list"), ("snapshots", "the study's snapshots = [...]"),
                      ("preset", "[base]")):
-        for where, table in (("base", base), ("grid", grid)):
+        for where, table in (("base", base), ("grid", grid), ("zip", zipped)):
             if key in table and not (where == "base" and key == "preset"):
                 raise InputError(f"{source}: {where}.{key} is not allowed here: use {why}")
     for key, value in base.items():
@@ -180,7 +213,8 @@ def study_from_dict(d: Mapping[str, Any], source: str = "study") -> Study:
                  eval_seed=d.get("eval_seed", Study.eval_seed),
                  redundancy_threshold=float(d.get("redundancy_threshold", Study.redundancy_threshold)),
                  grounded_pointing=float(d.get("grounded_pointing", Study.grounded_pointing)),
-                 base=base, grid={k: tuple(v) for k, v in grid.items()})
+                 base=base, grid={k: tuple(v) for k, v in grid.items()},
+                 zipped={k: tuple(v) for k, v in zipped.items()})
 
 
 def shipped_studies() -> list[str]:
@@ -248,11 +282,10 @@ def plan_runs(study: Study, check_models: bool = True) -> list[Run]:
     """
     base = dict(study.base)
     preset = base.pop("preset", None)
-    keys = list(study.grid)
+    keys = list(study.factors)
     train_snapshots = tuple(s for s in study.snapshots if s > 0)  # step 0 is the untrained model: built, not saved
     runs, seen = [], set()
-    for values in itertools.product(*(study.grid[k] for k in keys)):
-        point = tuple(zip(keys, values))
+    for point in study.points():
         for seed in study.seeds:
             run_id = run_name(point, seed)
             if run_id in seen:
@@ -288,7 +321,7 @@ def plan_runs(study: Study, check_models: bool = True) -> list[Run]:
 
 def _architecture(tc: TrainConfig) -> dict:
     return {"fusion": dict(tc.fusion), "match": tc.match,
-            "encoders": [tc.text_encoder, tc.image_encoder, tc.audio_encoder]}
+            "encoders": [tc.text_encoder, tc.image_encoder, tc.audio_encoder, tc.encoder_depth, tc.encoder_window]}
 
 
 def comparable_config(config: Mapping) -> dict:

@@ -53,6 +53,7 @@ class TrainConfig:
         dim=128, heads=4, layers=1, query="text", query_self_attention=True, attention="softmax",
         positional=False, compete=True, sinks=8))  # the encoders carry their own positions; sinusoids over text x key indices mislead
     scene: Mapping[str, Any] = field(default_factory=dict)
+    captions: str = "both"  # what captions name: "image" (objects only), "audio" (events only) or "both"
     contrastive_weight: float = 1.0  # in-batch token-level (FILIP-style) contrastive term on the encoders
     contrastive_temperature: float = 0.1
     contrastive_hard_weight: float = 0.0  # the same term over each scene's own candidates (its hard negatives)
@@ -100,6 +101,8 @@ class TrainConfig:
             raise InputError("masked_word_weight scores words with the bilinear match head: set match = \"bilinear\"")
         if not 0 < self.masked_word_rate <= 1:
             raise InputError(f"masked_word_rate={self.masked_word_rate} must be in (0, 1]")
+        if self.captions not in CAPTIONS:
+            raise InputError(f"captions={self.captions!r}: choose one of {', '.join(CAPTIONS)}")
         FusionConfig.from_dict(dict(self.fusion))  # refuse bad fusion keys before anything runs
         scene_config(self)
         curriculum_scene_config(self)
@@ -111,6 +114,10 @@ class TrainConfig:
         d["encoder_lr_scales"] = dict(self.encoder_lr_scales)
         return d
 
+
+# what `captions` leaves out of every caption (over `scene` and `curriculum_scene`): the task-variety study
+CAPTIONS: dict[str, dict[str, int]] = {"both": {}, "image": {"max_mentioned_events": 0},
+                                       "audio": {"max_mentioned_objects": 0}}
 
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -129,12 +136,13 @@ def _scene_config(values: Mapping[str, Any], where: str) -> SceneConfig:
 
 
 def scene_config(tc: TrainConfig) -> SceneConfig:
-    return _scene_config(tc.scene, "scene config")
+    return _scene_config({**dict(tc.scene), **CAPTIONS[tc.captions]}, "scene config")
 
 
 def curriculum_scene_config(tc: TrainConfig) -> SceneConfig:
     """The scenes of the first `curriculum_steps` steps: `scene` with `curriculum_scene` over it."""
-    return _scene_config({**dict(tc.scene), **dict(tc.curriculum_scene)}, "curriculum_scene")
+    return _scene_config({**dict(tc.scene), **dict(tc.curriculum_scene), **CAPTIONS[tc.captions]},
+                         "curriculum_scene")
 
 
 def apply_overrides(d: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
