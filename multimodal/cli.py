@@ -238,7 +238,8 @@ def add_eval_parser(sub) -> None:
                                    "pointing game and energy inside the region for image objects and audio "
                                    "events, with uniform / random-init / gradient-relevance baselines. "
                                    "Writes eval.json and eval.md.")
-    p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded model)")
+    p.add_argument("--model", default=None, help="checkpoint directory, or an embedded model by name (default, local); "
+                                                 "default: the embedded default")
     p.add_argument("--scenes", type=int, default=500, help="held-out scenes (default 500)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
@@ -249,10 +250,10 @@ def add_eval_parser(sub) -> None:
 
 def cmd_eval(args) -> int:
     from multimodal.evaluate import evaluate, write_report
-    from multimodal.inference import DEFAULT_CHECKPOINT
+    from multimodal.inference import DEFAULT_CHECKPOINT, checkpoint_dir
     from multimodal.model import MultimodalModel
 
-    model_dir = Path(args.model) if args.model else DEFAULT_CHECKPOINT
+    model_dir = checkpoint_dir(args.model) if args.model else DEFAULT_CHECKPOINT
     out_dir = _out_folder(args.out) if args.out else model_dir
     model = MultimodalModel.from_pretrained(model_dir)
     result = evaluate(model, scenes=args.scenes, seed=args.seed, batch_size=args.batch_size,
@@ -353,7 +354,8 @@ def cmd_compare(args) -> int:
 
 def add_model_args(p: argparse.ArgumentParser, query: str, heads: int) -> None:
     """--model, or encoder specs and fusion shape for a model built on the fly (random fusion weights)."""
-    p.add_argument("--model", help="checkpoint directory (default: the embedded model, bundled with the package)")
+    p.add_argument("--model", help="checkpoint directory, or an embedded model by name (default, local); default: "
+                                   "the embedded default, bundled with the package")
     for mod in ("text", "image", "audio"):
         p.add_argument(f"--{mod}-encoder", help=f"{mod} encoder spec for a model built on the fly: built-in "
                                                 "name, local directory or hub name (random fusion weights)")

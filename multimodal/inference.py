@@ -28,7 +28,7 @@ from multimodal.data.scenes import caption_words
 from multimodal.encoders.registry import describe_spec
 from multimodal.encoders.audio import WINDOW_SECONDS
 from multimodal.fusion import FusionConfig, FusionOutput, MapRequest
-from multimodal.model import ModelOutput, MultimodalModel
+from multimodal.model import ModelOutput, MultimodalModel, is_checkpoint
 from multimodal.types import AttentionMaps, InputError
 
 
@@ -42,6 +42,7 @@ def _assets_dir() -> Path:
 
 ASSETS = _assets_dir()
 DEFAULT_CHECKPOINT = ASSETS / "default"  # the embedded default model (`train --preset default`)
+EMBEDDED = {"default": DEFAULT_CHECKPOINT, "local": ASSETS / "local"}  # bundled checkpoints, loaded by name
 SAMPLE = {"image": ASSETS / "sample.png", "audio": ASSETS / "sample.wav", "text": ASSETS / "sample.txt"}
 MIN_AUDIO_SECONDS = WINDOW_SECONDS  # shorter clips are refused: not one filterbank frame of sound
 SILENCE_PEAK = 1e-4  # |sample| below this everywhere (-80 dBFS) counts as a silent clip
@@ -135,13 +136,31 @@ def check_subset(query: str, model_modalities: Sequence[str], given: Sequence[st
 # ---------------------------------------------------------------------------------------
 
 
+def embedded_models() -> dict[str, Path]:
+    """name -> folder of each bundled checkpoint this installation has (`EMBEDDED`)."""
+    return {name: path for name, path in EMBEDDED.items() if is_checkpoint(path)}
+
+
+def checkpoint_dir(model: str | Path) -> Path:
+    """`--model`'s value -> a checkpoint folder: a folder that exists, else an embedded model's name."""
+    path = Path(model).expanduser()
+    if path.exists() or str(model) not in EMBEDDED:
+        return path
+    found = embedded_models()
+    if str(model) not in found:
+        raise InputError(f"the embedded model {str(model)!r} is not in this installation ({ASSETS}); embedded: "
+                         f"{', '.join(found) or 'none'}")
+    return found[str(model)]
+
+
 def load_model(model_dir: str | Path | None = None, specs: dict[str, str | None] | None = None,
                device: str = "cpu", fusion: dict | None = None) -> tuple[MultimodalModel, Path | None]:
     """(model, source): a checkpoint, else the embedded default when no encoder specs are named,
     else a model built from the specs with RANDOM weights (source None)."""
     device = check_device(device)
     if model_dir:
-        return MultimodalModel.from_pretrained(model_dir, map_location=device).eval(), Path(model_dir)
+        path = checkpoint_dir(model_dir)
+        return MultimodalModel.from_pretrained(path, map_location=device).eval(), path
     specs = {m: s for m, s in (specs or {}).items() if s}
     if not specs and (DEFAULT_CHECKPOINT / "config.json").is_file():
         return MultimodalModel.from_pretrained(DEFAULT_CHECKPOINT, map_location=device).eval(), DEFAULT_CHECKPOINT
@@ -219,7 +238,9 @@ def describe_model(model: MultimodalModel, source: str | Path | None) -> str:
         return (f"**Model:** built from encoder specs with **random weights** ({fusion}). No trained checkpoint "
                 f"was named and none is embedded: the maps show structure, not meaning, "
                 f"and the match score is meaningless. Encoders: {encoders_in_words(model)}.")
-    where = ("the embedded default" if Path(source).resolve() == DEFAULT_CHECKPOINT.resolve()
+    embedded = {p.resolve(): name for name, p in EMBEDDED.items()}
+    name = embedded.get(Path(source).resolve())
+    where = ("the embedded default" if name == "default" else f"the embedded model `{name}`" if name
              else f"checkpoint `{Path(source).name}`")
     trained = (f"trained for {step} steps" if step is not None else
                "**no training record in its config: if it was never trained, its maps and score are meaningless**")

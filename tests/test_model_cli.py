@@ -225,3 +225,28 @@ def test_words_the_model_never_saw_are_named_with_its_vocabulary(tmp_path, capsy
     run = tmp_path / "run"
     train(load_config("smoke", overrides={"steps": 1}), run, progress=False)
     assert MultimodalModel.from_pretrained(run).meta["caption_words"] == caption_words()
+
+
+def test_embedded_models_load_by_name(model, inputs, tmp_path, monkeypatch, capsys):
+    """`--model local` (or any name in inference.EMBEDDED) loads the bundled checkpoint of that name; a
+    folder of that name in the working directory wins; a name this installation lacks says which it has."""
+    from multimodal import inference
+    from multimodal.app.session import model_choices
+
+    folder = tmp_path / "bundled_local"
+    model.save_pretrained(folder)
+    monkeypatch.setitem(inference.EMBEDDED, "local", folder)
+    loaded, source = inference.load_model("local")
+    assert source == folder and torch.equal(next(iter(loaded.state_dict().values())),
+                                            next(iter(model.state_dict().values())))
+    assert "the embedded model `local`" in inference.describe_model(loaded, source)
+    assert model_choices(None)["local"] == folder
+    assert main(["maps", "--model", "local", "--image", str(inputs / "scene.png"), "--text", "a red square",
+                 "--out", str(tmp_path / "maps")]) == 0
+    monkeypatch.chdir(tmp_path)
+    model.save_pretrained(tmp_path / "local")  # a folder named like the embedded model: the folder is meant
+    assert inference.checkpoint_dir("local").resolve() == tmp_path / "local"
+    monkeypatch.setitem(inference.EMBEDDED, "local", tmp_path / "missing")
+    (tmp_path / "local").rename(tmp_path / "elsewhere")
+    with pytest.raises(InputError, match="the embedded model 'local' is not in this installation"):
+        inference.load_model("local")

@@ -325,9 +325,9 @@ class Bench:
 
 
 def model_choices(models_dir: str | Path | None) -> dict[str, Path]:
-    """name -> checkpoint folder: the embedded default, and every checkpoint directly inside
+    """name -> checkpoint folder: the embedded models (`inference.EMBEDDED`), and every checkpoint directly inside
     `models_dir` (a `train --out` folder, a copied checkpoint), by folder name."""
-    found = {"default": inference.DEFAULT_CHECKPOINT} if is_checkpoint(inference.DEFAULT_CHECKPOINT) else {}
+    found = inference.embedded_models()
     if models_dir is not None:
         folder = Path(models_dir)
         if not folder.is_dir():
