@@ -354,7 +354,8 @@ def write_report(study, results: list[dict], out: str | Path, planned: Sequence[
           "uniform on image: the fraction of heads whose image focus is > 0. Top-head Shapley share: the "
           "largest |Shapley value| / the sum over heads (large = one head carries the task). Timings are "
           "wall-clock on the machine that ran the study.", ""]
-    base_cols = [(baseline_pointing_best(src, mod), f"{src.replace('_', ' ')} pointing ({mod})")
+    names = {"uniform": "uniform map", "random_init": "untrained (own initial weights)"}
+    base_cols = [(baseline_pointing_best(src, mod), f"{names.get(src, src)} pointing ({mod})")
                  for mod in MODALITIES for src in BASELINE_SOURCES]
     base_cols = [(k, t) for k, t in base_cols if any(value(r, k) is not None for r in results)]
     if base_cols:
