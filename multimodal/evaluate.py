@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from multimodal.analysis.grounding import (METRICS, POINTING_TOLERANCE_PX, TIME_TOLERANCE_COLUMNS, audio_columns,
-                                          phrase_tokens, score_phrase)
+                                          column_spacing, phrase_tokens, score_phrase)
 from multimodal.analysis.relevance import relevance_maps
 from multimodal.data.pool import MAX_SPLIT_SCENES, ScenePool, split_seeds
 from multimodal.data.scenes import CHANGE_TYPES, SceneConfig, change_kinds, hard_negative
@@ -73,6 +74,31 @@ def _modality_maps(maps: AttentionMaps, layer: int) -> dict[str, torch.Tensor]:
         out["image"] = maps.image_maps(layer, renormalise=True).cpu()
     if "audio" in maps.segments:
         out["audio"] = maps.audio_maps(layer, renormalise=True).cpu()
+    return out
+
+
+def region_maps(maps: AttentionMaps, scenes, per_mod: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The best a map on these keys' grid can do, as one pseudo-head: each phrase's query rows hold every key
+    cell's share of the phrase's referent (the share of each image cell's pixels on the object, of each audio
+    column's time inside the event). `per_mod` gives the shapes: `{"image": (B, h, Nq, gh, gw), "audio":
+    (B, h, Nq, T)}`. Scored like a head, its strict pointing is the ceiling the token grid sets: a small
+    object that covers no cell's centre cannot be pointed at strictly by any map on 16-px cells."""
+    out = {m: torch.zeros_like(t[:, :1]) for m, t in per_mod.items()}  # (B, 1, Nq, ...)
+    times, valid = audio_columns(maps) if "audio" in out else (None, None)
+    for b, scene in enumerate(scenes):
+        truth = scene if isinstance(scene, GroundTruth) else from_scene(scene)
+        masks = truth.object_masks()
+        for phrase in truth.phrases:
+            q = phrase_tokens(maps, b, phrase["span"])
+            if phrase["target"] == "object" and "image" in out:
+                grid = tuple(out["image"].shape[-2:])
+                share = F.adaptive_avg_pool2d(masks[phrase["index"]].float()[None, None], grid)[0, 0]  # (gh, gw)
+                out["image"][b, 0, q] = share
+            elif phrase["target"] == "event" and "audio" in out:
+                start, end = truth.events[phrase["index"]]
+                d = column_spacing(times)
+                inside = (torch.clamp(times + d / 2, max=end) - torch.clamp(times - d / 2, min=start)).clamp_min(0)
+                out["audio"][b, 0, q] = inside / d * valid[b]  # (T,)
     return out
 
 
@@ -179,6 +205,7 @@ def evaluate(model: MultimodalModel, scenes: int = 500, seed: int = 0, batch_siz
         ground_batch(tally, "model", per_layer, group, maps, gen)
         if baselines:
             ground_batch(tally, "uniform", {l: _uniform_like(per_layer[l]) for l in per_layer}, group, maps, gen)
+            ground_batch(tally, "region", {0: region_maps(maps, group, per_layer[maps.layers[0]])}, group, maps, gen)
             with torch.no_grad():
                 _, rout = score_candidates(random_model, batch, [s.caption for s in group], 1, return_maps=True)
             ground_batch(tally, "random_init", {l: _modality_maps(rout.maps, l) for l in rout.maps.layers},
@@ -235,7 +262,7 @@ def summarise(model, tally: GroundingTally, wins, scenes: int, seconds: float) -
             "mean_energy": float(np.mean([r["energy"] for r in rows])),
             "mean_energy_gain": float(np.mean([r["energy_gain"] for r in rows])),
         }
-        for source in ("uniform", "random_init", "grad_relevance"):
+        for source in BASELINES:
             keys = [k for k in tally.rows if k[0] == source and k[1] == mod and k[4] == "pointing"]
             if not keys:
                 continue
@@ -248,6 +275,10 @@ def summarise(model, tally: GroundingTally, wins, scenes: int, seconds: float) -
                 "mean_energy": float(np.mean(ens))}
     return result
 
+
+BASELINE_NAMES = {"region": "region share (the grid's ceiling)"}
+# grounding baselines, in the tables' order: chance, the untrained model, gradient relevance, and the ceiling
+BASELINES = ("uniform", "random_init", "grad_relevance", "region")
 
 TOLERANCE = {"image": f"within {POINTING_TOLERANCE_PX} px of the mask",
              "audio": f"within {TIME_TOLERANCE_COLUMNS:g} time column of the event"}
@@ -290,7 +321,7 @@ def markdown(result: dict) -> str:
                   "| source | best pointing, strict | best pointing | mean pointing, strict | mean pointing "
                   "| mean energy |", "|---|---|---|---|---|---|"]
         for src, b in result["baselines"].get(mod, {}).items():
-            lines.append(f"| {src} | {_f(b.get('best_pointing_strict'))} | {b['best_pointing']:.3f} | "
+            lines.append(f"| {BASELINE_NAMES.get(src, src)} | {_f(b.get('best_pointing_strict'))} | {b['best_pointing']:.3f} | "
                          f"{_f(b.get('mean_pointing_strict'))} | {b['mean_pointing']:.3f} | {b['mean_energy']:.3f} |")
         lines += ["", "| layer | head | pointing, strict | pointing | energy | energy / uniform |",
                   "|---|---|---|---|---|---|"]
