@@ -66,8 +66,17 @@ def test_report_files_and_contents(finished):
     _, out = finished
     text = (out / "report.md").read_text()
     for part in ("# Study: tiny", "## Results per grid point", "## Conclusions", "## Per-head tables",
-                 "fusion.query", "No grounding for query = latents", "## Training snapshots"):
+                 "fusion.query", "No grounding for query = latents", "## Training snapshots", "## Grounding per run"):
         assert part in text, part
+    # the compute line adds up every run's training, evaluation and analysis, snapshots included
+    from multimodal.compare.report import run_seconds
+
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    total = sum(run_seconds(r) for r in runs)
+    t = runs[0]["timing"]
+    assert run_seconds(runs[0]) > t["train_s"] + t["eval_s"] + t["analysis_s"]  # snapshots 0 and 1 count too
+    assert f"**Compute.** {total / 60:.1f} min of run time in all" in text
+    assert f"with {t['threads']} torch thread(s) per run on cpu" in text
     assert (out / "plots" / "summary.png").stat().st_size > 0
     assert (out / "plots" / "training_dynamics.png").stat().st_size > 0
     for run_id in ("fusion.query=text,seed=0", "fusion.query=latents,seed=0"):

@@ -192,6 +192,28 @@ def baseline_lines(results: list[dict]) -> tuple[list[str], int]:
     return lines, tests
 
 
+def run_seconds(run: dict) -> float:
+    """A run's compute: training, evaluation and analysis of the final model and of every snapshot."""
+    t = run.get("timing", {})
+    total = sum(t.get(k) or 0.0 for k in ("train_s", "eval_s", "analysis_s"))
+    for snap in run.get("snapshots", []):
+        if snap["step"] != run["train"]["steps"]:  # the final model's numbers are counted above
+            total += sum(snap.get("timing", {}).get(k) or 0.0 for k in ("eval_s", "analysis_s"))
+    return total
+
+
+def compute_line(results: list[dict]) -> str:
+    seconds = [run_seconds(r) for r in results]
+    threads = sorted({r.get("timing", {}).get("threads") for r in results} - {None})
+    devices = sorted({r["config"].get("device", "cpu") for r in results})
+    reused = sum(bool(r["train"].get("loaded")) for r in results)
+    return (f"**Compute.** {sum(seconds) / 60:.1f} min of run time in all (training, evaluation and analysis, "
+            f"summed over the runs; {min(seconds) / 60:.1f} to {max(seconds) / 60:.1f} min per run), with "
+            f"{'/'.join(map(str, threads)) or '?'} torch thread(s) per run on {'/'.join(devices)}"
+            + (f"; {reused} run(s) reused an earlier training of the same config" if reused else "")
+            + ". Runs in parallel (--workers, --engine ray) take less wall time than this sum.")
+
+
 def grounding_lines(results: list[dict], grid_keys: list[str], threshold: float) -> list[str]:
     """The report's first table: each run's grounding (best-head pointing, strict and tolerant, per modality)
     and whether it counts as grounded, then which runs the conclusions leave out."""
@@ -325,6 +347,7 @@ def write_report(study, results: list[dict], out: str | Path, planned: Sequence[
           f"importance (zero-ablation, gradient, Shapley with {study.shapley_permutations} permutations; task "
           f"metric: mean margin of the true caption over its hard negative) use the first "
           f"{study.analysis_scenes} of those scenes.", ""]
+    L += [compute_line(results), ""]
     if n_planned > len(results):
         missing = sorted(set(planned or []) - {r["run_id"] for r in results})
         L += [f"**Incomplete:** {len(results)} of {n_planned} runs finished; missing: {', '.join(missing)}. "
