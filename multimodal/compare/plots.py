@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from multimodal.compare.summary import (DYNAMICS, HEATMAPS, METRICS, Group, mean_std, pointing_best, sizes_differ,
-                                        snapshot_series, value)
+from multimodal.compare.summary import (DYNAMICS, HEATMAPS, METRICS, SIZE_METRICS, Group, mean_std,
+                                        pointing_best_strict, sizes_differ, snapshot_series, value)
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -92,7 +92,8 @@ def plot_size(groups: list[Group], path: Path) -> Path | None:
     """Grounding and matching against fusion parameter count (log x)."""
     if not sizes_differ({g.fusion_params for g in groups}):
         return None
-    metrics = [(k, t) for k, t, _ in METRICS[:3] if any(v is not None for g in groups for v in g.values(k))]
+    metrics = [(k, t) for k, t, _ in METRICS if k in SIZE_METRICS[:3]
+               and any(v is not None for g in groups for v in g.values(k))]
     fig = Figure(figsize=(4 * len(metrics), 3.3))
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     for ax, (key, title) in zip(axes, metrics):
@@ -149,8 +150,8 @@ def plot_attention_kinds(results: list[dict], path: Path) -> Path | None:
     kinds = list(dict.fromkeys(r["attention"] for r in results))
     if len(kinds) < 2:
         return None
-    metrics = [(pointing_best("image"), "best-head pointing (image)"),
-               (pointing_best("audio"), "best-head pointing (audio)"),
+    metrics = [(pointing_best_strict("image"), "best-head strict pointing (image)"),
+               (pointing_best_strict("audio"), "best-head strict pointing (audio)"),
                ("entropy_mean", "mean normalised entropy"), ("eval_s", "evaluation seconds"),
                ("fusion_pass_s", "fusion pass seconds (analysis set)")]
     metrics = [(k, t) for k, t in metrics if any(value(r, k) is not None for r in results)]

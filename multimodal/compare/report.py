@@ -18,7 +18,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from multimodal.compare.plots import plot_attention_kinds, plot_dynamics, plot_heads, plot_size, plot_summary
-from multimodal.compare.summary import (BASELINE_SOURCES, DYNAMICS, HEAD_COLUMNS, METRICS, MODALITIES, TIMING, Group,
+from multimodal.compare.summary import (BASELINE_SOURCES, DYNAMICS, HEAD_COLUMNS, METRICS, MODALITIES, SIZE_METRICS,
+                                        TIMING, Group,
                                         baseline_pointing_best, grounds, group_runs, mean_std, pointing_best,
                                         pointing_best_strict, sizes_differ, snapshot_series, value)
 
@@ -154,7 +155,7 @@ def size_lines(results: list[dict]) -> list[str]:
     if not sizes_differ(params):
         return []
     lines = []
-    for metric, label, _ in METRICS[:3] + [METRICS[5]]:
+    for metric, label, _ in [m for m in METRICS if m.key in SIZE_METRICS]:
         xs, ys = [], []
         for r in results:
             v = value(r, metric)

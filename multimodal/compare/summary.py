@@ -14,7 +14,7 @@ import numpy as np
 
 MODALITIES = ("image", "audio")  # the perceptual modalities grounding is measured on
 BASELINE_SOURCES = ("uniform", "random_init")  # grounding baselines: a uniform map, the untrained model
-HEAD_GROUNDING = ("pointing", "energy", "energy_gain")  # per-head grounding, one key per modality
+HEAD_GROUNDING = ("pointing", "pointing_strict", "energy", "energy_gain")  # per-head grounding, one key per modality
 HEAD_MEANS = ("entropy", "scaled_confidence", "share_text", "share_image", "share_audio", "spread_px", "spread_s")
 
 
@@ -44,9 +44,12 @@ class Metric(NamedTuple):
     fmt: str = ".3f"
 
 
-# the per-grid-point table and the conclusions (size_lines and plot_size take the first entries by position)
+# the per-grid-point table and the conclusions; strict pointing first (targets are set on it), the tolerant
+# reading beside it
 METRICS = [
     Metric("matching_accuracy", "matching accuracy", ".3f"),
+    Metric(pointing_best_strict("image"), "best-head strict pointing (image)", ".3f"),
+    Metric(pointing_best_strict("audio"), "best-head strict pointing (audio)", ".3f"),
     Metric(pointing_best("image"), "best-head pointing (image)", ".3f"),
     Metric(pointing_best("audio"), "best-head pointing (audio)", ".3f"),
     Metric("energy_gain_image_mean", "mean energy gain (image)", ".2f"),
@@ -57,9 +60,13 @@ METRICS = [
     Metric("image_led_fraction", "fraction of heads above uniform on image", ".2f"),
     Metric("shapley_top_share", "top head's share of Shapley mass", ".2f"),
 ]
+SIZE_METRICS = ("matching_accuracy", pointing_best_strict("image"), pointing_best_strict("audio"),
+                "entropy_mean")  # against the fusion block's parameter count (size_lines, plot_size)
 TIMING = [Metric("train_s", "train s", ".0f"), Metric("eval_s", "eval s", ".1f"),
           Metric("fusion_pass_s", "fusion pass s", ".3f")]  # keys of a run's "timing"
 DYNAMICS = [Metric("matching_accuracy", "matching accuracy"),
+            Metric(pointing_best_strict("image"), "best-head strict pointing (image)"),
+            Metric(pointing_best_strict("audio"), "best-head strict pointing (audio)"),
             Metric(pointing_best("image"), "best-head pointing (image)"),
             Metric(pointing_best("audio"), "best-head pointing (audio)"),
             Metric("entropy_mean", "mean normalised entropy"),
@@ -69,15 +76,17 @@ HEAD_COLUMNS = [Metric("entropy", "entropy", ".3f"), Metric("scaled_confidence",
                 Metric("share_text", "text share", ".2f"), Metric("share_image", "image share", ".2f"),
                 Metric("share_audio", "audio share", ".2f"), Metric("spread_px", "spread px", ".1f"),
                 Metric("spread_s", "spread s", ".2f"),
+                Metric(head_grounding("pointing_strict", "image"), "strict pointing img", ".3f"),
                 Metric(head_grounding("pointing", "image"), "pointing img", ".3f"),
                 Metric(head_grounding("energy_gain", "image"), "energy gain img", ".2f"),
+                Metric(head_grounding("pointing_strict", "audio"), "strict pointing aud", ".3f"),
                 Metric(head_grounding("pointing", "audio"), "pointing aud", ".3f"),
                 Metric(head_grounding("energy_gain", "audio"), "energy gain aud", ".2f"),
                 Metric("ablation", "ablation", "+.3f"), Metric("gradient_normalised", "gradient (norm.)", ".2f")]
 HEATMAPS = [Metric("entropy", "entropy"), Metric("scaled_confidence", "scaled confidence (N*max)"),
             Metric("share_text", "text share"), Metric("share_image", "image share"),
-            Metric("share_audio", "audio share"), Metric(head_grounding("pointing", "image"), "pointing (image)"),
-            Metric(head_grounding("pointing", "audio"), "pointing (audio)"), Metric("shapley", "Shapley value")]
+            Metric("share_audio", "audio share"), Metric(head_grounding("pointing_strict", "image"), "strict pointing (image)"),
+            Metric(head_grounding("pointing_strict", "audio"), "strict pointing (audio)"), Metric("shapley", "Shapley value")]
 
 
 # ---------------------------------------------------------------------------------------
