@@ -189,7 +189,7 @@ def test_head_table_on_a_tiny_fusion():
     assert len(rows) == 2
     for r in rows:
         assert set(r) == {"layer", "head", "entropy", "confidence", "scaled_confidence", "share_image",
-                          "share_audio", "spread_px", "spread_s"}
+                          "share_audio", "uniform_share_image", "uniform_share_audio", "spread_px", "spread_s"}
         assert 0 <= r["entropy"] <= 1 and 1 <= r["scaled_confidence"]
         assert r["share_image"] + r["share_audio"] == pytest.approx(1.0, abs=1e-5)
         assert 0 <= r["spread_px"] <= 16 * math.sqrt(2) and 0 <= r["spread_s"] <= 0.4
