@@ -73,6 +73,26 @@ def test_a_stalled_start_restarts_itself_and_says_so(tmp_path, capsys):
         smoke(stall_restarts=-1)
 
 
+def test_a_stalled_start_is_never_checkpointed(tmp_path, monkeypatch):
+    """The stall check comes before the step's checkpoint: with checkpoint_every = stall_step, a crash in the
+    restarted start leaves no checkpoint of the stalled one, whose resume would skip the restart."""
+    import multimodal.train.loop as train_module
+
+    calls, original = [], train_module.training_step
+
+    def crashing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the first step of the second start
+            raise RuntimeError("crash")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "training_step", crashing)
+    with pytest.raises(RuntimeError, match="crash"):
+        train(smoke(steps=4, stall_step=2, stall_loss=-1.0, stall_restarts=1, checkpoint_every=2), tmp_path / "run",
+              progress=False)
+    assert not (tmp_path / "run" / "train_state.json").exists()
+
+
 def test_encoder_depth_and_window_reach_the_built_in_encoders():
     """encoder_depth / encoder_window give the image and audio built-ins N blocks / layers attending within
     N cells / columns (what the encoder-depth study varies); -1 leaves them as built."""

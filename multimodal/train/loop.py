@@ -484,11 +484,11 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
                                      "generating training scenes", progress)
         val_pool = ScenePool.build(split_seeds("val", tc.val_scenes, tc.seed), scfg)
     # the curriculum's own pool until its last step (a manifest has none)
-    in_curriculum = bool(tc.curriculum_steps) and not tc.manifest and (
-        loop["pool"] == "curriculum" if loop else step < tc.curriculum_steps)
+    has_curriculum = bool(tc.curriculum_steps) and not tc.manifest
+    in_curriculum = has_curriculum and (loop["pool"] == "curriculum" if loop else step < tc.curriculum_steps)
     pool = train_pool
     curriculum_pool = None
-    if tc.curriculum_steps and not tc.manifest:
+    if has_curriculum:
         n = min(tc.pool_scenes, tc.curriculum_steps * tc.batch_size)  # at most one pass over them
         curriculum_pool = ScenePool.build(split_seeds("curriculum", n, tc.seed), curriculum_scene_config(tc),
                                           tc.workers if in_curriculum and step < tc.curriculum_steps else 0,
@@ -558,16 +558,8 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
             ema_acc = acc if ema_acc is None else 0.95 * ema_acc + 0.05 * acc
             bar.update(1)
             bar.set_postfix(loss=f"{ema_loss:.3f}", acc=f"{ema_acc:.3f}")
-            if step % tc.eval_every == 0 or step == tc.steps:
-                val = matching_accuracy(model, val_pool, seed=tc.seed + 1)
-                history.append({"step": step, "loss": ema_loss, "train_acc": ema_acc, **val,
-                                "train_error_by_negative": dict(sorted(mining.error.items())),
-                                "elapsed_s": time.perf_counter() - t_start})
-                bar.write(f"step {step}: val pairwise accuracy {val['pairwise_accuracy']:.3f}, "
-                          f"threshold accuracy {val['threshold_accuracy']:.3f}")
-            if step % tc.checkpoint_every == 0 or step == tc.steps:
-                checkpoint()
-                saved_step = step
+            # before this step's evaluation and checkpoint: a stalled start is neither evaluated nor saved, so
+            # a checkpoint on disk never holds a start past its stall check (a resume would skip the restart)
             if (tc.stall_restarts and step == tc.stall_step and ema_loss > tc.stall_loss
                     and attempt < tc.stall_restarts):
                 attempt += 1
@@ -578,12 +570,22 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
                 model, opt, np_rng = start(attempt)
                 mining = NegativeMining(tc.negative_mining)
                 step, history, ema_loss, ema_acc = 0, [], None, None
-                in_curriculum = bool(tc.curriculum_steps) and not tc.manifest
+                in_curriculum = has_curriculum
                 pool = curriculum_pool if in_curriculum else train_pool
                 order, cursor = np_rng.permutation(len(pool.scenes)), 0
                 bar.reset(total=tc.steps)
                 saved_step = None
                 continue
+            if step % tc.eval_every == 0 or step == tc.steps:
+                val = matching_accuracy(model, val_pool, seed=tc.seed + 1)
+                history.append({"step": step, "loss": ema_loss, "train_acc": ema_acc, **val,
+                                "train_error_by_negative": dict(sorted(mining.error.items())),
+                                "elapsed_s": time.perf_counter() - t_start})
+                bar.write(f"step {step}: val pairwise accuracy {val['pairwise_accuracy']:.3f}, "
+                          f"threshold accuracy {val['threshold_accuracy']:.3f}")
+            if step % tc.checkpoint_every == 0 or step == tc.steps:
+                checkpoint()
+                saved_step = step
             if step in tc.snapshots:
                 _save_snapshot(model, tc, step, out_dir)
             if interrupted() and step < tc.steps:  # Ctrl-C during this step: it is whole, keep it
