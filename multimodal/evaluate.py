@@ -84,19 +84,19 @@ def region_maps(maps: AttentionMaps, scenes, per_mod: dict[str, torch.Tensor]) -
     (B, h, Nq, T)}`. Scored like a head, its strict pointing is the ceiling the token grid sets: a small
     object that covers no cell's centre cannot be pointed at strictly by any map on 16-px cells."""
     out = {m: torch.zeros_like(t[:, :1]) for m, t in per_mod.items()}  # (B, 1, Nq, ...)
+    grid = tuple(out["image"].shape[-2:]) if "image" in out else None  # (gh, gw)
     times, valid = audio_columns(maps) if "audio" in out else (None, None)
+    d = column_spacing(times) if times is not None else None
     for b, scene in enumerate(scenes):
         truth = scene if isinstance(scene, GroundTruth) else from_scene(scene)
         masks = truth.object_masks()
         for phrase in truth.phrases:
             q = phrase_tokens(maps, b, phrase["span"])
-            if phrase["target"] == "object" and "image" in out:
-                grid = tuple(out["image"].shape[-2:])
+            if phrase["target"] == "object" and grid is not None:
                 share = F.adaptive_avg_pool2d(masks[phrase["index"]].float()[None, None], grid)[0, 0]  # (gh, gw)
                 out["image"][b, 0, q] = share
-            elif phrase["target"] == "event" and "audio" in out:
+            elif phrase["target"] == "event" and times is not None:
                 start, end = truth.events[phrase["index"]]
-                d = column_spacing(times)
                 inside = (torch.clamp(times + d / 2, max=end) - torch.clamp(times - d / 2, min=start)).clamp_min(0)
                 out["audio"][b, 0, q] = inside / d * valid[b]  # (T,)
     return out

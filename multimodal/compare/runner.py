@@ -126,8 +126,11 @@ def _worker_init(threads: int) -> None:
 
 def _record_failure(runs_dir: str | Path, run_id: str) -> str:
     """The current exception's traceback, written to the run's error.txt and returned."""
-    text = traceback.format_exc()
-    folder = Path(runs_dir) / run_id
+    return write_error(Path(runs_dir) / run_id, traceback.format_exc())
+
+
+def write_error(folder: Path, text: str) -> str:
+    """A failed run's traceback in its error.txt; returns the text."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / ERROR).write_text(text)
     return text
@@ -205,9 +208,7 @@ def run_study(study: Study | str | Path, out: str | Path | None = None, workers:
                 write_done(runs_dir / run_id, result)  # also when the task ran on a node with its own disk
                 bar.write(f"run {run_id} done")
             else:
-                failed[run_id] = error
-                (runs_dir / run_id).mkdir(parents=True, exist_ok=True)
-                (runs_dir / run_id / ERROR).write_text(error)
+                failed[run_id] = write_error(runs_dir / run_id, error)  # also when the task ran elsewhere
                 bar.write(f"run {run_id} FAILED (traceback in {runs_dir / run_id / ERROR})")
             bar.update(1)
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from transformers import ASTConfig, ASTFeatureExtractor, ASTModel, AutoConfig, AutoModel
 
 from multimodal.encoders.registry import (
-    config_from_json, forward_with_attention, json_config, register_builtin, register_encoder)
+    config_from_json, forward_with_attention, json_config, local_attention_mask, register_builtin, register_encoder)
 from multimodal.io import SAMPLE_RATE, AudioClip, load_audio, resample
 from multimodal.types import AudioGeometry, InputError, ModalityTokens
 
@@ -182,16 +182,12 @@ class AudioEncoder(nn.Module):
     def time_window_mask(self, device=None, dtype=torch.float32) -> Tensor:
         """Additive self-attention mask `(1, 1, N, N)` (0: may attend) in AST's own token order
         (CLS, distillation, then f-major patches) for `time_window > 0`: a patch attends to the patches
-        of every band within `time_window` time columns of its own and to nothing else, not even the
-        prefix tokens; the prefix tokens attend to everything (they pool; no patch reads them back)."""
+        of every band within `time_window` time columns of its own, the prefix tokens to everything
+        (`local_attention_mask`; additive, since transformers' eager AST path adds the mask)."""
         Fq, T = self.freq_bins, self.time_cols
         t = torch.arange(Fq * T, device=device) % T  # f-major: patch f * T + t
-        near = (t[:, None] - t[None, :]).abs() <= self.time_window  # (F*T, F*T)
-        n = AST_PREFIX + Fq * T
-        keep = torch.zeros(n, n, dtype=torch.bool, device=device)
-        keep[:AST_PREFIX] = True
-        keep[AST_PREFIX:, AST_PREFIX:] = near
-        return torch.zeros(n, n, device=device, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)[None, None]
+        keep = local_attention_mask((t[:, None] - t[None, :]).abs() <= self.time_window, AST_PREFIX)  # (N, N)
+        return torch.zeros(keep.shape, device=device, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)[None, None]
 
     def forward(self, batch: dict[str, Any], capture_attention: bool | Sequence[int] = False) -> ModalityTokens:
         """`capture_attention`: True for every layer's self-attention (eager `output_attentions`), or a list

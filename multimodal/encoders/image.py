@@ -24,7 +24,7 @@ from timm.models import (VisionTransformer, build_model_with_cfg, generate_defau
                          save_for_hf)
 from torch import Tensor, nn
 
-from multimodal.encoders.registry import layer_subset, register_builtin, register_encoder
+from multimodal.encoders.registry import layer_subset, local_attention_mask, register_builtin, register_encoder
 from multimodal.io import load_image
 from multimodal.types import ImageGeometry, InputError, ModalityTokens
 
@@ -194,20 +194,14 @@ default_cfgs = generate_default_cfgs({"vit_convstem_scenes": {
 
 
 def window_mask(grid: tuple[int, int], num_prefix: int, window: int, device=None) -> Tensor:
-    """Neighbourhood self-attention `(1, 1, N, N)` bool (True: may attend), N = num_prefix + gh * gw.
-
-    A patch attends to the patches within `window` cells of it (Chebyshev distance) and to nothing
-    else, not even the prefix (CLS) tokens: what it holds stays about its neighbourhood, whatever the
-    depth times `window`. Prefix tokens attend to everything (they pool; no patch reads them back)."""
+    """Neighbourhood self-attention `(1, 1, N, N)` bool (True: may attend), N = num_prefix + gh * gw:
+    a patch attends to the patches within `window` cells of it (Chebyshev distance), the prefix tokens
+    to everything (`local_attention_mask`)."""
     gh, gw = grid
     rows, cols = torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device), indexing="ij")
     rows, cols = rows.reshape(-1), cols.reshape(-1)  # (gh*gw,)
     near = ((rows[:, None] - rows[None, :]).abs() <= window) & ((cols[:, None] - cols[None, :]).abs() <= window)
-    n = num_prefix + gh * gw
-    mask = torch.zeros(n, n, dtype=torch.bool, device=device)
-    mask[:num_prefix] = True
-    mask[num_prefix:, num_prefix:] = near
-    return mask[None, None]
+    return local_attention_mask(near, num_prefix)[None, None]  # (1, 1, N, N)
 
 
 class WindowedVisionTransformer(VisionTransformer):

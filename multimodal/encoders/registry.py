@@ -243,6 +243,18 @@ def layer_attention(model: nn.Module, modules: Sequence[nn.Module], layers: Sequ
         model.set_attn_implementation(previous)
 
 
+def local_attention_mask(near: Tensor, num_prefix: int) -> Tensor:
+    """`(N, N)` bool self-attention mask (True: may attend), N = num_prefix + P, for encoders whose patches
+    attend only near themselves: `near (P, P)` says which patches each patch attends to, and nothing else,
+    not even the prefix (CLS) tokens; the prefix tokens attend to everything (they pool, no patch reads
+    them back), so what a patch token holds stays about its neighbourhood at any depth."""
+    n = num_prefix + near.shape[0]
+    mask = torch.zeros(n, n, dtype=torch.bool, device=near.device)
+    mask[:num_prefix] = True
+    mask[num_prefix:, num_prefix:] = near
+    return mask
+
+
 def forward_with_attention(model: nn.Module, inputs: Mapping[str, Tensor], capture: bool | Sequence[int],
                            rows: Sequence[int] | None = None) -> tuple[Any, list[Tensor] | None]:
     """`model(**inputs)` and the self-attention weights `capture_attention` asks for, per layer (B, heads, N, N).
