@@ -431,3 +431,56 @@ def test_best_cosine_gives_amax_over_the_keys_and_its_gradient(pattern):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
         torch.testing.assert_close(t.grad, grads[0], rtol=0, atol=1e-6)
         torch.testing.assert_close(k.grad, grads[1], rtol=0, atol=1e-6)
+
+
+def test_best_threshold_maximises_balanced_accuracy_by_hand():
+    from multimodal.train import best_threshold
+
+    # positives 2, 3, 5; negatives 0, 1, 4: the best cut is between 1 and 2 (or 4 and 5): balanced 5/6.
+    # Cuts 1.5 (accept 3/3, reject 2/3) and 4.5 (accept 1/3, reject 3/3): 1.5 is better (5/6 vs 2/3)
+    t, ba = best_threshold(np.array([2.0, 3.0, 5.0]), np.array([0.0, 1.0, 4.0]))
+    assert t == 1.5 and ba == pytest.approx(5 / 6)
+    # separable, with unequal class sizes: any cut in (1, 2) is perfect; a midpoint is chosen
+    t, ba = best_threshold(np.array([2.0, 2.5]), np.array([-3.0, 0.0, 1.0, 1.0]))
+    assert 1.0 < t < 2.0 and ba == 1.0
+    # two equally good cuts (0.5 and 2.5, each 3/4): the middle one of the tied candidates
+    t, ba = best_threshold(np.array([1.0, 3.0]), np.array([0.0, 2.0]))
+    assert ba == pytest.approx(0.75) and t in (0.5, 1.5, 2.5)
+
+
+def test_calibration_shifts_every_score_alike_and_reaches_its_balanced_accuracy(tmp_path):
+    """calibrate_match_bias moves the match logit by one constant (the soft minimum commutes with it):
+    rankings and maps stay, the shift is the chosen threshold, and after it p = 0.5 achieves the
+    balanced accuracy it reports. A trained run ends calibrated and says so in its summary."""
+    from multimodal.data.pool import ScenePool, split_seeds
+    from multimodal.model import score_candidates
+    from multimodal.train import calibrate_match_bias
+    from multimodal.train.config import scene_config
+
+    tc = smoke()
+    pool = ScenePool.build(split_seeds("val", 12, 0), scene_config(tc))
+    model = build_model(tc).eval()
+    with torch.no_grad():  # a bias far off, as an untrained or prior-skewed model has
+        model.match_head[-1].bias.fill_(-5.0)
+    caps = [c for i in range(4) for c in (pool.scenes[i].caption, pool.scenes[(i + 1) % 4].caption)]
+    with torch.no_grad():
+        before, out_before = score_candidates(model, pool.batch(model, [0, 1, 2, 3]), caps, 2, return_maps=True)
+    c = calibrate_match_bias(model, pool, seed=3, negatives=2, batch_size=5)
+    assert c["scenes"] == 12 and c["negatives"] == 24
+    with torch.no_grad():
+        after, out_after = score_candidates(model, pool.batch(model, [0, 1, 2, 3]), caps, 2, return_maps=True)
+    torch.testing.assert_close(after - before, torch.full_like(before, c["shift"]), atol=1e-4, rtol=0)
+    for layer in out_before.fused.maps.layers:
+        torch.testing.assert_close(out_after.fused.maps.weights[layer], out_before.fused.maps.weights[layer])
+    assert c["balanced_accuracy_after"] >= c["balanced_accuracy_before"]
+    assert c["balanced_accuracy_after"] == pytest.approx(
+        (c["true_matched_after"] + c["negatives_rejected_after"]) / 2)
+    again = calibrate_match_bias(model, pool, seed=3, negatives=2, batch_size=5)  # already calibrated: p = 0.5
+    assert abs(again["shift"]) < 1e-3 and again["balanced_accuracy_before"] == pytest.approx(
+        c["balanced_accuracy_after"])
+
+    summary = train(smoke(steps=2), tmp_path / "run", progress=False)
+    assert summary["calibration"]["scenes"] == 8
+    saved = MultimodalModel.from_pretrained(tmp_path / "run")
+    assert saved.meta["match_calibration"] == summary["calibration"]
+    assert train(smoke(steps=2, calibrate=False), tmp_path / "off", progress=False)["calibration"] is None

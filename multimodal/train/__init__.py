@@ -20,6 +20,8 @@ from multimodal.train.config import (
 )
 from multimodal.train.objective import (
     NegativeMining,
+    best_threshold,
+    calibrate_match_bias,
     candidate_captions,
     contrastive_loss,
     masked_word_loss,
@@ -40,7 +42,8 @@ from multimodal.train.loop import (
 
 __all__ = [
     "DOTTED_TABLES", "PRESETS", "TRAIN_STATE", "NegativeMining", "TrainConfig", "TrainingInterrupted", "apply_overrides",
-    "build_model", "candidate_captions", "contrastive_loss", "curriculum_scene_config", "load_config",
-    "load_train_state", "manifest_pools", "masked_word_loss", "matching_accuracy", "matching_loss",
+    "best_threshold", "build_model", "calibrate_match_bias", "candidate_captions", "contrastive_loss",
+    "curriculum_scene_config", "load_config", "load_train_state", "manifest_pools", "masked_word_loss",
+    "matching_accuracy", "matching_loss",
     "other_caption", "parameter_groups", "parse_override", "save_checkpoint", "scene_config", "train",
 ]

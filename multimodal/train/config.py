@@ -72,6 +72,9 @@ class TrainConfig:
     stall_step: int = 300
     stall_loss: float = 3.5
     stall_restarts: int = 2
+    # after the last step: shift the match logit so p = 0.5 best separates the validation scenes' true
+    # captions from their one-attribute negatives (calibrate_match_bias; rankings and maps unchanged)
+    calibrate: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "snapshots", tuple(self.snapshots))  # a TOML list is fine

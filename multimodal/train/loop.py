@@ -43,6 +43,7 @@ from multimodal.model import MultimodalModel, is_checkpoint, score_candidates
 from multimodal.train.config import TrainConfig, curriculum_scene_config, scene_config
 from multimodal.train.objective import (
     NegativeMining,
+    calibrate_match_bias,
     candidate_captions,
     contrastive_loss,
     masked_word_loss,
@@ -576,6 +577,13 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
                 bar.reset(total=tc.steps)
                 saved_step = None
                 continue
+            if step == tc.steps and tc.calibrate:  # before the last evaluation and checkpoint, which keep it
+                model.meta["match_calibration"] = calibrate_match_bias(model, val_pool, seed=tc.seed + 2)
+                if model.meta["match_calibration"]:
+                    c = model.meta["match_calibration"]
+                    bar.write(f"step {step}: match threshold calibrated on {c['scenes']} validation scenes: logit "
+                              f"shift {c['shift']:+.3f}, balanced accuracy {c['balanced_accuracy_before']:.3f} -> "
+                              f"{c['balanced_accuracy_after']:.3f}")
             if step % tc.eval_every == 0 or step == tc.steps:
                 val = matching_accuracy(model, val_pool, seed=tc.seed + 1)
                 history.append({"step": step, "loss": ema_loss, "train_acc": ema_acc, **val,
@@ -594,6 +602,6 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
                 raise TrainingInterrupted(step, tc.steps, out_dir)
     wall = time.perf_counter() - t_start
     summary = {"steps": step, "wall_time_s": wall, "setup_s": setup_s, "device": tc.device, "history": history,
-               "restarts": restarts, "config": tc.to_dict()}
+               "restarts": restarts, "calibration": model.meta.get("match_calibration"), "config": tc.to_dict()}
     _write_atomic(out_dir / SUMMARY, json.dumps(summary, indent=1))
     return summary

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from multimodal.data.pool import ScenePool
-from multimodal.data.scenes import hard_negative
+from multimodal.data.scenes import change_kinds, hard_negative
 from multimodal.model import MultimodalModel, score_candidates
 from multimodal.train.config import TrainConfig
 from multimodal.types import InputError, ModalityTokens
@@ -212,3 +212,58 @@ def matching_accuracy(model: MultimodalModel, pool: ScenePool, seed: int, batch_
         correct += int((scores[:, 0] > 0).sum() + (scores[:, 1] <= 0).sum())
         total += len(idx)
     return {"pairwise_accuracy": wins / total, "threshold_accuracy": correct / (2 * total), "scenes": total}
+
+
+def best_threshold(positive: np.ndarray, negative: np.ndarray) -> tuple[float, float]:
+    """(t, balanced accuracy): the score threshold t ("match" when score > t) that best separates
+    `positive` from `negative` scores by balanced accuracy (the mean of the two classes' accuracies).
+    Candidates are the midpoints between neighbouring distinct scores (and one beyond each end);
+    among equally good ones, the middle one."""
+    values = np.unique(np.concatenate([positive, negative]))
+    candidates = np.concatenate([[values[0] - 1.0], (values[1:] + values[:-1]) / 2, [values[-1] + 1.0]])
+    accept = (positive[None, :] > candidates[:, None]).mean(1)
+    reject = (negative[None, :] <= candidates[:, None]).mean(1)
+    balanced = (accept + reject) / 2
+    best = np.flatnonzero(balanced == balanced.max())
+    i = int(best[len(best) // 2])
+    return float(candidates[i]), float(balanced[i])
+
+
+@torch.no_grad()
+def calibrate_match_bias(model: MultimodalModel, pool: ScenePool, seed: int, negatives: int = 3,
+                         batch_size: int = 32) -> dict:
+    """Set the match decision (p = 0.5) where it best separates held-out true captions from their
+    one-attribute negatives, by shifting the match logit's bias (Platt-style threshold calibration).
+
+    Each of `pool`'s scenes is scored with its true caption and `negatives` one-attribute negatives
+    of different kinds where the scene allows (`change_kinds`); the threshold with the best
+    balanced accuracy (`best_threshold`) becomes 0 by adding its negative to the last bias of the
+    match head, which shifts every caption's logit by the same amount (the soft minimum over
+    queries commutes with a constant). Rankings, and so pairwise accuracy and every attention map,
+    are unchanged. Scenes without hard negatives (manifest rows) are left alone: returns {} then.
+    """
+    if not pool.hard_negatives:
+        return {}
+    model.eval()
+    rng = np.random.default_rng(seed)
+    pos, neg = [], []
+    per_scene = 1 + negatives
+    for start in range(0, len(pool.scenes), batch_size):
+        idx = list(range(start, min(start + batch_size, len(pool.scenes))))
+        caps = []
+        for i in idx:
+            scene = pool.scenes[i]
+            kinds = change_kinds(scene)
+            drawn = rng.choice(len(kinds), negatives, replace=len(kinds) < negatives)
+            caps += [scene.caption] + [hard_negative(scene, rng, change_type=kinds[k])[0] for k in drawn]
+        scores, _ = score_candidates(model, pool.batch(model, idx), caps, per_scene)
+        pos.append(scores[:, 0].float().cpu().numpy())
+        neg.append(scores[:, 1:].float().cpu().numpy().ravel())
+    positive, negative = np.concatenate(pos), np.concatenate(neg)
+    before = ((positive > 0).mean() + (negative <= 0).mean()) / 2
+    threshold, after = best_threshold(positive, negative)
+    model.match_head[-1].bias.sub_(threshold)
+    return {"shift": -threshold, "scenes": len(positive), "negatives": len(negative),
+            "balanced_accuracy_before": float(before), "balanced_accuracy_after": after,
+            "true_matched_after": float((positive > threshold).mean()),
+            "negatives_rejected_after": float((negative <= threshold).mean())}
