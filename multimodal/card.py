@@ -1,7 +1,7 @@
 """A model card written from a checkpoint's own records: its config, `train_summary.json` and
 `eval.json`. Every number in the card is read from those files, none is typed in.
 
-    python -m multimodal.card assets/default assets/MODEL_CARD.md
+    python -m multimodal.card assets/default assets/MODEL_CARD.md --control assets/local
 """
 
 from __future__ import annotations
@@ -12,16 +12,25 @@ from pathlib import Path
 
 IMAGE_ENCODERS = {"vit-tiny-scenes": "timm ViT, 128 px, 16 px patches",
                   "vit-conv-scenes": "timm ViT, 128 px, a 4-conv stem giving one token per 16 px",
-                  "vit-local-scenes": "timm ViT with no blocks over a 4-conv stem: one local token per 16 px cell"}
+                  "vit-local-scenes": "timm ViT with no blocks over a 4-conv stem: one local token per 16 px cell",
+                  "vit-window-scenes": "timm ViT, 2 blocks attending within 3 x 3 cells (LayerScale 1e-4) over a "
+                                       "4-conv stem: one token per 16 px cell",
+                  "vit-window-fine-scenes": "timm ViT, 2 blocks attending within 3 x 3 cells (LayerScale 1e-4) over a "
+                                            "3-conv stem: one token per 8 px cell, 16 x 16 tokens"}
 AUDIO_ENCODERS = {"ast-tiny-scenes": "AST, 64 mel bins, 2 layers",
-                  "ast-local-scenes": "AST patch embedding with no layers: one local token per 16x16 patch"}
+                  "ast-local-scenes": "AST patch embedding with no layers: one local token per 16x16 patch",
+                  "ast-window-scenes": "AST, 2 layers attending within one time column either side (LayerScale-"
+                                       "small residual branches): one token per 16x16 patch"}
 MATCH_HEADS = {
     "bilinear": "each caption token scores how well what it gathered (its fused query) agrees with what it "
                 "asked for; a soft minimum over tokens gives the caption/scene logit",
     "attended": "each query scores how well what its cross-attention brought in (no residual copy of the "
                 "query) agrees with what it asked for; a soft minimum over queries gives the caption/scene logit",
 }
-TARGETS = {"matching": 0.95, "pointing": 0.90, "energy_gain": 3.0, "train_minutes": 20.0}
+# the targets the default is held to (issue 16): strict pointing, per-phrase energy gain per modality
+TARGETS = {"matching": 0.97, "every_kind": 0.95, "pointing": 0.90, "energy_gain": {"image": 10.0, "audio": 4.0},
+           "true_captions": 0.95, "train_minutes": 20.0}
+ROLE_POINTING = 0.5  # a head "points at" a modality's referents when its strict pointing reaches this
 
 
 def _f(x: float | None) -> str:
@@ -32,7 +41,51 @@ def _met(value: float, target: float) -> str:
     return f"**{value:.3f}** (target {target:g}: {'met' if value >= target else f'missed by {target - value:.3f}'})"
 
 
-def model_card(checkpoint: str | Path) -> str:
+def head_roles(result: dict) -> list[str]:
+    """A table of each fusion head's role: which referents its map points at, strictly (eval.json's heads)."""
+    by_head: dict[tuple[int, int], dict[str, float]] = {}
+    for r in result["heads"]:
+        if r.get("pointing_strict") is not None:
+            by_head.setdefault((r["layer"], r["head"]), {})[r["modality"]] = r["pointing_strict"]
+    if not by_head:
+        return []
+    lines = ["", "### What each head does", "",
+             f"A head points at a modality's referents when its strict pointing reaches {ROLE_POINTING:g} "
+             "(its map's peak on the phrase's object / inside its event at least that often):", "",
+             "| layer | head | image strict | audio strict | points at |", "|---|---|---|---|---|"]
+    for (layer, head), p in sorted(by_head.items()):
+        roles = [name for mod, name in (("image", "objects"), ("audio", "events")) if p.get(mod, 0.0) >= ROLE_POINTING]
+        lines.append(f"| {layer} | {head} | {_f(p.get('image'))} | {_f(p.get('audio'))} | "
+                     f"{' and '.join(roles) or 'neither'} |")
+    return lines
+
+
+def control_table(result: dict, control: dict, name: str) -> list[str]:
+    """This model's headline figures beside a control checkpoint's (both eval.json)."""
+    def row(label: str, get) -> str:
+        a, b = get(result), get(control)
+        return f"| {label} | {_f(a)} | {_f(b)} |"
+
+    def every(kind):
+        return lambda r: (r.get("matching_every_kind") or {}).get(kind, {}).get("accuracy")
+
+    def true(key):
+        return lambda r: (r.get("true_captions") or {}).get(key, {}).get("matched")
+
+    rows = [row("matching", lambda r: r["matching"]["all"]["accuracy"]),
+            *(row(f"every-kind {k}", every(k)) for k in (result.get("matching_every_kind") or {})),
+            row("true captions matched, 1 event", true("1 event")),
+            row("true captions matched, 2 events", true("2 events"))]
+    for mod in ("image", "audio"):
+        rows += [row(f"{mod}: best-head pointing, strict", lambda r, m=mod: r["summary"][m].get("best_pointing_strict")),
+                 row(f"{mod}: best-head pointing, tolerant", lambda r, m=mod: r["summary"][m]["best_pointing"]),
+                 row(f"{mod}: energy / region share", lambda r, m=mod: r["summary"][m].get("mean_energy_gain"))]
+    return ["", f"### Beside the control (`{name}`)", "",
+            f"The same evaluation of the control checkpoint `{name}` (no self-attention in the image and audio "
+            "encoders, one fusion layer):", "", f"| figure | this model | `{name}` |", "|---|---|---|", *rows]
+
+
+def model_card(checkpoint: str | Path, control: str | Path | None = None) -> str:
     checkpoint = Path(checkpoint)
     config = json.loads((checkpoint / "config.json").read_text())
     summary = json.loads((checkpoint / "train_summary.json").read_text())
@@ -89,6 +142,14 @@ def model_card(checkpoint: str | Path) -> str:
         "- **no loss term sees an attention map or any ground truth** (boxes, masks, intervals, phrase "
         "links are for evaluation only)",
         f"- pool of {tc['pool_scenes']} training scenes; validation and test scenes come from disjoint seed ranges",
+        *([f"- match threshold calibrated after the last step on {c['scenes']} validation scenes "
+           f"(`calibrate`): the match logit moves by {c['shift']:+.3f} so that p = 0.5 best separates their true "
+           f"captions from {c['negatives']} one-attribute negatives (balanced accuracy "
+           f"{c['balanced_accuracy_before']:.3f} -> {c['balanced_accuracy_after']:.3f}); no ranking or map changes"]
+          if (c := summary.get("calibration")) else []),
+        *([f"- stalled starts: {len(summary['restarts'])} (restarted by the recipe itself: "
+           + "; ".join(f"loss {r['loss']:.2f} at step {r['step']}" for r in summary["restarts"]) + ")"]
+          if summary.get("restarts") else []),
         f"- wall time: **{minutes:.1f} min** on {summary['device']} "
         f"({'within' if minutes <= TARGETS['train_minutes'] else 'over'} the {TARGETS['train_minutes']:g}-minute "
         "target; the 2-core CPU of this project's machines)", "",
@@ -109,9 +170,11 @@ def model_card(checkpoint: str | Path) -> str:
         lines += [f"| {k} | {v['accuracy']:.3f} | {v['rejected']:.3f} | {v['pairs']} |" for k, v in every.items()]
     true = result.get("true_captions")
     if true:
-        lines += ["", "True captions scored as a match (p > 0.5), by the number of events they name:", "",
+        lines += ["", f"True captions scored as a match (p > 0.5), by the number of events they name (target "
+                  f"{TARGETS['true_captions']:g} for two-event captions):", "",
                   "| captions | matched | count |", "|---|---|---|"]
         lines += [f"| {k} | {v['matched']:.3f} | {v['captions']} |" for k, v in true.items()]
+    lines += head_roles(result)
     for mod, s in result["summary"].items():
         base = result["baselines"].get(mod, {})
         uniform = base.get("uniform", {}).get("mean_energy")
@@ -127,7 +190,7 @@ def model_card(checkpoint: str | Path) -> str:
                      f"{s['best_pointing']:.3f} (the lenient reading; the target is set on the strict one)"
                      if strict is not None else f": {_met(s['best_pointing'], TARGETS['pointing'])}"),
                   f"- mean over heads of energy inside the region: {s['mean_energy']:.3f}, "
-                  f"{_met(gain, TARGETS['energy_gain'])} x the uniform map (per phrase, energy over the region's "
+                  f"{_met(gain, TARGETS['energy_gain'][mod])} x the uniform map (per phrase, energy over the region's "
                   f"share, as in the table below; the ratio of the means is {ratio:.2f} x the uniform map's "
                   f"{uniform:.3f})" if uniform else "", "",
                   "| source | best-head pointing, strict | best-head pointing | mean pointing, strict | mean pointing "
@@ -148,9 +211,12 @@ def model_card(checkpoint: str | Path) -> str:
         for r in heads:
             lines.append(f"| {r['layer']} | {r['head']} | {_f(r.get('pointing_strict'))} | {r['pointing']:.3f} | "
                          f"{r['energy']:.3f} | {r['energy_gain']:.2f} |")
+    if control is not None:
+        lines += control_table(result, json.loads((Path(control) / "eval.json").read_text()), Path(control).name)
     lines += ["", "Pointing: the phrase's tokens' head map (renormalised within the modality) has its "
               "maximum inside the referent: strict, the peak on the object mask / the peak column's centre "
-              "inside the event interval; tolerant, within 15 px (one 16 px patch) / one time column of it. "
+              "inside the event interval; tolerant, within 15 px (one 16 px patch; two cells of an 8 px grid) / "
+              "one time column of it. "
               "Energy: the share of the map's mass inside the referent. "
               "Definitions: docs/metrics.md section 5.", "",
               "## Limits", "",
@@ -163,10 +229,14 @@ def model_card(checkpoint: str | Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        print("usage: python -m multimodal.card CHECKPOINT_DIR OUT.md", file=sys.stderr)
+    control = None
+    if "--control" in argv:
+        i = argv.index("--control")
+        control, argv = argv[i + 1:i + 2], argv[:i] + argv[i + 2:]
+    if len(argv) != 2 or control == []:
+        print("usage: python -m multimodal.card CHECKPOINT_DIR OUT.md [--control CONTROL_DIR]", file=sys.stderr)
         return 2
-    Path(argv[1]).write_text(model_card(argv[0]))
+    Path(argv[1]).write_text(model_card(argv[0], control[0] if control else None))
     print(f"wrote {argv[1]}")
     return 0
 

@@ -226,6 +226,33 @@ def test_window_builtins_keep_tokens_near_and_round_trip(tmp_path):
             assert diff[times < 1.5].max() > 0
 
 
+@pytest.mark.parametrize("spec,reach", [("vit-window-fine-scenes", 4), ("vit-window-fine-wide-scenes", 5)])
+def test_fine_window_builtins_give_8px_cells_centred_and_near(spec, reach, tmp_path):
+    """The fine-grid ViTs: 16 x 16 tokens of 8 px; with the blocks mixing (LayerScale 1), a change in
+    one cell moves that cell's token most and no token further than the stem's reach plus two blocks'
+    windows (`reach` cells; the wide stem's stride-1 conv adds one); they round-trip through save/load."""
+    torch.manual_seed(0)
+    img = build_encoder("image", spec, init_values=1.0)
+    a = np.zeros((128, 128, 3), np.uint8)
+    b = a.copy()
+    b[64:72, 40:48] = 255  # cell (8, 5)
+    with torch.no_grad():
+        out = img.encode([a])
+        moved = (out.tokens - img.encode([b]).tokens).norm(dim=-1)[0, 1:].view(16, 16)
+    assert out.geometry.grid == (16, 16) and out.geometry.patch_size == (8, 8)
+    rows, cols = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
+    far = ((rows - 8).abs() > reach) | ((cols - 5).abs() > reach)
+    assert moved[far].max() == 0 and moved[~far].max() > 0
+    img.save_pretrained(tmp_path / "fine")
+    again = ImageEncoder.from_directory(tmp_path / "fine")
+    with torch.no_grad():
+        torch.testing.assert_close(again.encode([b]).tokens, img.encode([b]).tokens)
+    img = build_encoder("image", spec)  # as built-in: LayerScale 1e-4, so each token is about its own cell's
+    with torch.no_grad():
+        moved = (img.encode([a]).tokens - img.encode([b]).tokens).norm(dim=-1)[0, 1:].view(16, 16)
+    assert divmod(int(moved.argmax()), 16) == (8, 5)
+
+
 def test_audio_batch_padding_and_times(encoders):
     enc = encoders["audio"]
     with torch.no_grad():

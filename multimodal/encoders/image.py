@@ -169,8 +169,12 @@ def vit_tiny_scenes(**overrides) -> ImageEncoder:
     return ImageEncoder(model, "vit-tiny-scenes").eval()
 
 
-def conv_stem(in_chans: int = 3, widths: Sequence[int] = (24, 48, 96, 192), kernel: int = 3) -> nn.Sequential:
+def conv_stem(in_chans: int = 3, widths: Sequence[int] = (24, 48, 96, 192), kernel: int = 3,
+              strides: Sequence[int] | None = None) -> nn.Sequential:
     """Stride-2 conv (padding 1) + BatchNorm + ReLU per width (4 widths: 16x downsampling).
+
+    `strides` (one per width, default all 2): a stride-1 layer is a 3x3 conv (padding 1), which keeps
+    the grid and each token's centre and widens what a token sees by one cell either side.
 
     With `kernel=3` a token's receptive field is centred on its cell's top-left pixel (half a cell,
     7.5 px, up and left of the cell centre the maps are drawn at); `kernel=4` centres it exactly on
@@ -182,8 +186,10 @@ def conv_stem(in_chans: int = 3, widths: Sequence[int] = (24, 48, 96, 192), kern
     image encoder: its tokens stay local (assets/MODEL_CARD.md).
     """
     layers: list[nn.Module] = []
-    for w in widths:
-        layers += [nn.Conv2d(in_chans, w, kernel, stride=2, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+    for w, stride in zip(widths, strides or [2] * len(widths)):
+        k = kernel if stride == 2 else 3
+        layers += [nn.Conv2d(in_chans, w, k, stride=stride, padding=1, bias=False), nn.BatchNorm2d(w),
+                   nn.ReLU(inplace=True)]
         in_chans = w
     return nn.Sequential(*layers)
 
@@ -221,11 +227,12 @@ class WindowedVisionTransformer(VisionTransformer):
 
 @register_model
 def vit_convstem_scenes(pretrained: bool = False, stem_widths: Sequence[int] = (24, 48, 96, 192),
-                        stem_kernel: int = 3, window: int = 0, **kwargs) -> VisionTransformer:
+                        stem_kernel: int = 3, window: int = 0, stem_strides: Sequence[int] | None = None,
+                        **kwargs) -> VisionTransformer:
     """timm's VisionTransformer whose patch embedding is timm's HybridEmbed over `conv_stem`:
     one token per 2**len(stem_widths) pixels square, projected 1x1 to `embed_dim`; `window > 0`:
     its blocks attend only within that many cells (`WindowedVisionTransformer`)."""
-    stem = conv_stem(kwargs.get("in_chans", 3), stem_widths, stem_kernel)
+    stem = conv_stem(kwargs.get("in_chans", 3), stem_widths, stem_kernel, stem_strides)
     kwargs.setdefault("patch_size", 1)  # HybridEmbed's patch size is in feature-map cells
     cls, extra = (WindowedVisionTransformer, {"window": window}) if window else (VisionTransformer, {})
     return build_model_with_cfg(cls, "vit_convstem_scenes", pretrained,  # pretrained: a local-dir: folder
@@ -284,3 +291,13 @@ def vit_window_fine_scenes(**overrides) -> ImageEncoder:
     args = {"stem_widths": (32, 64, 128), **overrides}
     encoder = vit_window_scenes(**args)
     return ImageEncoder(encoder.model, "vit-window-fine-scenes").eval()
+
+
+@register_builtin("image", "vit-window-fine-wide-scenes")
+def vit_window_fine_wide_scenes(**overrides) -> ImageEncoder:
+    """`vit-window-fine-scenes` with a fourth, stride-1 3x3 conv in its stem: still one token per 8-px
+    cell (16 x 16), but each token sees about 38 px around its cell instead of 22, nearly a large
+    object's whole outline (shape is what the 8-px cells learn last)."""
+    args = {"stem_widths": (32, 64, 128, 128), "stem_strides": (2, 2, 2, 1), **overrides}
+    encoder = vit_window_scenes(**args)
+    return ImageEncoder(encoder.model, "vit-window-fine-wide-scenes").eval()
