@@ -71,13 +71,20 @@ def test_text_heads_from_the_mean_token_and_audio_heads_over_the_first_windows_c
 
 
 def test_maps_command_writes_encoder_views_and_names_encoders_without_layers(tmp_path, capsys):
-    assert main(["maps", "--sample", "--encoder-maps", "--out", str(tmp_path)]) == 0
+    """The default's three encoders each have 2 self-attention layers: all are drawn. The embedded
+    zero-depth control (`local`) has none in its image and audio encoders, and says so."""
+    assert main(["maps", "--sample", "--encoder-maps", "--out", str(tmp_path / "default")]) == 0
+    assert "no self-attention layers" not in capsys.readouterr().err
+    names = {p.name for p in (tmp_path / "default").iterdir()}
+    assert {f"encoder_{m}_{k}.png" for m in ("text", "image", "audio") for k in ("layer0", "layer1", "rollout")} <= names
+    assert Image.open(tmp_path / "default" / "encoder_image_rollout.png").size[0] > 100
+    assert main(["maps", "--sample", "--model", "local", "--encoder-maps", "--out", str(tmp_path / "local")]) == 0
     err = capsys.readouterr().err
-    assert "the image and audio encoders have no self-attention layers to draw" in err  # the default's local ones
-    names = {p.name for p in tmp_path.iterdir()}
+    assert "the image and audio encoders have no self-attention layers to draw" in err
+    names = {p.name for p in (tmp_path / "local").iterdir()}
     assert {"encoder_text_layer0.png", "encoder_text_layer1.png", "encoder_text_rollout.png"} <= names
     assert not any(n.startswith(("encoder_image", "encoder_audio")) for n in names)
-    assert Image.open(tmp_path / "encoder_text_rollout.png").size[0] > 100
+    assert Image.open(tmp_path / "local" / "encoder_text_rollout.png").size[0] > 100
 
 
 def test_maps_command_ends_each_grid_with_the_relevance_panel(tmp_path, monkeypatch):

@@ -183,7 +183,7 @@ def test_the_command_line_loads_no_heavy_library_until_a_subcommand_needs_it():
         if argv == ["--help"]:
             assert all(c in done.stdout for c in ("maps", "demo", "scenes", "train", "eval", "compare"))
         if argv == ["train", "--help"]:
-            assert "default, smoke" in done.stdout
+            assert "default, local, smoke" in done.stdout
         if argv == ["mpas"]:
             assert "invalid choice: 'mpas'" in done.stderr
 
