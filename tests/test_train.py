@@ -394,7 +394,7 @@ def test_a_training_step_projects_each_scene_once_and_loses_nothing_by_it():
         opt = torch.optim.SGD(parameter_groups(model, tc), lr=tc.lr)
         rng, mining = np.random.default_rng(0), NegativeMining(tc.negative_mining)
         torch.manual_seed(0)  # the same dropout draws
-        loss, acc = training_step(model, opt, pool, [0, 1, 2, 3], tc, rng, mining, 1e-3, share_scene=share)
+        loss, acc = training_step(model, opt, pool, [0, 1, 2, 3], tc, rng, mining, 1e-2, share_scene=share)
         results[share] = (loss, acc, rng.integers(1 << 30), dict(mining.error), model)
     (loss, acc, draw, error, shared), (loss_r, acc_r, draw_r, error_r, repeated) = results[True], results[False]
     assert loss == pytest.approx(loss_r, rel=1e-6) and acc == acc_r and draw == draw_r and error == error_r
