@@ -440,12 +440,18 @@ def test_best_threshold_maximises_balanced_accuracy_by_hand():
     # Cuts 1.5 (accept 3/3, reject 2/3) and 4.5 (accept 1/3, reject 3/3): 1.5 is better (5/6 vs 2/3)
     t, ba = best_threshold(np.array([2.0, 3.0, 5.0]), np.array([0.0, 1.0, 4.0]))
     assert t == 1.5 and ba == pytest.approx(5 / 6)
-    # separable, with unequal class sizes: any cut in (1, 2) is perfect; a midpoint is chosen
+    # separable, with unequal class sizes: of the candidates -4, -1.5, 0.5, 1.5, 2.25, 3.5 only the
+    # midpoint 1.5 (between the highest negative 1 and the lowest positive 2) separates them all
     t, ba = best_threshold(np.array([2.0, 2.5]), np.array([-3.0, 0.0, 1.0, 1.0]))
-    assert 1.0 < t < 2.0 and ba == 1.0
-    # two equally good cuts (0.5 and 2.5, each 3/4): the middle one of the tied candidates
+    assert t == 1.5 and ba == 1.0
+    # candidates -1, 0.5, 1.5, 2.5, 4 score 1/2, 3/4, 1/2, 3/4, 1/2: two tie at 3/4, and of an even
+    # number of tied candidates the upper middle one is taken (index len // 2)
     t, ba = best_threshold(np.array([1.0, 3.0]), np.array([0.0, 2.0]))
-    assert ba == pytest.approx(0.75) and t in (0.5, 1.5, 2.5)
+    assert t == 2.5 and ba == pytest.approx(0.75)
+    # three tied candidates: cuts 0.5, 3.5 and 6.5 each score 2/3 (accept 3, 2, 1 of 3; reject 1, 2, 3 of
+    # 3), the others less: the middle one, 3.5
+    t, ba = best_threshold(np.array([1.0, 4.0, 7.0]), np.array([0.0, 3.0, 6.0]))
+    assert t == 3.5 and ba == pytest.approx(2 / 3)
 
 
 def test_calibration_shifts_every_score_alike_and_reaches_its_balanced_accuracy(tmp_path):
