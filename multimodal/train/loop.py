@@ -578,9 +578,8 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
                 saved_step = None
                 continue
             if step == tc.steps and tc.calibrate:  # before the last evaluation and checkpoint, which keep it
-                model.meta["match_calibration"] = calibrate_match_bias(model, val_pool, seed=tc.seed + 2)
-                if model.meta["match_calibration"]:
-                    c = model.meta["match_calibration"]
+                c = model.meta["match_calibration"] = calibrate_match_bias(model, val_pool, seed=tc.seed + 2)
+                if c:  # {} for a manifest: nothing to calibrate against
                     bar.write(f"step {step}: match threshold calibrated on {c['scenes']} validation scenes: logit "
                               f"shift {c['shift']:+.3f}, balanced accuracy {c['balanced_accuracy_before']:.3f} -> "
                               f"{c['balanced_accuracy_after']:.3f}")

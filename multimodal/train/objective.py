@@ -214,16 +214,21 @@ def matching_accuracy(model: MultimodalModel, pool: ScenePool, seed: int, batch_
     return {"pairwise_accuracy": wins / total, "threshold_accuracy": correct / (2 * total), "scenes": total}
 
 
+def balanced_accuracy(positive: np.ndarray, negative: np.ndarray, thresholds) -> np.ndarray:
+    """Per threshold t ("match" when score > t): the mean of the share of `positive` scores
+    accepted and the share of `negative` scores rejected."""
+    t = np.atleast_1d(np.asarray(thresholds, dtype=float))[:, None]
+    return ((positive[None, :] > t).mean(1) + (negative[None, :] <= t).mean(1)) / 2
+
+
 def best_threshold(positive: np.ndarray, negative: np.ndarray) -> tuple[float, float]:
     """(t, balanced accuracy): the score threshold t ("match" when score > t) that best separates
-    `positive` from `negative` scores by balanced accuracy (the mean of the two classes' accuracies).
-    Candidates are the midpoints between neighbouring distinct scores (and one beyond each end);
-    among equally good ones, the middle one."""
+    `positive` from `negative` scores by `balanced_accuracy`. Candidates are the midpoints between
+    neighbouring distinct scores (and one beyond each end); among equally good ones, the middle one
+    (the upper middle of an even number)."""
     values = np.unique(np.concatenate([positive, negative]))
     candidates = np.concatenate([[values[0] - 1.0], (values[1:] + values[:-1]) / 2, [values[-1] + 1.0]])
-    accept = (positive[None, :] > candidates[:, None]).mean(1)
-    reject = (negative[None, :] <= candidates[:, None]).mean(1)
-    balanced = (accept + reject) / 2
+    balanced = balanced_accuracy(positive, negative, candidates)
     best = np.flatnonzero(balanced == balanced.max())
     i = int(best[len(best) // 2])
     return float(candidates[i]), float(balanced[i])
@@ -260,7 +265,7 @@ def calibrate_match_bias(model: MultimodalModel, pool: ScenePool, seed: int, neg
         pos.append(scores[:, 0].float().cpu().numpy())
         neg.append(scores[:, 1:].float().cpu().numpy().ravel())
     positive, negative = np.concatenate(pos), np.concatenate(neg)
-    before = ((positive > 0).mean() + (negative <= 0).mean()) / 2
+    before = balanced_accuracy(positive, negative, 0.0)[0]
     threshold, after = best_threshold(positive, negative)
     model.match_head[-1].bias.sub_(threshold)
     return {"shift": -threshold, "scenes": len(positive), "negatives": len(negative),
