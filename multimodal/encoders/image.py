@@ -171,7 +171,8 @@ def vit_tiny_scenes(**overrides) -> ImageEncoder:
 
 def conv_stem(in_chans: int = 3, widths: Sequence[int] = (24, 48, 96, 192), kernel: int = 3,
               strides: Sequence[int] | None = None) -> nn.Sequential:
-    """Stride-2 conv (padding 1) + BatchNorm + ReLU per width (4 widths: 16x downsampling).
+    """Stride-2 conv (padding 1) + BatchNorm + ReLU per width (4 widths: 16x downsampling; the product
+    of `strides` in general).
 
     `strides` (one per width, default all 2): a stride-1 layer is a 3x3 conv (padding 1), which keeps
     the grid and each token's centre and widens what a token sees by one cell either side.
@@ -230,7 +231,8 @@ def vit_convstem_scenes(pretrained: bool = False, stem_widths: Sequence[int] = (
                         stem_kernel: int = 3, window: int = 0, stem_strides: Sequence[int] | None = None,
                         **kwargs) -> VisionTransformer:
     """timm's VisionTransformer whose patch embedding is timm's HybridEmbed over `conv_stem`:
-    one token per 2**len(stem_widths) pixels square, projected 1x1 to `embed_dim`; `window > 0`:
+    one token per prod(stem_strides) pixels square (2**len(stem_widths) with the default strides),
+    projected 1x1 to `embed_dim`; `window > 0`:
     its blocks attend only within that many cells (`WindowedVisionTransformer`)."""
     stem = conv_stem(kwargs.get("in_chans", 3), stem_widths, stem_kernel, stem_strides)
     kwargs.setdefault("patch_size", 1)  # HybridEmbed's patch size is in feature-map cells
