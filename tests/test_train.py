@@ -279,6 +279,48 @@ def test_hard_contrastive_term_prefers_the_candidate_that_matches_its_scene():
     assert loss(False, 2.0) - loss(False, 0.0) == pytest.approx(2 * (10 + small), abs=1e-4)
 
 
+def test_contrastive_term_per_modality_reaches_the_modality_that_loses_every_max():
+    """2 scenes, identity projections, 4 dims. Caption b's tokens are e(2b), e(2b+1); scene b's audio
+    keys are the same vectors (cosine 1, and 0 with the other caption) and its image keys
+    e(2b) + e(2b+1) - 0.1 (the other scene's two), normalised (cosine 1 / sqrt 2.02 = 0.704, and
+    -0.070 with the other caption). One max over both modalities picks audio for every token, in every
+    pair, so the image keys get no gradient; per modality the image term has its own max, and the value is the mean of the
+    image-only and the audio-only terms."""
+    model = build_model(smoke(**{"fusion.dim": 4}), ("text", "image", "audio"))
+    for m in ("text", "image", "audio"):
+        model.fusion.input_proj[m] = torch.nn.Identity()
+    e = torch.eye(4)
+    words = torch.stack([e[0:2], e[2:4]])  # (B=2, 2 tokens, 4)
+    no = torch.zeros(2, 2, dtype=torch.bool)
+    text = ModalityTokens(words, torch.ones(2, 2, dtype=torch.bool), "text", no, None)
+    audio = ModalityTokens(words.clone(), torch.ones(2, 2, dtype=torch.bool), "audio", no, None)
+
+    def image() -> ModalityTokens:
+        keys = torch.stack([e[0] + e[1] - 0.1 * (e[2] + e[3]), e[2] + e[3] - 0.1 * (e[0] + e[1])])
+        keys = keys[:, None].repeat(1, 2, 1) / math.sqrt(2.02)
+        return ModalityTokens(keys.requires_grad_(), torch.ones(2, 2, dtype=torch.bool), "image", no, None)
+
+    def run(per_modality: bool, **tokens) -> tuple[float, float]:
+        img = tokens.get("image")
+        loss = contrastive_loss(model, {"text": text, **tokens}, 1, 1.0, per_modality=per_modality)
+        grad = 0.0
+        if img is not None:
+            loss.backward()
+            grad = float(img.tokens.grad.abs().sum())
+        return float(loss), grad
+
+    joint, joint_grad = run(False, image=image(), audio=audio)
+    both, both_grad = run(True, image=image(), audio=audio)
+    image_only, _ = run(False, image=image())
+    audio_only, _ = run(False, audio=audio)
+    assert joint_grad == 0.0 and both_grad > 0.1
+    assert joint == pytest.approx(audio_only, abs=1e-6)  # every max went to audio
+    assert both == pytest.approx(0.5 * (image_only + audio_only), abs=1e-6)
+    # audio: similarity 1 to its own caption, 0 to the other; image: 0.704 and -0.070 (temperature 1)
+    assert audio_only == pytest.approx(math.log1p(math.exp(-1)), abs=1e-6)
+    assert image_only == pytest.approx(math.log1p(math.exp(-1.1 / math.sqrt(2.02))), abs=1e-6)
+
+
 def test_negative_mining_tracks_errors_per_kind_and_weights_by_them():
     mining = NegativeMining(1.0)
     assert mining.weights() == {}  # nothing seen yet: every kind weighs 1 in hard_negative

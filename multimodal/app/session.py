@@ -475,7 +475,8 @@ class App:
                 notices += [note] if note else []
             out = self.infer(inputs, off, bench)
             if bench.familiarity is not None:
-                notices += bench.familiarity.notices({m: t for m, t in out.tokens.items() if m in inputs.given})
+                notices += bench.familiarity.notices({m: t for m, t in out.tokens.items() if m in inputs.given},
+                                                     image=inputs.image)
             maps = out.maps
             queries = query_labels(maps)
             try:

@@ -406,7 +406,7 @@ def training_step(model: MultimodalModel, opt: torch.optim.Optimizer, pool: Scen
     loss = matching_loss(scores)
     if tc.contrastive_weight:
         loss = loss + tc.contrastive_weight * contrastive_loss(model, out.tokens, per_scene, tc.contrastive_temperature,
-                                                               tc.contrastive_hard_weight)
+                                                               tc.contrastive_hard_weight, tc.contrastive_per_modality)
     if tc.masked_word_weight:
         loss = loss + tc.masked_word_weight * masked_word_loss(model, out.tokens, captions, per_scene,
                                                                tc.masked_word_rate, rng)

@@ -109,7 +109,7 @@ def best_cosine(t: Tensor, k: Tensor, k_mask: Tensor | None, all_pairs: bool) ->
 
 
 def contrastive_loss(model: MultimodalModel, tokens: dict[str, ModalityTokens], per_scene: int,
-                     temperature: float, hard_weight: float = 0.0) -> Tensor:
+                     temperature: float, hard_weight: float = 0.0, per_modality: bool = False) -> Tensor:
     """In-batch late-interaction contrastive term (FILIP, Yao et al. 2021) on the encoder tokens.
 
     Each scene's true caption against every scene in the batch: a caption's content tokens,
@@ -120,10 +120,25 @@ def contrastive_loss(model: MultimodalModel, tokens: dict[str, ModalityTokens], 
     one-attribute negative ("a red star" for a red circle) must find a worse match among the
     scene's tokens, which the batch's other scenes rarely demand. Only encoder tokens enter:
     no attention map does.
+
+    `per_modality`: the term once per modality, each caption token taking its best match among that
+    modality's tokens only, and the terms averaged. With one max over image and audio tokens together,
+    a start whose audio tokens match caption words sooner can send every word's gradient to audio:
+    the image tokens never win a max, so they never learn (measured on a stalled start of the
+    default: 9.5% of caption tokens' best key was an image token, against 69% in runs that ground).
     """
     fusion = model.fusion
     text = tokens["text"]  # per_scene captions per scene, true caption first; the scene's tokens once
     keep = slice(None, None, per_scene)  # the true captions
+    present = [m for m in ("image", "audio") if m in tokens]
+    groups = [[m] for m in present] if per_modality else [present]
+    return sum(_contrastive_term(fusion, tokens, text, keep, g, per_scene, temperature, hard_weight)
+               for g in groups) / len(groups)
+
+
+def _contrastive_term(fusion, tokens: dict[str, ModalityTokens], text: ModalityTokens, keep: slice,
+                      modalities: list[str], per_scene: int, temperature: float, hard_weight: float) -> Tensor:
+    """`contrastive_loss` with the keys of `modalities` (their tokens joined per scene)."""
 
     def captions(rows: slice) -> tuple[Tensor, Tensor]:
         """Projected, L2-normalised caption tokens (N, Nt, D) and their content mask (N, Nt)."""
@@ -131,10 +146,9 @@ def contrastive_loss(model: MultimodalModel, tokens: dict[str, ModalityTokens], 
         return t, (text.mask & ~text.special)[rows]
 
     keys, k_mask = [], []
-    for m in ("image", "audio"):
-        if m in tokens:
-            keys.append(F.normalize(fusion.input_proj[m](tokens[m].tokens), dim=-1))
-            k_mask.append(tokens[m].mask & ~tokens[m].special)
+    for m in modalities:
+        keys.append(F.normalize(fusion.input_proj[m](tokens[m].tokens), dim=-1))
+        k_mask.append(tokens[m].mask & ~tokens[m].special)
     k, k_mask = torch.cat(keys, 1), torch.cat(k_mask, 1)  # (B, Nk, D), (B, Nk)
     if bool((k_mask == k_mask[:1]).all()):  # the same keys count in every scene (same-size inputs): keep only those
         k, k_mask = k[:, k_mask[0]], None  # no masked entries in the (B, B, Nt, Nk) similarities
