@@ -134,6 +134,8 @@ def model_card(checkpoint: str | Path, control: str | Path | None = None) -> str
         + f"), {tc['warmup']} warm-up steps, cosine decay",
         f"- loss: softmax cross-entropy over the candidates + binary match/no-match, plus an in-batch "
         f"token-level contrastive term (weight {tc['contrastive_weight']:g}) on the encoder tokens"
+        + (" (once per modality: each caption token's best image token and, apart, its best audio token)"
+           if tc.get("contrastive_per_modality") else "")
         + (f", and the same term over each scene's own candidates (weight {tc['contrastive_hard_weight']:g})"
            if tc.get("contrastive_hard_weight") else ""),
         *([f"- negative mining (strength {tc['negative_mining']:g}): each hard negative's kind of change is drawn "
