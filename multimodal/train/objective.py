@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from multimodal.data.pool import ScenePool
 from multimodal.data.scenes import change_kinds, hard_negative
+from multimodal.fusion import CrossAttentionFusion
 from multimodal.model import MultimodalModel, score_candidates
 from multimodal.train.config import TrainConfig
 from multimodal.types import InputError, ModalityTokens
@@ -136,8 +137,9 @@ def contrastive_loss(model: MultimodalModel, tokens: dict[str, ModalityTokens], 
                for g in groups) / len(groups)
 
 
-def _contrastive_term(fusion, tokens: dict[str, ModalityTokens], text: ModalityTokens, keep: slice,
-                      modalities: list[str], per_scene: int, temperature: float, hard_weight: float) -> Tensor:
+def _contrastive_term(fusion: CrossAttentionFusion, tokens: dict[str, ModalityTokens], text: ModalityTokens,
+                      keep: slice, modalities: list[str], per_scene: int, temperature: float,
+                      hard_weight: float) -> Tensor:
     """`contrastive_loss` with the keys of `modalities` (their tokens joined per scene)."""
 
     def captions(rows: slice) -> tuple[Tensor, Tensor]:
