@@ -19,7 +19,7 @@ from the held-out scenes: the farthest of them (no held-out scene is flagged by 
 99th percentile flagged 1-3 in 100 test scenes, and photos lie far beyond either). Encoder tokens alone
 can miss a photo whose tokens happen to lie near the scenes' (the default's 8-px tokens of a
 figure on a plain grey-brown ground scored 0.70x their threshold), while every photo's colours lie
-far beyond the scenes' (gradio's nine sample images: 1.5-4.9x the threshold). Either reading flags it.
+far beyond the scenes' (gradio's nine sample images: 1.5-4.0x the threshold). Either reading flags it.
 """
 
 from __future__ import annotations
