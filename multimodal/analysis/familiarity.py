@@ -96,12 +96,13 @@ class Familiarity:
         for m in mods:
             every = torch.cat(tokens[m][:half])  # (M, D)
             bank[m] = every[torch.randperm(len(every), generator=gen)[:BANK_TOKENS]]
+        pixel_size = cls.pixel_size
         if "image" in mods:
-            tokens[PIXELS] = [pixel_colours(pool.scenes[i].image, model.encoders["image"].input_size)
-                              for i in range(scenes)]
+            pixel_size = model.encoders["image"].input_size
+            tokens[PIXELS] = [pixel_colours(pool.scenes[i].image, pixel_size) for i in range(scenes)]
             every = torch.cat(tokens[PIXELS][:half])
             bank[PIXELS] = every[torch.randperm(len(every), generator=gen)[:BANK_PIXELS]]
-        fam = cls(bank, {}, model.encoders["image"].input_size if "image" in mods else (128, 128))
+        fam = cls(bank, {}, pixel_size)
         for m in bank:
             held_out = [fam._score(m, t) for t in tokens[m][half:]]
             fam.threshold[m] = float(np.quantile(held_out, 1.0 if m == PIXELS else 1 - FLAG_RATE))
@@ -132,8 +133,7 @@ class Familiarity:
         out = []
         for m, t in tokens.items():
             why = []
-            s = self.score(t, item) if m in self.bank else 0.0
-            if m in self.bank and s > self.threshold[m]:
+            if m in self.bank and (s := self.score(t, item)) > self.threshold[m]:
                 why.append(f"its encoder tokens lie {s:.2f} from the nearest training token, at the 90th percentile; "
                            f"99 in 100 held-out scenes stay below {self.threshold[m]:.2f}")
             if m == "image" and image is not None and PIXELS in self.bank:

@@ -130,23 +130,25 @@ def contrastive_loss(model: MultimodalModel, tokens: dict[str, ModalityTokens], 
     """
     fusion = model.fusion
     text = tokens["text"]  # per_scene captions per scene, true caption first; the scene's tokens once
-    keep = slice(None, None, per_scene)  # the true captions
-    present = [m for m in ("image", "audio") if m in tokens]
-    groups = [[m] for m in present] if per_modality else [present]
-    return sum(_contrastive_term(fusion, tokens, text, keep, g, per_scene, temperature, hard_weight)
-               for g in groups) / len(groups)
-
-
-def _contrastive_term(fusion: CrossAttentionFusion, tokens: dict[str, ModalityTokens], text: ModalityTokens,
-                      keep: slice, modalities: list[str], per_scene: int, temperature: float,
-                      hard_weight: float) -> Tensor:
-    """`contrastive_loss` with the keys of `modalities` (their tokens joined per scene)."""
 
     def captions(rows: slice) -> tuple[Tensor, Tensor]:
         """Projected, L2-normalised caption tokens (N, Nt, D) and their content mask (N, Nt)."""
         t = F.normalize(fusion.input_proj["text"](text.tokens[rows]), dim=-1)
         return t, (text.mask & ~text.special)[rows]
 
+    true = captions(slice(None, None, per_scene))  # the true captions: (B, Nt, D), (B, Nt)
+    every = captions(slice(None)) if hard_weight and per_scene > 1 else None  # every candidate, (B*P, ...)
+    present = [m for m in ("image", "audio") if m in tokens]
+    groups = [[m] for m in present] if per_modality else [present]
+    return sum(_contrastive_term(fusion, tokens, g, true, every, per_scene, temperature, hard_weight)
+               for g in groups) / len(groups)
+
+
+def _contrastive_term(fusion: CrossAttentionFusion, tokens: dict[str, ModalityTokens], modalities: list[str],
+                      true: tuple[Tensor, Tensor], every: tuple[Tensor, Tensor] | None, per_scene: int,
+                      temperature: float, hard_weight: float) -> Tensor:
+    """`contrastive_loss` with the keys of `modalities` (their tokens joined per scene), given the projected
+    true captions and, for the hard term, every candidate (`contrastive_loss`'s `captions`)."""
     keys, k_mask = [], []
     for m in modalities:
         keys.append(F.normalize(fusion.input_proj[m](tokens[m].tokens), dim=-1))
@@ -160,15 +162,15 @@ def _contrastive_term(fusion: CrossAttentionFusion, tokens: dict[str, ModalityTo
         tm = tm.to(best.dtype)
         return (best * tm).sum(-1) / tm.sum(-1).clamp_min(1)
 
-    t, t_mask = captions(keep)  # (B, Nt, D), (B, Nt)
+    t, t_mask = true  # (B, Nt, D), (B, Nt)
     best = best_cosine(t, k, k_mask, all_pairs=True)  # (B_text, B_scene, Nt)
     pair = pair_similarity(best, t_mask[:, None, :])  # (B_text, B_scene)
     target = torch.arange(pair.shape[0], device=pair.device)
     logits = pair / temperature
     loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-    if hard_weight and per_scene > 1:
+    if every is not None:
         B = k.shape[0]
-        t_all, m_all = captions(slice(None))  # every candidate: (B*P, Nt, D), P = per_scene
+        t_all, m_all = every  # (B*P, Nt, D), P = per_scene
         t_own = t_all.view(B, per_scene, *t_all.shape[1:])  # (B, P, Nt, D)
         best = best_cosine(t_own, k, k_mask, all_pairs=False)  # (B, P, Nt)
         own = pair_similarity(best, m_all.view(B, per_scene, -1))  # (B, P): candidate p against scene b
