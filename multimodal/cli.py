@@ -315,6 +315,9 @@ def add_compare_parser(sub) -> None:
                    help="with --engine ray: CPUs each run asks for, and its torch threads (default 1)")
     p.add_argument("--gpus-per-run", type=float, default=0,
                    help="with --engine ray: GPUs each run asks for (default 0; a run uses CUDA when its node has it)")
+    p.add_argument("--reuse", action="append", default=[], metavar="DIR",
+                   help="another study's output folder (repeatable): a run here with the same config and evaluation "
+                        "settings as one finished there (same fingerprint) is copied instead of computed again")
     p.add_argument("--dry-run", action="store_true",
                    help="check the study and list its runs (done / pending / stale) without running anything")
     p.add_argument("--report-only", action="store_true",
@@ -342,8 +345,10 @@ def cmd_compare(args) -> int:
     if args.engine != "ray" and (args.address or args.cpus_per_run != 1 or args.gpus_per_run):
         raise InputError("--address, --cpus-per-run and --gpus-per-run go with --engine ray")
     result = run_study(study, out, workers=args.workers, progress=not args.quiet, engine=args.engine,
-                       address=args.address, cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run)
+                       address=args.address, cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run,
+                       reuse=args.reuse)
     print(f"ran {len(result['ran'])}, skipped {len(result['skipped'])} (already done), "
+          f"copied {len(result['reused'])} (--reuse), "
           f"failed {len(result['failed'])}")
     for run_id in result["failed"]:
         print(f"  failed: {run_id} (see {out / 'runs' / run_id / ERROR})", file=sys.stderr)

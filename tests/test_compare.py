@@ -367,3 +367,33 @@ def test_zip_varies_keys_together_and_the_report_compares_each(tmp_path):
         toml.write_text(f'name = "c"\n[base]\npreset = "smoke"\n[grid]\n"fusion.heads" = [2, 4]\n[zip]\n{zipped}\n')
         with pytest.raises(InputError, match=re.escape(named)):
             plan_runs(load_study(toml), check_models=False)
+
+
+def test_reuse_copies_another_studys_identical_run_and_computes_the_rest(finished, tmp_path, capsys):
+    """--reuse: a run whose config and evaluation settings match a finished run of another study (the
+    same fingerprint) is copied, relabelled, not computed; the others are computed; a changed
+    evaluation setting matches nothing."""
+    _, out = finished
+    other = tiny_study(name="other", grid={"fusion.heads": [2, 4]}, base={**TINY_BASE, "fusion.query": "text"})
+    toml = tmp_path / "other.toml"
+    toml.write_text(STUDY_TOML.replace('name = "tiny"', 'name = "other"').replace(
+        '"fusion.query" = ["text", "latents"]', '"fusion.heads" = [2, 4]').replace(
+        '"fusion.heads" = 2\n', '"fusion.query" = "text"\n'))
+    dest = tmp_path / "other"
+    assert main(["compare", str(toml), "--out", str(dest), "--reuse", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "ran 1, skipped 0 (already done), copied 1 (--reuse)" in printed
+    copied, source = done(dest, "fusion.heads=2,seed=0"), done(out, "fusion.query=text,seed=0")
+    assert copied["reused_from"] == str((out / "runs" / "fusion.query=text,seed=0").resolve())
+    assert copied["run_id"] == "fusion.heads=2,seed=0" and copied["point"] == {"fusion.heads": 2}
+    relabel = {"run_id", "group", "point", "reused_from"}
+    assert ({k: v for k, v in without_timing(copied).items() if k not in relabel}
+            == {k: v for k, v in without_timing(source).items() if k not in relabel})
+    assert (dest / "runs" / "fusion.heads=2,seed=0" / "model" / "model.safetensors").is_file()
+    assert "reused_from" not in done(dest, "fusion.heads=4,seed=0")  # computed here
+    assert "1 run(s) copied from another study" in (dest / "report.md").read_text()
+    stricter = study_from_dict({**other, "shapley_permutations": 3})
+    result = run_study(stricter, tmp_path / "stricter", progress=False, report=False, reuse=[out, dest])
+    assert result["reused"] == [] and len(result["ran"]) == 2
+    with pytest.raises(InputError, match="no such folder"):
+        run_study(stricter, tmp_path / "stricter", progress=False, reuse=[tmp_path / "nowhere"])

@@ -208,10 +208,13 @@ def compute_line(results: list[dict]) -> str:
     threads = sorted({r.get("timing", {}).get("threads") for r in results} - {None})
     devices = sorted({r["config"].get("device", "cpu") for r in results})
     reused = sum(bool(r["train"].get("loaded")) for r in results)
+    copied = sum("reused_from" in r for r in results)
     return (f"**Compute.** {sum(seconds) / 60:.1f} min of run time in all (training, evaluation and analysis, "
             f"summed over the runs; {min(seconds) / 60:.1f} to {max(seconds) / 60:.1f} min per run), with "
             f"{'/'.join(map(str, threads)) or '?'} torch thread(s) per run on {'/'.join(devices)}"
             + (f"; {reused} run(s) reused an earlier training of the same config" if reused else "")
+            + (f"; {copied} run(s) copied from another study's run of the same config and evaluation (--reuse; "
+               "their time is counted here as well)" if copied else "")
             + ". Runs in parallel (--workers, --engine ray) take less wall time than this sum.")
 
 

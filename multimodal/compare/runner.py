@@ -120,6 +120,37 @@ def without_timing(result: dict) -> dict:
     return out
 
 
+def reuse_index(folders) -> dict[str, Path]:
+    """fingerprint -> run folder, over the finished runs in `folders` (study output folders, or their
+    `runs/` folders): where a run of this study was already computed by another study."""
+    index: dict[str, Path] = {}
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            raise InputError(f"--reuse {folder}: no such folder (give another study's output folder)")
+        for done in sorted([*folder.glob(f"runs/*/{DONE}"), *folder.glob(f"*/{DONE}")]):
+            try:
+                index.setdefault(json.loads(done.read_text())["fingerprint"], done.parent)
+            except (OSError, json.JSONDecodeError, KeyError):
+                continue  # a damaged or foreign file: not reusable, and not ours to touch
+    return index
+
+
+def copy_run(source: Path, run: Run, study: Study, runs_dir: Path) -> dict:
+    """Another study's finished run of the same fingerprint, copied in as this study's run (its folder,
+    checkpoint included; done.json relabelled with this run's id, group and grid point, and where it came
+    from)."""
+    result = json.loads((source / DONE).read_text())
+    if result.get("fingerprint") != fingerprint(run, study):
+        raise InputError(f"{source} is not run {run.run_id} of this study (fingerprints differ)")
+    folder = runs_dir / run.run_id
+    if folder.exists():
+        shutil.rmtree(folder)  # a half-finished try of this run: the copy replaces it
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns(DONE, DONE + ".tmp", ERROR))
+    result.update(run_id=run.run_id, group=run.group, point=dict(run.point), reused_from=str(source.resolve()))
+    write_done(folder, result)
+    return result
+
+
 def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
@@ -167,7 +198,7 @@ ENGINES = ("local", "ray")
 
 def run_study(study: Study | str | Path, out: str | Path | None = None, workers: int = 1, progress: bool = True,
               report: bool = True, engine: str = "local", address: str | None = None, cpus_per_run: float = 1,
-              gpus_per_run: float = 0) -> dict:
+              gpus_per_run: float = 0, reuse=()) -> dict:
     """Run every run of a study that is not done yet, then write the report.
 
     `study` is a `Study`, a TOML path or a shipped study's name; `out` the report folder
@@ -175,9 +206,11 @@ def run_study(study: Study | str | Path, out: str | Path | None = None, workers:
     spawned processes, each with `cores // workers` torch threads. `engine="ray"`: each run is a
     Ray task asking for `cpus_per_run` CPUs (its torch threads) and `gpus_per_run` GPUs, on the
     cluster at `address` or a local Ray instance (`multimodal.compare.cluster`); `workers` is
-    then unused (the cluster's free resources decide how many run at once). Returns
-    `{"runs": [done.json results in plan order], "ran": [...], "skipped": [...], "failed":
-    {run_id: traceback}, "report": {name: path}}`.
+    then unused (the cluster's free resources decide how many run at once). `reuse`: other studies'
+    output folders; a pending run whose fingerprint (config and evaluation settings) matches one of
+    their finished runs is copied from there instead of computed again. Returns
+    `{"runs": [done.json results in plan order], "ran": [...], "skipped": [...], "reused": [...],
+    "failed": {run_id: traceback}, "report": {name: path}}`.
     """
     if not isinstance(study, Study):
         study = load_study(study)
@@ -189,15 +222,25 @@ def run_study(study: Study | str | Path, out: str | Path | None = None, workers:
     runs = plan_runs(study)  # every config checked before anything is created
     runs_dir = out / "runs"
     status = {r.run_id: run_status(r, study, runs_dir) for r in runs}
+    index = reuse_index(reuse) if reuse else {}
+    reused = []
+    for r in runs:
+        source = index.get(fingerprint(r, study)) if status[r.run_id] != "done" else None
+        if source is not None and source.resolve() != (runs_dir / r.run_id).resolve():
+            copy_run(source, r, study, runs_dir)
+            status[r.run_id] = "done"
+            reused.append(r.run_id)
     pending = [r for r in runs if status[r.run_id] != "done"]
-    skipped = [r.run_id for r in runs if status[r.run_id] == "done"]
+    skipped = [r.run_id for r in runs if status[r.run_id] == "done" and r.run_id not in reused]
     out.mkdir(parents=True, exist_ok=True)
     (out / "study.json").write_text(json.dumps(study.to_dict(), indent=1))
     failed: dict[str, str] = {}
-    bar = tqdm(total=len(runs), initial=len(skipped), desc=f"study {study.name}: runs", disable=not progress,
+    bar = tqdm(total=len(runs), initial=len(skipped) + len(reused), desc=f"study {study.name}: runs", disable=not progress,
                position=0)
     if skipped and progress:
         bar.write(f"{len(skipped)} of {len(runs)} runs already done: skipped")
+    if reused and progress:
+        bar.write(f"{len(reused)} of {len(runs)} runs copied from another study's identical run: {', '.join(reused)}")
     cores = os.cpu_count() or 1
     if engine == "ray" and pending:
         from multimodal.compare.cluster import run_tasks  # Ray: an optional extra
@@ -243,7 +286,7 @@ def run_study(study: Study | str | Path, out: str | Path | None = None, workers:
     results = finished_results(study, runs, runs_dir)
     paths = report_from(study, results, runs, out) if report else {}
     return {"runs": results, "ran": [r.run_id for r in pending if r.run_id not in failed], "skipped": skipped,
-            "failed": failed, "report": paths}
+            "reused": reused, "failed": failed, "report": paths}
 
 
 def finished_results(study: Study, runs: list[Run], runs_dir: Path) -> list[dict]:
