@@ -15,9 +15,10 @@ from typing import Any, Mapping, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from multimodal.encoders import build_encoder, encoder_from_config
-from multimodal.encoders.text import phrase_member
+from multimodal.encoders.text import phrase_member, text_phrase_groups
 from multimodal.fusion import CrossAttentionFusion, FusionConfig, FusionOutput, MapRequest
 from multimodal.types import MODALITIES, InputError, ModalityTokens
 
@@ -32,6 +33,12 @@ MATCH_POOLS = ("mean", "softmin", "bilinear", "attended")
 # phrase, not the joining words ("and", "with", "then"), which name nothing and ask the same in every candidate
 MATCH_OVER = ("content", "phrases")
 SOFTMIN_TEMPERATURE = 0.5
+# match_order: each "<phrase> then <phrase>" in a caption adds one item to the soft minimum, scale * (t2 - t1) +
+# bias, where t1 and t2 are the times (seconds) the two phrases' audio attention is centred on: a caption whose
+# events are heard in the other order scores no match however well each event is found
+ORDER_WORD = "then"
+ORDER_SCALE_INIT = 4.0  # logit per second of separation, at the start (softplus of a learned parameter)
+ORDER_BIAS_INIT = 2.0
 DEFAULT_SPECS = {"text": "bert-tiny-scenes", "image": "vit-tiny-scenes", "audio": "ast-tiny-scenes"}
 
 
@@ -48,7 +55,8 @@ class ModelOutput:
 
 class MultimodalModel(nn.Module):
     def __init__(self, encoders: Mapping[str, nn.Module], fusion: FusionConfig | Mapping,
-                 match: str = "mean", meta: Mapping[str, Any] | None = None, match_over: str = "content"):
+                 match: str = "mean", meta: Mapping[str, Any] | None = None, match_over: str = "content",
+                 match_order: bool = False):
         super().__init__()
         if not encoders:
             raise InputError("a model needs at least one encoder")
@@ -65,6 +73,14 @@ class MultimodalModel(nn.Module):
         if match_over not in MATCH_OVER:
             raise InputError(f"match_over={match_over!r}: use one of {MATCH_OVER}")
         self.match_over = match_over
+        self.match_order = bool(match_order)
+        if self.match_order:
+            if match == "mean" or cfg.query != "text":
+                raise InputError("match_order needs text queries and a soft-minimum match (match = softmin, "
+                                 f"bilinear or attended; this model has match = {match!r}, query = {cfg.query!r})")
+            raw = torch.tensor(ORDER_SCALE_INIT).expm1().log()  # softplus(raw) = ORDER_SCALE_INIT
+            self.order_scale = nn.Parameter(raw)
+            self.order_bias = nn.Parameter(torch.tensor(ORDER_BIAS_INIT))
         self.match_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
         if match in ("bilinear", "attended"):  # <asked(input query), gathered(fused query or attended)> + bias
             self.match_asked = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d))
@@ -75,7 +91,7 @@ class MultimodalModel(nn.Module):
 
     @classmethod
     def from_specs(cls, fusion: FusionConfig | Mapping | None = None, match: str = "mean",
-                   match_over: str = "content", encoder_args: Mapping[str, Mapping[str, Any]] | None = None,
+                   match_over: str = "content", match_order: bool = False, encoder_args: Mapping[str, Mapping[str, Any]] | None = None,
                    **specs: str | None) -> "MultimodalModel":
         """Build from encoder specs (built-in name, local directory or hub name) per modality.
 
@@ -88,7 +104,7 @@ class MultimodalModel(nn.Module):
             raise InputError(f"unknown modality {sorted(unknown)}; use {MODALITIES}")
         chosen = {**DEFAULT_SPECS, **specs}
         encoders = {m: build_encoder(m, s, **dict((encoder_args or {}).get(m, {}))) for m, s in chosen.items() if s}
-        return cls(encoders, fusion or FusionConfig(), match=match, match_over=match_over)
+        return cls(encoders, fusion or FusionConfig(), match=match, match_over=match_over, match_order=match_order)
 
     @property
     def cfg(self) -> FusionConfig:
@@ -130,7 +146,13 @@ class MultimodalModel(nn.Module):
 
     def fuse(self, tokens: Mapping[str, ModalityTokens], head_mask: Tensor | None = None,
              return_maps: bool | MapRequest = False) -> ModelOutput:
-        fused = self.fusion(tokens, head_mask=head_mask, return_maps=return_maps)
+        order = self.match_order and "audio" in tokens and "text" in tokens
+        fused = self.fusion(tokens, head_mask=head_mask, return_maps=MapRequest() if order else return_maps)
+        items = None
+        if order:  # the order items need every layer's and head's audio weights
+            items = self.order_items(tokens["text"], fused.maps, head_mask)
+            fused.maps = fused.maps.select(return_maps if isinstance(return_maps, MapRequest) else None) \
+                if return_maps else None
         if self.match == "mean":
             score = self.match_head(fused.pooled).squeeze(-1)  # (B,)
         else:  # every content query must find its match: a soft minimum over per-query scores
@@ -146,9 +168,38 @@ class MultimodalModel(nn.Module):
                 if self.match_over == "phrases":  # a caption of joining words only keeps its content tokens
                     member = phrase_member(tokens["text"]).to(content.device) & content
                     content = torch.where(member.any(1, keepdim=True), member, content)
+            if items is not None:  # (B, P) order items, NaN where a caption has fewer "then"s
+                per_query = torch.cat([per_query, items.nan_to_num(0.0)], 1)
+                content = torch.cat([content, ~items.isnan()], 1)
             t = SOFTMIN_TEMPERATURE
             score = -t * torch.logsumexp((-per_query / t).masked_fill(~content, float("-inf")), dim=1)  # (B,)
         return ModelOutput(score=score, fused=fused, tokens=dict(tokens))
+
+    def event_times(self, maps, head_mask: Tensor | None = None) -> Tensor:
+        """(B, Nq) the time (seconds) each query's audio attention is centred on: the mean column time
+        under its weight on the audio keys, summed over every layer and head (a head that hardly looks
+        at the audio hardly counts; one that `head_mask` removes does not count)."""
+        w = 0
+        for layer in maps.layers:
+            a = maps.audio_maps(layer)  # (B, h, Nq, T)
+            if head_mask is not None:
+                a = a * head_mask[layer, maps.heads[layer]].to(a)[None, :, None, None]
+            w = w + a.sum(1)  # (B, Nq, T)
+        times = torch.tensor(maps.key_geometry["audio"].times, dtype=w.dtype, device=w.device)
+        return (w * times).sum(-1) / w.sum(-1).clamp_min(torch.finfo(w.dtype).tiny)
+
+    def order_items(self, text: ModalityTokens, maps, head_mask: Tensor | None = None) -> Tensor:
+        """(B, P): per "<phrase> then <phrase>" in each caption, softplus(order_scale) * (t_after - t_before)
+        + order_bias, each phrase's time the mean of its tokens' `event_times`; NaN past a caption's pairs."""
+        before, after = order_pairs(text)  # (B, P, Nq) each, rows of 1 / phrase length
+        t = self.event_times(maps, head_mask)  # (B, Nq)
+        if before.shape[1] == 0:
+            return t.new_zeros(t.shape[0], 0)
+        before, after = before.to(t), after.to(t)
+        gap = torch.einsum("bpn,bn->bp", after - before, t)
+        real = before.sum(-1) > 0
+        items = F.softplus(self.order_scale) * gap + self.order_bias
+        return items.masked_fill(~real, float("nan"))
 
     def forward(self, text=None, image=None, audio=None, head_mask: Tensor | None = None,
                 return_maps: bool | MapRequest = False, capture_attention: bool | Sequence[str] = False
@@ -167,6 +218,7 @@ class MultimodalModel(nn.Module):
             "fusion": self.cfg.to_dict(),
             "match": self.match,
             "match_over": self.match_over,
+            "match_order": self.match_order,
             "meta": {**self.meta, **dict(extra_meta or {})},
         }
         if "text" in self.encoders:
@@ -204,7 +256,7 @@ class MultimodalModel(nn.Module):
             raise InputError(f"checkpoint {directory}: {e}") from None
         try:
             model = cls(encoders, config["fusion"], match=config.get("match", "mean"), meta=config.get("meta"),
-                        match_over=config.get("match_over", "content"))
+                        match_over=config.get("match_over", "content"), match_order=config.get("match_order", False))
         except InputError as e:
             raise InputError(f"{cfg_path}: {e}") from None
         except (TypeError, ValueError, KeyError) as e:
@@ -225,6 +277,27 @@ class MultimodalModel(nn.Module):
             raise InputError(f"{weights} does not match its config.json (missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}): the checkpoint is damaged or from another version")
         return model.to(map_location).eval()
+
+
+def order_pairs(text: ModalityTokens) -> tuple[Tensor, Tensor]:
+    """For each ORDER_WORD ("then") between two phrases of a caption, the phrase before and the phrase after
+    as token weights: two (B, P, N) tensors (each row 1 / the phrase's length on its tokens; P the most
+    pairs in any caption; rows past a caption's pairs are zero)."""
+    groups = text_phrase_groups(text)  # (B, N)
+    pairs = []
+    for b, words in enumerate(text.geometry.tokens):
+        g = groups[b].tolist()
+        pairs.append([(g[j - 1], g[j + 1]) for j in range(1, len(g) - 1)
+                      if words[j] == ORDER_WORD and g[j - 1] >= 0 and g[j + 1] >= 0])
+    B, N = groups.shape
+    P = max(map(len, pairs), default=0)
+    before, after = torch.zeros(B, P, N), torch.zeros(B, P, N)
+    for b, row in enumerate(pairs):
+        for p, (g1, g2) in enumerate(row):
+            for out, g in ((before, g1), (after, g2)):
+                member = groups[b] == g
+                out[b, p] = member / member.sum()
+    return before, after
 
 
 def is_checkpoint(folder: str | Path) -> bool:

@@ -7,7 +7,7 @@ patch grid, the frame times and the character spans, and nothing downstream re-d
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Union
 
@@ -177,6 +177,19 @@ class AttentionMaps:
         if self.query_special is None:
             return self.query_mask
         return self.query_mask & ~self.query_special
+
+    def select(self, request=None) -> "AttentionMaps":
+        """Only the layers and heads a `MapRequest` names (None, or a request naming none: all these maps)."""
+        layers = self.layers if request is None or request.layers is None else list(request.layers)
+        weights, heads, claimed = {}, {}, {}
+        for layer in layers:
+            self._require(next(iter(self.segments)), layer)
+            keep = self.heads[layer] if request is None or request.heads is None else list(request.heads)
+            idx = [self.heads[layer].index(h) for h in keep]
+            weights[layer], heads[layer] = self.weights[layer][:, idx], keep
+            if self.claimed is not None and layer in self.claimed:
+                claimed[layer] = self.claimed[layer][:, idx]
+        return replace(self, weights=weights, heads=heads, claimed=claimed or None)
 
     def _require(self, modality: str, layer: int) -> None:
         if modality not in self.segments:

@@ -11,8 +11,11 @@ from PIL import Image
 from multimodal import FusionConfig, InputError
 from multimodal.cli import main
 from multimodal.encoders.text import phrase_member
-from multimodal.model import SOFTMIN_TEMPERATURE, MultimodalModel
-from multimodal.types import AttentionMaps
+from multimodal.fusion import MapRequest
+from multimodal.inference import asset_path, load_inputs, load_model
+from multimodal.model import (ORDER_BIAS_INIT, ORDER_SCALE_INIT, SOFTMIN_TEMPERATURE, MultimodalModel,
+                              order_pairs)
+from multimodal.types import AttentionMaps, AudioGeometry
 
 
 @pytest.fixture(scope="module")
@@ -250,3 +253,112 @@ def test_embedded_models_load_by_name(model, inputs, tmp_path, monkeypatch, caps
     (tmp_path / "local").rename(tmp_path / "elsewhere")
     with pytest.raises(InputError, match="the embedded model 'local' is not in this installation"):
         inference.load_model("local")
+
+
+# ---------------------------------------------------------------------------------------
+# match_order: "<phrase> then <phrase>" read off where each phrase's audio attention is centred
+# ---------------------------------------------------------------------------------------
+
+
+def audio_maps_for(weights, times):
+    """AttentionMaps over audio keys only: one freq band per time column; `weights` (B, h, Nq, T) for layer 0."""
+    B, _, Nq, T = weights.shape
+    geom = AudioGeometry(times=list(times), freq_bins=1, sample_rate=16000, durations=[times[-1] + 0.5] * B)
+    return AttentionMaps(weights={0: weights}, heads={0: list(range(weights.shape[1]))}, segments={"audio": (0, T)},
+                         key_mask=torch.ones(B, T, dtype=torch.bool), key_special=torch.zeros(B, T, dtype=torch.bool),
+                         query_source="text", query_mask=torch.ones(B, Nq, dtype=torch.bool),
+                         key_geometry={"audio": geom}, num_heads=weights.shape[1])
+
+
+def order_model(**kw):
+    torch.manual_seed(3)
+    return MultimodalModel.from_specs(fusion=FusionConfig(dim=32, heads=2, layers=1, query="text"),
+                                      match="attended", match_order=True, image=None, **kw).eval()
+
+
+def test_order_pairs_event_times_and_items_match_hand_computed_values():
+    m = order_model()
+    text = m.encoders["text"].encode(["a chirp then a burst then a click", "a red circle with a tone", "then a tone"])
+    assert text.geometry.tokens[0][:8] == ["[CLS]", "a", "chirp", "then", "a", "burst", "then", "a"]
+    before, after = order_pairs(text)
+    assert before.shape[:2] == (3, 2)
+    assert before[0, 0, 1:3].tolist() == [0.5, 0.5] and after[0, 0, 4:6].tolist() == [0.5, 0.5]
+    assert before[0, 1, 4:6].tolist() == [0.5, 0.5] and after[0, 1, 7:9].tolist() == [0.5, 0.5]
+    assert before[0].sum().item() == 2 and before[1].sum() == 0 and before[2].sum() == 0  # no phrase before "then"
+    # each query's time: the mass-weighted mean column time over every head's audio weights
+    w = torch.zeros(1, 2, 2, 3)
+    w[0, 0, 0] = torch.tensor([0.6, 0.0, 0.0])
+    w[0, 1, 0] = torch.tensor([0.0, 0.2, 0.0])  # a head that hardly looks at the audio counts for little
+    w[0, 0, 1] = torch.tensor([0.0, 0.0, 1.0])
+    w[0, 1, 1] = torch.tensor([0.0, 1.0, 0.0])
+    t = m.event_times(audio_maps_for(w, [0.5, 1.5, 2.5]))
+    torch.testing.assert_close(t, torch.tensor([[(0.6 * 0.5 + 0.2 * 1.5) / 0.8, 2.0]]))
+    removed = m.event_times(audio_maps_for(w, [0.5, 1.5, 2.5]), head_mask=torch.tensor([[0.0, 1.0]]))
+    torch.testing.assert_close(removed, torch.tensor([[1.5, 1.5]]))  # a head the mask removes does not count
+    # an item per pair: softplus(scale) * (t_after - t_before) + bias, NaN past a caption's pairs
+    times = torch.zeros(3, text.tokens.shape[1])
+    times[0, 1:3], times[0, 4:6], times[0, 7:9] = 0.5, 2.0, 1.0
+    m.event_times = lambda maps, head_mask=None: times
+    items = m.order_items(text, None)
+    scale, bias = ORDER_SCALE_INIT, ORDER_BIAS_INIT
+    torch.testing.assert_close(items[0], torch.tensor([scale * 1.5 + bias, scale * -1.0 + bias]))
+    assert items[1:].isnan().all()
+
+
+def test_match_order_joins_the_soft_minimum_and_leaves_maps_as_asked(inputs, tmp_path):
+    m = order_model()
+    texts = ["a mid tone then a low tone", "a low tone then a mid tone", "a mid tone"]
+    with torch.no_grad():
+        tokens = m.encode(m.preprocess(text=texts, audio=[inputs / "scene.wav"] * 3))
+        out = m.fuse(tokens)
+        assert out.maps is None  # computed for the order items, not returned when not asked for
+        full = m.fuse(tokens, return_maps=True)
+        some = m.fuse(tokens, return_maps=MapRequest(layers=(0,), heads=(1,)))
+        torch.testing.assert_close(full.score, out.score)
+        torch.testing.assert_close(some.score, out.score)  # the score does not depend on the maps asked for
+        assert some.maps.heads == {0: [1]} and torch.equal(some.maps.weights[0], full.maps.weights[0][:, [1]])
+        items = m.order_items(tokens["text"], full.maps)  # (3, 1)
+        f = out.fused
+        per_query = (m.match_asked(f.query_inputs) * m.match_gathered(f.attended)).sum(-1) / 32 ** 0.5 \
+            + m.match_head[-1].bias
+        content = tokens["text"].mask & ~tokens["text"].special
+        for b in range(3):
+            terms = per_query[b, content[b]]
+            if not items[b].isnan().all():
+                terms = torch.cat([terms, items[b]])
+            expected = -SOFTMIN_TEMPERATURE * torch.logsumexp(-terms / SOFTMIN_TEMPERATURE, 0)
+            torch.testing.assert_close(out.score[b], expected)
+        plain = MultimodalModel(dict(m.encoders), m.cfg, match="attended")
+        plain.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("order_")})
+        torch.testing.assert_close(plain.eval().fuse(tokens).score[2], out.score[2])  # no "then": no item
+    back = MultimodalModel.from_pretrained(m.save_pretrained(tmp_path / "order"))
+    assert back.match_order and back.order_bias.item() == ORDER_BIAS_INIT
+    with torch.no_grad():
+        torch.testing.assert_close(back(text=texts, audio=[inputs / "scene.wav"] * 3).score, out.score)
+    config = json.loads((tmp_path / "order" / "config.json").read_text())
+    assert config["match_order"] is True
+    with pytest.raises(InputError, match="match_order"):
+        MultimodalModel.from_specs(fusion=FusionConfig(dim=32, heads=2, layers=1, query="text"), match="mean",
+                                   match_order=True)
+
+
+def test_match_order_on_the_shipped_default_rejects_the_sample_with_its_events_swapped():
+    """Order read off the default's own maps (switched on after training, initial scale and bias): the
+    sample's caption keeps its score, the same caption with its two events swapped is rejected."""
+    base = load_model("default")[0]
+    m = MultimodalModel(dict(base.encoders), base.cfg, match=base.match, match_over=base.match_over, match_order=True)
+    m.load_state_dict(base.state_dict(), strict=False)
+    m.eval()
+    caption = (asset_path("sample.txt")).read_text().strip()
+    assert "a falling chirp then a rising chirp" in caption
+    swapped = caption.replace("a falling chirp then a rising chirp", "a rising chirp then a falling chirp")
+    given = load_inputs(image=asset_path("sample.png"), audio=asset_path("sample.wav"), text=caption)
+    with torch.no_grad():
+        tokens = m.encode(m.preprocess(text=[caption, swapped], image=[given.image] * 2, audio=[given.audio] * 2))
+        with_order, without = m.fuse(tokens).score, base.fuse(tokens).score
+        times = m.event_times(m.fuse(tokens, return_maps=True).maps)[0]
+    before, after = order_pairs(tokens["text"])
+    falling, rising = (before[0, 0] * times).sum().item(), (after[0, 0] * times).sum().item()
+    assert rising - falling > 0.5  # seconds: the sample's falling chirp comes first
+    assert with_order[0] == pytest.approx(without[0].item(), abs=1e-3) and with_order[0] > 0  # a match, as before
+    assert without[1] > 0 and with_order[1] < 0  # order-blind: a match; with order: no match

@@ -70,9 +70,14 @@ def batch_phrase_groups(batch: dict[str, Any]) -> Tensor:
     return _batch_groups(batch["geometry"].tokens, batch["attention_mask"].bool() & ~batch["special"])
 
 
+def text_phrase_groups(text: ModalityTokens) -> Tensor:
+    """(B, N) `phrase_groups` of encoded text (on the CPU)."""
+    return _batch_groups(text.geometry.tokens, text.mask & ~text.special)
+
+
 def phrase_member(text: ModalityTokens) -> Tensor:
     """(B, N) bool: the text tokens inside a phrase (`phrase_groups` >= 0), not CLS / SEP, padding or joining words."""
-    return _batch_groups(text.geometry.tokens, text.mask & ~text.special) >= 0
+    return text_phrase_groups(text) >= 0
 
 
 def pool_phrases(hidden: Tensor, groups: Tensor) -> Tensor:

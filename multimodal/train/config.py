@@ -50,6 +50,9 @@ class TrainConfig:
     freeze: tuple[str, ...] = ()  # modalities whose encoders keep their initial weights, e.g. ["text"]
     match: str = "attended"
     match_over: str = "content"  # "phrases": the soft minimum leaves out joining words ("and", "with", "then")
+    # each "<phrase> then <phrase>" also asks that the second phrase's audio attention be centred later than the
+    # first's (MultimodalModel.match_order): event order read off the maps
+    match_order: bool = False
     phrase_queries: bool = True  # the text encoder pools each caption phrase into one query (TextEncoder.phrase_pooling)
     fusion: Mapping[str, Any] = field(default_factory=lambda: dict(
         dim=128, heads=4, layers=2, query="text", query_self_attention=True, attention="softmax",

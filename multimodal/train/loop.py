@@ -92,7 +92,7 @@ def build_model(tc: TrainConfig, modalities: tuple[str, ...] = ("text", "image",
     torch.manual_seed(seed if isinstance(seed, int) else int(np.random.SeedSequence(seed).generate_state(1)[0]))
     specs = {"text": tc.text_encoder, "image": tc.image_encoder, "audio": tc.audio_encoder}
     model = MultimodalModel.from_specs(fusion=FusionConfig.from_dict(dict(tc.fusion)), match=tc.match,
-                                       match_over=tc.match_over, encoder_args=encoder_args(tc),
+                                       match_over=tc.match_over, match_order=tc.match_order, encoder_args=encoder_args(tc),
                                        **{m: (s if m in modalities else None) for m, s in specs.items()})
     if tc.phrase_queries:
         model.encoders["text"].phrase_pooling = True
