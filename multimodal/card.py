@@ -121,7 +121,13 @@ def model_card(checkpoint: str | Path, control: str | Path | None = None) -> str
            "and are then dropped (`sinks`)" if fusion.get("sinks") else ""),
         f"- match head: `{config.get('match')}` ({MATCH_HEADS.get(config.get('match'), 'an MLP on the pooled queries')})"
         + ("; the soft minimum takes the phrase queries only, not the joining words 'and', 'with', 'then' "
-           "(`match_over = \"phrases\"`)" if config.get("match_over") == "phrases" else ""),
+           "(`match_over = \"phrases\"`)" if config.get("match_over") == "phrases" else "")
+        + ("; each '<phrase> then <phrase>' adds one more term to it, softplus(scale) x (t2 - t1) + bias, where t1 "
+           "and t2 are the times (s) the two phrases' audio attention is centred on (every layer and head), so events "
+           "heard in the other order score no match (`match_order`"
+           + (", switched on after training with scale 4 and bias 2"
+              if (config.get("meta", {}).get("train_config") or tc).get("match_order") == "after" else "")
+           + ")" if config.get("match_order") else ""),
         "",
         "## Training", "",
         "Reproduce: `multimodal train --preset default --out runs/default --eval-scenes 500` "

@@ -73,19 +73,25 @@ class MultimodalModel(nn.Module):
         if match_over not in MATCH_OVER:
             raise InputError(f"match_over={match_over!r}: use one of {MATCH_OVER}")
         self.match_over = match_over
-        self.match_order = bool(match_order)
-        if self.match_order:
-            if match == "mean" or cfg.query != "text":
-                raise InputError("match_order needs text queries and a soft-minimum match (match = softmin, "
-                                 f"bilinear or attended; this model has match = {match!r}, query = {cfg.query!r})")
-            raw = torch.tensor(ORDER_SCALE_INIT).expm1().log()  # softplus(raw) = ORDER_SCALE_INIT
-            self.order_scale = nn.Parameter(raw)
-            self.order_bias = nn.Parameter(torch.tensor(ORDER_BIAS_INIT))
+        self.match_order = False
         self.match_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
         if match in ("bilinear", "attended"):  # <asked(input query), gathered(fused query or attended)> + bias
             self.match_asked = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d))
             self.match_gathered = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d))
         self.meta = dict(meta or {})
+        if match_order:
+            self.enable_match_order()
+
+    def enable_match_order(self) -> None:
+        """Switch the order items on (`match_order`), their scale and bias at their initial values."""
+        if self.match == "mean" or self.cfg.query != "text":
+            raise InputError("match_order needs text queries and a soft-minimum match (match = softmin, "
+                             f"bilinear or attended; this model has match = {self.match!r}, query = {self.cfg.query!r})")
+        raw = torch.tensor(ORDER_SCALE_INIT).expm1().log()  # softplus(raw) = ORDER_SCALE_INIT
+        device = self.match_head[-1].bias.device
+        self.order_scale = nn.Parameter(raw.to(device))
+        self.order_bias = nn.Parameter(torch.tensor(ORDER_BIAS_INIT, device=device))
+        self.match_order = True
 
     # -- construction ---------------------------------------------------------------------
 

@@ -185,10 +185,11 @@ class AttentionMaps:
         for layer in layers:
             self._require(next(iter(self.segments)), layer)
             keep = self.heads[layer] if request is None or request.heads is None else list(request.heads)
+            whole = keep == self.heads[layer]  # the same tensors, not copies: gradients reach what the output used
             idx = [self.heads[layer].index(h) for h in keep]
-            weights[layer], heads[layer] = self.weights[layer][:, idx], keep
+            weights[layer], heads[layer] = self.weights[layer] if whole else self.weights[layer][:, idx], keep
             if self.claimed is not None and layer in self.claimed:
-                claimed[layer] = self.claimed[layer][:, idx]
+                claimed[layer] = self.claimed[layer] if whole else self.claimed[layer][:, idx]
         return replace(self, weights=weights, heads=heads, claimed=claimed or None)
 
     def _require(self, modality: str, layer: int) -> None:

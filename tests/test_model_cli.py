@@ -331,6 +331,10 @@ def test_match_order_joins_the_soft_minimum_and_leaves_maps_as_asked(inputs, tmp
         plain = MultimodalModel(dict(m.encoders), m.cfg, match="attended")
         plain.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("order_")})
         torch.testing.assert_close(plain.eval().fuse(tokens).score[2], out.score[2])  # no "then": no item
+    with torch.enable_grad():  # the returned maps are the tensors the score used: gradient relevance works
+        out = m.fuse(tokens, return_maps=True)
+        grads = torch.autograd.grad(out.score.sum(), [out.maps.weights[0]])
+        assert grads[0].abs().sum() > 0
     back = MultimodalModel.from_pretrained(m.save_pretrained(tmp_path / "order"))
     assert back.match_order and back.order_bias.item() == ORDER_BIAS_INIT
     with torch.no_grad():
@@ -343,19 +347,20 @@ def test_match_order_joins_the_soft_minimum_and_leaves_maps_as_asked(inputs, tmp
 
 
 def test_match_order_on_the_shipped_default_rejects_the_sample_with_its_events_swapped():
-    """Order read off the default's own maps (switched on after training, initial scale and bias): the
-    sample's caption keeps its score, the same caption with its two events swapped is rejected."""
-    base = load_model("default")[0]
-    m = MultimodalModel(dict(base.encoders), base.cfg, match=base.match, match_over=base.match_over, match_order=True)
-    m.load_state_dict(base.state_dict(), strict=False)
-    m.eval()
+    """The default reads event order off its own maps (switched on after training: initial scale and
+    bias): the sample's caption scores as it would without the order item, the same caption with its two
+    events swapped, a match without it, is rejected with it."""
+    m = load_model("default")[0]
+    assert m.match_order and m.order_bias.item() == ORDER_BIAS_INIT
+    blind = MultimodalModel(dict(m.encoders), m.cfg, match=m.match, match_over=m.match_over).eval()
+    blind.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("order_")})
     caption = (asset_path("sample.txt")).read_text().strip()
     assert "a falling chirp then a rising chirp" in caption
     swapped = caption.replace("a falling chirp then a rising chirp", "a rising chirp then a falling chirp")
     given = load_inputs(image=asset_path("sample.png"), audio=asset_path("sample.wav"), text=caption)
     with torch.no_grad():
         tokens = m.encode(m.preprocess(text=[caption, swapped], image=[given.image] * 2, audio=[given.audio] * 2))
-        with_order, without = m.fuse(tokens).score, base.fuse(tokens).score
+        with_order, without = m.fuse(tokens).score, blind.fuse(tokens).score
         times = m.event_times(m.fuse(tokens, return_maps=True).maps)[0]
     before, after = order_pairs(tokens["text"])
     falling, rising = (before[0, 0] * times).sum().item(), (after[0, 0] * times).sum().item()

@@ -12,7 +12,7 @@ from multimodal.cli import main
 from multimodal.data.manifest import scene_to_manifest_row, write_manifest
 from multimodal.data.scenes import generate_scene
 from multimodal.evaluate import evaluate, write_report
-from multimodal.model import MultimodalModel
+from multimodal.model import ORDER_BIAS_INIT, ORDER_SCALE_INIT, MultimodalModel
 from multimodal.train import NegativeMining, build_model, contrastive_loss, load_config, train
 from multimodal.types import InputError, ModalityTokens
 
@@ -532,3 +532,25 @@ def test_calibration_shifts_every_score_alike_and_reaches_its_balanced_accuracy(
     saved = MultimodalModel.from_pretrained(tmp_path / "run")
     assert saved.meta["match_calibration"] == summary["calibration"]
     assert train(smoke(steps=2, calibrate=False), tmp_path / "off", progress=False)["calibration"] is None
+
+
+def test_match_order_after_switches_the_order_items_on_once_training_is_done(tmp_path, capsys):
+    """The default's "after": trained without the order items, saved with them at their initial scale and
+    bias; "train": on from step 0; skipped where it cannot apply; refused by name where asked for and
+    impossible."""
+    train(smoke(steps=2, match_order="after"), tmp_path / "after", progress=True)
+    assert "event order switched on (match_order = after)" in capsys.readouterr().out
+    train(smoke(steps=2, match_order="off"), tmp_path / "off", progress=False)
+    after, off = MultimodalModel.from_pretrained(tmp_path / "after"), MultimodalModel.from_pretrained(tmp_path / "off")
+    assert after.match_order and not off.match_order
+    assert after.order_bias.item() == ORDER_BIAS_INIT
+    assert torch.nn.functional.softplus(after.order_scale).item() == pytest.approx(ORDER_SCALE_INIT)
+    for name, weight in off.state_dict().items():  # the same training: only the order items were added
+        torch.testing.assert_close(after.state_dict()[name], weight, rtol=0, atol=0)
+    assert build_model(smoke(match_order="train")).match_order
+    latent = smoke(steps=2, match_order="after", **{"fusion.query": "latents"})
+    assert not latent.can_read_order  # "after" is skipped for it
+    with pytest.raises(InputError, match="match_order"):
+        smoke(match_order="train", match="mean")
+    with pytest.raises(InputError, match="match_order"):
+        smoke(match_order="sometimes")

@@ -51,8 +51,11 @@ class TrainConfig:
     match: str = "attended"
     match_over: str = "content"  # "phrases": the soft minimum leaves out joining words ("and", "with", "then")
     # each "<phrase> then <phrase>" also asks that the second phrase's audio attention be centred later than the
-    # first's (MultimodalModel.match_order): event order read off the maps
-    match_order: bool = False
+    # first's (MultimodalModel.match_order): event order read off the maps. "after": switched on once the last
+    # step is done (and the threshold calibrated), with its initial scale and bias; "train": on from step 0,
+    # its scale and bias learned; "off". "after" is skipped for a model that cannot read it (latent queries,
+    # match = "mean")
+    match_order: str = "after"
     phrase_queries: bool = True  # the text encoder pools each caption phrase into one query (TextEncoder.phrase_pooling)
     fusion: Mapping[str, Any] = field(default_factory=lambda: dict(
         dim=128, heads=4, layers=2, query="text", query_self_attention=True, attention="softmax",
@@ -112,11 +115,22 @@ class TrainConfig:
             raise InputError("masked_word_weight scores words with the bilinear match head: set match = \"bilinear\"")
         if not 0 < self.masked_word_rate <= 1:
             raise InputError(f"masked_word_rate={self.masked_word_rate} must be in (0, 1]")
+        if self.match_order not in MATCH_ORDER:
+            raise InputError(f"match_order={self.match_order!r}: choose one of {', '.join(MATCH_ORDER)}")
+        if self.match_order == "train" and not self.can_read_order:
+            raise InputError(f"match_order={self.match_order!r} reads event order off text queries' maps into a soft "
+                             "minimum: it needs fusion.query = \"text\" and match = softmin, bilinear or attended "
+                             "(or set match_order = \"off\"; \"after\" is skipped where it cannot apply)")
         if self.captions not in CAPTIONS:
             raise InputError(f"captions={self.captions!r}: choose one of {', '.join(CAPTIONS)}")
         FusionConfig.from_dict(dict(self.fusion))  # refuse bad fusion keys before anything runs
         scene_config(self)
         curriculum_scene_config(self)
+
+    @property
+    def can_read_order(self) -> bool:
+        """The model can read event order off its maps (`match_order`): text queries, a soft-minimum match."""
+        return self.match != "mean" and FusionConfig.from_dict(dict(self.fusion)).query == "text"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -125,6 +139,8 @@ class TrainConfig:
         d["encoder_lr_scales"] = dict(self.encoder_lr_scales)
         return d
 
+
+MATCH_ORDER = ("off", "after", "train")
 
 # what `captions` leaves out of every caption (over `scene` and `curriculum_scene`): the task-variety study
 CAPTIONS: dict[str, dict[str, int]] = {"both": {}, "image": {"max_mentioned_events": 0},
@@ -136,7 +152,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # layers, one fusion layer, 2600 steps, no calibration
     "local": {"steps": 2600, "image_encoder": "vit-local-scenes", "audio_encoder": "ast-local-scenes",
               "fusion": {"layers": 1}, "calibrate": False, "stall_step": 300, "stall_loss": 3.5,
-              "contrastive_per_modality": False},
+              "contrastive_per_modality": False, "match_order": "off"},
     "smoke": {"steps": 6, "batch_size": 4, "pool_scenes": 8, "val_scenes": 8, "eval_every": 3,
               "checkpoint_every": 3, "warmup": 2},
 }

@@ -92,7 +92,7 @@ def build_model(tc: TrainConfig, modalities: tuple[str, ...] = ("text", "image",
     torch.manual_seed(seed if isinstance(seed, int) else int(np.random.SeedSequence(seed).generate_state(1)[0]))
     specs = {"text": tc.text_encoder, "image": tc.image_encoder, "audio": tc.audio_encoder}
     model = MultimodalModel.from_specs(fusion=FusionConfig.from_dict(dict(tc.fusion)), match=tc.match,
-                                       match_over=tc.match_over, match_order=tc.match_order, encoder_args=encoder_args(tc),
+                                       match_over=tc.match_over, match_order=tc.match_order == "train", encoder_args=encoder_args(tc),
                                        **{m: (s if m in modalities else None) for m, s in specs.items()})
     if tc.phrase_queries:
         model.encoders["text"].phrase_pooling = True
@@ -457,6 +457,8 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
     if resumed:
         meta, tensors = resumed
         saved = MultimodalModel.from_pretrained(out_dir)
+        if saved.match_order and not model.match_order:  # saved after its last step with match_order = "after"
+            model.enable_match_order()
         try:
             model.load_state_dict(saved.state_dict())
         except RuntimeError as e:
@@ -583,6 +585,10 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
                     bar.write(f"step {step}: match threshold calibrated on {c['scenes']} validation scenes: logit "
                               f"shift {c['shift']:+.3f}, balanced accuracy {c['balanced_accuracy_before']:.3f} -> "
                               f"{c['balanced_accuracy_after']:.3f}")
+            if step == tc.steps and tc.match_order == "after" and tc.can_read_order and not model.match_order:
+                model.enable_match_order()
+                bar.write(f"step {step}: event order switched on (match_order = after): each '<phrase> then <phrase>' "
+                          "asks that the second phrase's audio attention be centred later than the first's")
             if step % tc.eval_every == 0 or step == tc.steps:
                 val = matching_accuracy(model, val_pool, seed=tc.seed + 1)
                 history.append({"step": step, "loss": ema_loss, "train_acc": ema_acc, **val,

@@ -262,7 +262,7 @@ def calibrate_match_bias(model: MultimodalModel, pool: ScenePool, seed: int, neg
     of different kinds where the scene allows (`change_kinds`); the threshold with the best
     balanced accuracy (`best_threshold`) becomes 0 by adding its negative to the last bias of the
     match head, which shifts every caption's logit by the same amount (the soft minimum over
-    queries commutes with a constant). Rankings, and so pairwise accuracy and every attention map,
+    queries commutes with a constant; with `match_order` its order items' bias shifts too). Rankings, and so pairwise accuracy and every attention map,
     are unchanged. Scenes without hard negatives (manifest rows) are left alone: returns {} then.
     """
     if not pool.hard_negatives:
@@ -286,6 +286,8 @@ def calibrate_match_bias(model: MultimodalModel, pool: ScenePool, seed: int, neg
     before = balanced_accuracy(positive, negative, 0.0)[0]
     threshold, after = best_threshold(positive, negative)
     model.match_head[-1].bias.sub_(threshold)
+    if model.match_order:  # the order items too, so that every item of the soft minimum shifts alike
+        model.order_bias.data.sub_(threshold)
     return {"shift": -threshold, "scenes": len(positive), "negatives": len(negative),
             "balanced_accuracy_before": float(before), "balanced_accuracy_after": after,
             "true_matched_after": float((positive > threshold).mean()),
