@@ -72,7 +72,8 @@ def cmd_maps(args) -> int:
     from multimodal.analysis.relevance import fusion_rollout
     from multimodal.drawing import RELEVANCE_LABEL, ROLLOUT_LABEL, write_all, write_encoder_maps
     from multimodal.fusion import MapRequest
-    from multimodal.inference import SAMPLE, input_notices, load_inputs, run, run_with_relevance
+    from multimodal.inference import (SAMPLE, describe_event_order, event_order, input_notices, load_inputs, run,
+                                      run_with_relevance)
 
     torch.manual_seed(args.seed)
     if args.sample:
@@ -117,9 +118,13 @@ def cmd_maps(args) -> int:
         "layers": out.maps.layers,
         "heads": out.maps.heads[out.maps.layers[0]],
         "notices": notices,
+        "event_order": event_order(model, out),  # match_order models, captions with "then", every head's maps
         "files": [str(p) for p in written],
     }
     Path(args.out, "summary.json").write_text(json.dumps(summary, indent=1))
+    order = describe_event_order(summary["event_order"])
+    if order:
+        print(order)
     print(f"match score {summary['match_score']:.3f}; wrote {len(written) + 1} files to {args.out}:")
     for p in written:
         print(f"  {p}")

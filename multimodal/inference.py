@@ -28,7 +28,7 @@ from multimodal.data.scenes import caption_words
 from multimodal.encoders.registry import describe_spec
 from multimodal.encoders.audio import WINDOW_SECONDS
 from multimodal.fusion import FusionConfig, FusionOutput, MapRequest
-from multimodal.model import ModelOutput, MultimodalModel, is_checkpoint
+from multimodal.model import ModelOutput, MultimodalModel, is_checkpoint, order_pairs
 from multimodal.types import AttentionMaps, InputError
 
 
@@ -294,3 +294,47 @@ def run_with_relevance(model: MultimodalModel, inputs: Inputs, tokenizer_lock: t
     for t in out.tokens.values():
         t.self_attention = None if t.self_attention is None else [a.detach() for a in t.self_attention]
     return out, rel
+
+
+def event_order(model: MultimodalModel, out, head_mask: torch.Tensor | None = None) -> list[dict]:
+    """What a model that reads event order (`match_order`) read for each "<phrase> then <phrase>" of the
+    first caption in `out` (a `run` output with every layer's and head's maps): the two phrases, the times
+    (s) their audio attention is centred on, and the term the pair adds to the match's soft minimum
+    (negative: out of order). Empty for other models, captions without "then" or maps without audio."""
+    maps = out.maps
+    if (not getattr(model, "match_order", False) or maps is None or "audio" not in maps.segments
+            or "text" not in out.tokens or any(len(maps.heads[l]) != maps.num_heads for l in maps.layers)
+            or len(maps.layers) != model.cfg.layers):
+        return []
+    text = out.tokens["text"]
+    before, after = order_pairs(text)
+    if before.shape[1] == 0:
+        return []
+    with torch.no_grad():
+        times = model.event_times(maps, head_mask)[0]
+        terms = model.order_items(text, maps, head_mask)[0]
+    caption, spans = text.geometry.texts[0], text.geometry.spans[0]
+
+    def phrase(weights: torch.Tensor) -> tuple[str, float]:
+        idx = weights.nonzero().flatten().tolist()
+        words = caption[spans[idx[0]][0]:spans[idx[-1]][1]]
+        return words, float((weights.to(times) * times).sum())
+
+    pairs = []
+    for p in range(before.shape[1]):
+        if before[0, p].sum() == 0:
+            break
+        (first, t1), (second, t2) = phrase(before[0, p]), phrase(after[0, p])
+        pairs.append({"first": first, "first_s": t1, "then": second, "then_s": t2, "term": float(terms[p])})
+    return pairs
+
+
+def describe_event_order(pairs: list[dict]) -> str | None:
+    """One line per pair of `event_order`, for people."""
+    if not pairs:
+        return None
+    lines = [f"'{p['first']}' centred at {p['first_s']:.2f} s, then '{p['then']}' at {p['then_s']:.2f} s: "
+             + ("in order" if p["term"] > 0 else "out of order, which alone makes this caption no match")
+             + f" (term {p['term']:+.2f})" for p in pairs]
+    return "Event order, read off the audio maps: " + "; ".join(lines) + "."
+

@@ -216,6 +216,23 @@ def test_ground_truth_format_errors_are_readable(files, tmp_path):
         A.load_ground_truth(tmp_path / "bad.json")
 
 
+def test_status_says_what_event_order_the_maps_read():
+    """The default reads event order off its maps: the status names each '<phrase> then <phrase>', where
+    each is centred and whether they are in order; with the sample's events swapped, out of order."""
+    from multimodal.inference import ASSETS, load_model
+
+    app = A.App(*load_model(), examples_dir=None)
+    image, audio = str(ASSETS / "sample.png"), str(ASSETS / "sample.wav")
+    caption = (ASSETS / "sample.txt").read_text().strip()
+    status, score = app.run(image, audio, caption)[:2]
+    assert "Event order, read off the audio maps: 'a falling chirp' centred at " in status
+    assert ": in order (term +" in status and score["match"] > 0.5
+    swapped = caption.replace("a falling chirp then a rising chirp", "a rising chirp then a falling chirp")
+    status, score = app.run(image, audio, swapped)[:2]
+    assert "then 'a falling chirp' at 1." in status and "out of order" in status and score["match"] < 0.5
+    assert "Event order" not in app.run(image, audio, "a small white square")[0]  # no "then": nothing to read
+
+
 def test_run_handler_without_a_server(app, files):
     out = app.run(files["image"], files["audio"], CAPTION, files["gt"], [], 0, None)
     status, score, image_grid, audio_grid, text_grid, playback, markup, table, downloads, token, res = out

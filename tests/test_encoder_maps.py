@@ -1,5 +1,6 @@
 """The encoders' own heads drawn: per layer and head, from CLS or the mean token, and the rollout."""
 
+import json
 import numpy as np
 import pytest
 import torch
@@ -74,7 +75,13 @@ def test_maps_command_writes_encoder_views_and_names_encoders_without_layers(tmp
     """The default's three encoders each have 2 self-attention layers: all are drawn. The embedded
     zero-depth control (`local`) has none in its image and audio encoders, and says so."""
     assert main(["maps", "--sample", "--encoder-maps", "--out", str(tmp_path / "default")]) == 0
-    assert "no self-attention layers" not in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "no self-attention layers" not in printed.err
+    # the default reads event order off its maps: the sample's falling chirp, then its rising chirp
+    assert ("Event order, read off the audio maps: 'a falling chirp' centred at 1." in printed.out
+            and "then 'a rising chirp' at 1.9" in printed.out and ": in order (term +" in printed.out)
+    order = json.loads((tmp_path / "default" / "summary.json").read_text())["event_order"]
+    assert len(order) == 1 and order[0]["then_s"] - order[0]["first_s"] > 0.5 and order[0]["term"] > 0
     names = {p.name for p in (tmp_path / "default").iterdir()}
     assert {f"encoder_{m}_{k}.png" for m in ("text", "image", "audio") for k in ("layer0", "layer1", "rollout")} <= names
     assert Image.open(tmp_path / "default" / "encoder_image_rollout.png").size[0] > 100

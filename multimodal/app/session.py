@@ -522,6 +522,9 @@ class App:
         status = f"Ran on {given} in {took:.2f} s."
         if off is not None:
             status += f" Heads switched off: {', '.join(ablate)}."
+        order = inference.describe_event_order(inference.event_order(model, out, off))
+        if order:
+            status += "\n\n" + html.escape(order, quote=False)
         if notices:
             status += "\n\n" + "\n".join(f"- **Note:** {html.escape(n, quote=False)}" for n in notices)
         labels = [mean_label(maps.query_source)] + [lab for _, lab in queries]
