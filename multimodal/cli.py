@@ -337,7 +337,8 @@ def cmd_compare(args) -> int:
     study = load_study(args.study)
     out = Path(args.out or Path("reports") / study.name)
     if args.dry_run:
-        print(describe_runs(study, out))
+        from multimodal.compare.runner import reuse_index
+        print(describe_runs(study, out, reuse_index(args.reuse) if args.reuse else None))
         return 0
     if args.report_only:
         runs = plan_runs(study, check_models=False)

@@ -380,6 +380,10 @@ def test_reuse_copies_another_studys_identical_run_and_computes_the_rest(finishe
         '"fusion.query" = ["text", "latents"]', '"fusion.heads" = [2, 4]').replace(
         '"fusion.heads" = 2\n', '"fusion.query" = "text"\n'))
     dest = tmp_path / "other"
+    assert main(["compare", str(toml), "--out", str(dest), "--reuse", str(out), "--dry-run"]) == 0
+    listing = capsys.readouterr().out
+    assert "[copy   ] fusion.heads=2,seed=0" in listing and "[pending] fusion.heads=4,seed=0" in listing
+    assert "to run: 1; done: 0; copied from another study (--reuse): 1" in listing
     assert main(["compare", str(toml), "--out", str(dest), "--reuse", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "ran 1, skipped 0 (already done), copied 1 (--reuse)" in printed

@@ -361,8 +361,10 @@ def run_status(run: Run, study: Study, runs_dir: Path) -> str:
     return "failed" if (folder / ERROR).is_file() else "pending"
 
 
-def describe_runs(study: Study, out: str | Path) -> str:
-    """The dry-run listing: every run, its status and its fusion parameter count."""
+def describe_runs(study: Study, out: str | Path, reusable: Mapping[str, Path] | None = None) -> str:
+    """The dry-run listing: every run, its status and its fusion parameter count. `reusable`: fingerprint ->
+    another study's finished run (`runner.reuse_index`); a run not done here that one of them matches is
+    listed as 'copy' (run_study would copy it)."""
     runs = plan_runs(study, check_models=False)
     runs_dir = Path(out) / "runs"
     params = {}
@@ -377,9 +379,12 @@ def describe_runs(study: Study, out: str | Path) -> str:
         if arch not in params:
             params[arch] = sum(p.numel() for p in build_model(r.config).fusion.parameters())
         status = run_status(r, study, runs_dir)
+        if status != "done" and reusable and fingerprint(r, study) in reusable:
+            status = "copy"
         counts[status] += 1
         lines.append(f"  [{status:7s}] {r.run_id}  (steps {r.config.steps}, fusion params {params[arch]:,})")
-    lines.append("to run: " + str(sum(v for k, v in counts.items() if k != "done")) +
-                 f"; done: {counts['done']}" + (f"; stale (config changed, will rerun): {counts['stale']}"
+    lines.append("to run: " + str(sum(v for k, v in counts.items() if k not in ("done", "copy"))) +
+                 f"; done: {counts['done']}" + (f"; copied from another study (--reuse): {counts['copy']}"
+                                                if counts["copy"] else "") + (f"; stale (config changed, will rerun): {counts['stale']}"
                                                 if counts["stale"] else ""))
     return "\n".join(lines)
