@@ -569,7 +569,7 @@ def test_a_committed_studys_report_and_plots_are_shown(client, app):
     report, plots = client.predict("size", api_name="/study")
     assert report.startswith("# Study: size") and "Do larger fusion blocks" in report
     captions = [p["caption"] for p in plots]
-    assert "summary" in captions and "per-head heatmaps: fusion.dim=128,seed=0" in captions
+    assert "summary" in captions and "per-head heatmaps: fusion.layers=1,fusion.heads=4,seed=0" in captions
     assert all(Path(value(p["image"])).stat().st_size > 1000 for p in plots)
     with pytest.raises(AppError, match="not in the list of choices"):  # the dropdown refuses it first
         client.predict("nope", api_name="/study")
