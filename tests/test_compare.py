@@ -401,3 +401,20 @@ def test_reuse_copies_another_studys_identical_run_and_computes_the_rest(finishe
     assert result["reused"] == [] and len(result["ran"]) == 2
     with pytest.raises(InputError, match="no such folder"):
         run_study(stricter, tmp_path / "stricter", progress=False, reuse=[tmp_path / "nowhere"])
+
+
+def test_zip_keys_that_never_vary_alone_are_compared_row_by_row(finished, tmp_path):
+    """A [zip] whose keys always change together (a recipe of several settings): no key can be compared
+    alone, so the report compares each row with the first, paired by seed."""
+    _, out = finished
+    base = done(out, "fusion.query=text,seed=0")
+    study = study_from_dict(tiny_study(seeds=[0, 1, 2], grid={}, snapshots=[],
+                                       zip={"fusion.compete": [False, True], "fusion.sinks": [0, 8]}))
+    runs = []
+    for seed, p in enumerate([0.50, 0.55, 0.52]):
+        runs.append(fabricate(base, seed, {"fusion.compete": False, "fusion.sinks": 0}, pointing_image_best=p))
+        runs.append(fabricate(base, seed, {"fusion.compete": True, "fusion.sinks": 8}, pointing_image_best=p + 0.2))
+    text = write_report(study, runs, tmp_path)["report"].read_text()
+    assert "### [zip] rows" in text and "### fusion.compete" not in text
+    assert ("**Best-head pointing (image) was higher with [zip] rows=fusion.compete=true, fusion.sinks=8 than with "
+            "[zip] rows=fusion.compete=false, fusion.sinks=0** (0.723 ± 0.025 vs 0.523 ± 0.025") in text

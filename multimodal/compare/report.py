@@ -112,6 +112,20 @@ def _sentence(label: str, fmt: str, test: dict, what_b: str, what_a: str, prep: 
             f"({both} <= {test['critical']:.2f}).")
 
 
+ZIP_ROWS = "[zip] rows"  # the factor a report compares when a [zip]'s keys never vary one at a time
+
+
+def zip_label(keys: Sequence[str], values: Sequence[Any]) -> str:
+    return ", ".join(f"{k}={_fmt_level(v)}" for k, v in zip(keys, values))
+
+
+def zip_row(result: dict, keys: Sequence[str]) -> dict:
+    """A run's result with its [zip] keys folded into one grid value (`ZIP_ROWS`: the row's label)."""
+    point = {k: v for k, v in result["point"].items() if k not in keys}
+    point[ZIP_ROWS] = zip_label(keys, [result["point"][k] for k in keys])
+    return {**result, "point": point}
+
+
 def factor_conclusions(results: list[dict], grid: dict[str, Sequence[Any]]) -> tuple[list[str], list[dict], int]:
     """Per grid key: compare its levels on every metric, paired by seed and the other grid values.
 
@@ -332,6 +346,13 @@ def write_report(study, results: list[dict], out: str | Path, planned: Sequence[
     threshold = getattr(study, "grounded_pointing", 0.0)
     grounded = [r for r in results if grounds(r, threshold) is not False]
     factor, factor_records, n_tests = factor_conclusions(grounded, grid)
+    zkeys = list(getattr(study, "zipped", None) or {})
+    if len(zkeys) > 1 and not any(rec["key"] in zkeys for rec in factor_records):
+        # keys varied together that no two rows hold apart one at a time: compare the rows themselves
+        factor, factor_records, n_tests = factor_conclusions(
+            [zip_row(r, zkeys) for r in grounded],
+            {**{k: v for k, v in grid.items() if k not in zkeys},
+             ZIP_ROWS: [zip_label(zkeys, row) for row in zip(*(study.zipped[k] for k in zkeys))]})
     base, n_base = baseline_lines(results)
     dyn, dyn_records, n_dyn = dynamics_lines(groups)
     size = size_lines(grounded)
