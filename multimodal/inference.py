@@ -329,12 +329,20 @@ def event_order(model: MultimodalModel, out, head_mask: torch.Tensor | None = No
     return pairs
 
 
+SAME_TIME_S = 0.25  # two phrases centred closer than this: their order is not read (e.g. "a chirp then a chirp")
+
+
 def describe_event_order(pairs: list[dict]) -> str | None:
     """One line per pair of `event_order`, for people."""
     if not pairs:
         return None
+    def verdict(p: dict) -> str:
+        if abs(p["then_s"] - p["first_s"]) < SAME_TIME_S:
+            return (f"within {SAME_TIME_S:g} s of each other, so the maps hardly tell them apart in time (a repeated "
+                    "event reads so too)")
+        return "in order" if p["term"] > 0 else "out of order, which alone makes this caption no match"
+
     lines = [f"'{p['first']}' centred at {p['first_s']:.2f} s, then '{p['then']}' at {p['then_s']:.2f} s: "
-             + ("in order" if p["term"] > 0 else "out of order, which alone makes this caption no match")
-             + f" (term {p['term']:+.2f})" for p in pairs]
+             f"{verdict(p)} (term {p['term']:+.2f})" for p in pairs]
     return "Event order, read off the audio maps: " + "; ".join(lines) + "."
 
