@@ -28,7 +28,7 @@ from multimodal.data.scenes import caption_words
 from multimodal.encoders.registry import describe_spec
 from multimodal.encoders.audio import WINDOW_SECONDS
 from multimodal.fusion import FusionConfig, FusionOutput, MapRequest
-from multimodal.model import ModelOutput, MultimodalModel, is_checkpoint, order_pairs
+from multimodal.model import ModelOutput, MultimodalModel, is_checkpoint
 from multimodal.types import AttentionMaps, InputError
 
 
@@ -302,30 +302,25 @@ def event_order(model: MultimodalModel, out, head_mask: torch.Tensor | None = No
     (s) their audio attention is centred on, and the term the pair adds to the match's soft minimum
     (negative: out of order). Empty for other models, captions without "then" or maps without audio."""
     maps = out.maps
-    if (not getattr(model, "match_order", False) or maps is None or "audio" not in maps.segments
+    if (not model.match_order or maps is None or "audio" not in maps.segments
             or "text" not in out.tokens or any(len(maps.heads[l]) != maps.num_heads for l in maps.layers)
             or len(maps.layers) != model.cfg.layers):
         return []
     text = out.tokens["text"]
-    before, after = order_pairs(text)
-    if before.shape[1] == 0:
-        return []
-    with torch.no_grad():
-        times = model.event_times(maps, head_mask)[0]
-        terms = model.order_items(text, maps, head_mask)[0]
+    with torch.no_grad():  # one reading: the pairs, their times and their terms, as the score took them
+        before, after, t_before, t_after, terms = model.read_order(text, maps, head_mask)
     caption, spans = text.geometry.texts[0], text.geometry.spans[0]
 
-    def phrase(weights: torch.Tensor) -> tuple[str, float]:
+    def words(weights: torch.Tensor) -> str:
         idx = weights.nonzero().flatten().tolist()
-        words = caption[spans[idx[0]][0]:spans[idx[-1]][1]]
-        return words, float((weights.to(times) * times).sum())
+        return caption[spans[idx[0]][0]:spans[idx[-1]][1]]
 
     pairs = []
     for p in range(before.shape[1]):
         if before[0, p].sum() == 0:
             break
-        (first, t1), (second, t2) = phrase(before[0, p]), phrase(after[0, p])
-        pairs.append({"first": first, "first_s": t1, "then": second, "then_s": t2, "term": float(terms[p])})
+        pairs.append({"first": words(before[0, p]), "first_s": float(t_before[0, p]), "then": words(after[0, p]),
+                      "then_s": float(t_after[0, p]), "term": float(terms[0, p])})
     return pairs
 
 

@@ -194,18 +194,23 @@ class MultimodalModel(nn.Module):
         times = torch.tensor(maps.key_geometry["audio"].times, dtype=w.dtype, device=w.device)
         return (w * times).sum(-1) / w.sum(-1).clamp_min(torch.finfo(w.dtype).tiny)
 
-    def order_items(self, text: ModalityTokens, maps, head_mask: Tensor | None = None) -> Tensor:
-        """(B, P): per "<phrase> then <phrase>" in each caption, softplus(order_scale) * (t_after - t_before)
-        + order_bias, each phrase's time the mean of its tokens' `event_times`; NaN past a caption's pairs."""
+    def read_order(self, text: ModalityTokens, maps, head_mask: Tensor | None = None
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Per "<phrase> then <phrase>" in each caption: the phrase before and the phrase after as token
+        weights (B, P, Nq) each (`order_pairs`), their times (B, P) each (the mean of their tokens'
+        `event_times`), and the items (B, P), softplus(order_scale) * (t_after - t_before) + order_bias, NaN
+        past a caption's pairs."""
         before, after = order_pairs(text)  # (B, P, Nq) each, rows of 1 / phrase length
         t = self.event_times(maps, head_mask)  # (B, Nq)
-        if before.shape[1] == 0:
-            return t.new_zeros(t.shape[0], 0)
         before, after = before.to(t), after.to(t)
         gap = torch.einsum("bpn,bn->bp", after - before, t)
-        real = before.sum(-1) > 0
         items = F.softplus(self.order_scale) * gap + self.order_bias
-        return items.masked_fill(~real, float("nan"))
+        items = items.masked_fill(before.sum(-1) == 0, float("nan"))
+        return before, after, torch.einsum("bpn,bn->bp", before, t), torch.einsum("bpn,bn->bp", after, t), items
+
+    def order_items(self, text: ModalityTokens, maps, head_mask: Tensor | None = None) -> Tensor:
+        """(B, P): `read_order`'s items, the terms the soft minimum takes."""
+        return self.read_order(text, maps, head_mask)[-1]
 
     def forward(self, text=None, image=None, audio=None, head_mask: Tensor | None = None,
                 return_maps: bool | MapRequest = False, capture_attention: bool | Sequence[str] = False

@@ -287,7 +287,7 @@ def calibrate_match_bias(model: MultimodalModel, pool: ScenePool, seed: int, neg
     threshold, after = best_threshold(positive, negative)
     model.match_head[-1].bias.sub_(threshold)
     if model.match_order:  # the order items too, so that every item of the soft minimum shifts alike
-        model.order_bias.data.sub_(threshold)
+        model.order_bias.sub_(threshold)
     return {"shift": -threshold, "scenes": len(positive), "negatives": len(negative),
             "balanced_accuracy_before": float(before), "balanced_accuracy_after": after,
             "true_matched_after": float((positive > threshold).mean()),
