@@ -25,7 +25,7 @@ from multimodal.analysis.grounding import (METRICS, POINTING_TOLERANCE_PX, TIME_
                                           column_spacing, phrase_tokens, score_phrase)
 from multimodal.analysis.relevance import relevance_maps
 from multimodal.data.pool import MAX_SPLIT_SCENES, ScenePool, split_seeds
-from multimodal.data.scenes import CHANGE_TYPES, SceneConfig, change_kinds, hard_negative
+from multimodal.data.scenes import CHANGE_TYPES, REPEAT, SceneConfig, change_kinds, hard_negative
 from multimodal.data.truth import GroundTruth, from_scene
 from multimodal.model import MultimodalModel, score_candidates
 from multimodal.types import AttentionMaps, InputError
@@ -133,7 +133,7 @@ def _every_kind(model: MultimodalModel, batch: dict, group: list, kinds, rng: np
                 every: dict) -> list[float]:
     """Each scene's caption against one negative of each of `kinds` it allows (tallied into
     `every[kind]` = [true outscores it, it alone scores no match, pairs]); returns the true captions' logits."""
-    caps, allowed = [], [change_kinds(s) for s in group]
+    caps, allowed = [], [change_kinds(s, repeat=REPEAT in kinds) for s in group]
     for s, ok in zip(group, allowed):  # the caption again where a kind does not apply (not tallied)
         caps += [s.caption] + [hard_negative(s, rng, change_type=k)[0] if k in ok else s.caption for k in kinds]
     with torch.no_grad():
@@ -172,6 +172,7 @@ def evaluate(model: MultimodalModel, scenes: int = 500, seed: int = 0, batch_siz
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     every_rng = np.random.default_rng([seed, 1])  # the every-kind negatives: the random draw above is unchanged
+    repeat_rng = np.random.default_rng([seed, 2])  # and the repeated-event ones: the kinds before them are unchanged
     wins = defaultdict(lambda: [0, 0])
     every = defaultdict(lambda: [0, 0, 0])  # kind -> [true caption outscores it, it scored no match, pairs]
     matched = defaultdict(lambda: [0, 0])  # which true captions -> [scored a match (p > 0.5), captions]
@@ -191,6 +192,7 @@ def evaluate(model: MultimodalModel, scenes: int = 500, seed: int = 0, batch_siz
                 wins[key][0] += int(p > n)
                 wins[key][1] += 1
         true_scores = _every_kind(model, batch, group, CHANGE_TYPES, every_rng, every)
+        _every_kind(model, batch, group, (REPEAT,), repeat_rng, every)
         for s, score in zip(group, true_scores):
             events = sum(p["target"] == "event" for p in s.phrases)
             for key in ("all", f"{events} event{'s' if events != 1 else ''}"):
@@ -213,15 +215,19 @@ def evaluate(model: MultimodalModel, scenes: int = 500, seed: int = 0, batch_siz
             rel_maps, rel = _relevance_maps(model, batch, [s.caption for s in group])
             ground_batch(tally, "grad_relevance", rel, group, rel_maps, gen)
     # kinds fewer than min_pairs scenes allow (order needs a caption with two events): more test scenes
-    # after the first `scenes`, each scored only against the kinds still short
-    start, end = scenes, len(pool.scenes)
-    while start < end and (short := [k for k in CHANGE_TYPES if every[k][2] < min_pairs]):
-        idx = list(range(start, min(start + batch_size, end)))
-        group = [pool.scenes[i] for i in idx]
-        keep = [i for i, s in zip(idx, group) if set(short) & set(change_kinds(s))]
-        if keep:
-            _every_kind(model, pool.batch(model, keep), [pool.scenes[i] for i in keep], short, every_rng, every)
-        start += batch_size
+    # after the first `scenes`, each scored only against the kinds still short (REPEAT on its own draws)
+    def more_pairs(kinds: tuple[str, ...], draws: np.random.Generator) -> int:
+        start, end = scenes, len(pool.scenes)
+        while start < end and (short := [k for k in kinds if every[k][2] < min_pairs]):
+            idx = list(range(start, min(start + batch_size, end)))
+            group = [pool.scenes[i] for i in idx]
+            keep = [i for i, s in zip(idx, group) if set(short) & set(change_kinds(s, repeat=REPEAT in short))]
+            if keep:
+                _every_kind(model, pool.batch(model, keep), [pool.scenes[i] for i in keep], short, draws, every)
+            start += batch_size
+        return start
+
+    start = max(more_pairs(CHANGE_TYPES, every_rng), more_pairs((REPEAT,), repeat_rng))
     result = summarise(model, tally, wins, scenes, time.perf_counter() - t0)
     result["matching_every_kind"] = {k: {"accuracy": w / n, "rejected": r / n, "pairs": n}
                                      for k, (w, r, n) in every.items()}
@@ -304,6 +310,10 @@ def markdown(result: dict) -> str:
                   "", "| negative type | accuracy | rejected | pairs |", "|---|---|---|---|"]
         for k, v in result["matching_every_kind"].items():
             lines.append(f"| {k} | {v['accuracy']:.3f} | {v['rejected']:.3f} | {v['pairs']} |")
+        if REPEAT in result["matching_every_kind"]:
+            lines += ["", f"{REPEAT}: one event phrase of a two-event caption made into the other's (\"a falling chirp "
+                      "then a falling chirp\" where one falling chirp is heard); drawn in training only with "
+                      "`repeat_negatives`."]
     if result.get("true_captions"):
         lines += ["", "## True captions scored as a match (p > 0.5)", "", "| captions | matched | count |",
                   "|---|---|---|"]

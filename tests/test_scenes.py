@@ -12,7 +12,7 @@ import soundfile as sf
 from PIL import Image
 
 from multimodal.data.scenes import (CHANGE_TYPES, COLOURS, EVENT_KINDS, SHAPES, SIZES, Scene, SceneConfig,
-                                    caption_is_true, change_kinds, event_phrase, generate_scene, hard_negative,
+                                    REPEAT, caption_is_true, change_kinds, event_phrase, generate_scene, hard_negative,
                                     load_scene_truth, parse_caption, save_scene)
 
 SEEDS = range(200)
@@ -163,6 +163,18 @@ def test_caption_is_true_rejects_a_missing_object_and_swapped_events():
         assert not caption_is_true(s, objs, both[::-1])
 
 
+def test_caption_is_true_needs_a_distinct_event_for_each_event_phrase(scenes):
+    """"X then X" where one X is heard is false (before, both phrases found the same event and it
+    passed); a scene never holds the same event twice, so every repeated phrase is false."""
+    checked = 0
+    for s in scenes:
+        objs, evs = parse_caption(s.caption)
+        for e in evs:
+            assert not caption_is_true(s, objs, [e, e]), (s.seed, e)
+            checked += 1
+    assert checked > 50
+
+
 # -- hard negatives -----------------------------------------------------------------------
 
 
@@ -216,6 +228,31 @@ def test_requested_change_type_is_honoured_or_refused(scenes):
                 continue
             assert change["type"] == kind
             assert [d[0] for d in _differences(true, parse_caption(caption))] == [kind]
+
+
+def test_repeat_negatives_name_the_other_event_twice_only_when_asked(scenes):
+    """REPEAT: one event phrase of a two-event caption made into the other's; false by the ground truth;
+    never drawn unless asked for; asking adds it to the options and leaves the other kinds' as they were."""
+    repeats = 0
+    for s in scenes:
+        assert REPEAT not in change_kinds(s)
+        two = sum(p["target"] == "event" for p in s.phrases) == 2
+        assert (REPEAT in change_kinds(s, repeat=True)) == two
+        assert [k for k in change_kinds(s, repeat=True) if k != REPEAT] == change_kinds(s)
+        if not two:
+            with pytest.raises(ValueError):
+                hard_negative(s, np.random.default_rng(0), change_type=REPEAT)
+            continue
+        caption, phrases, change = hard_negative(s, np.random.default_rng(s.seed), change_type=REPEAT)
+        objs, evs = parse_caption(caption)
+        assert change["type"] == REPEAT and evs[0] == evs[1] and not caption_is_true(s, objs, evs)
+        assert objs == parse_caption(s.caption)[0]
+        assert phrases[change["phrase"]]["text"] == event_phrase({"kind": change["after"][0],
+                                                                   "attribute": change["after"][1]})
+        repeats += 1
+        drawn = {hard_negative(s, np.random.default_rng(k), repeat=True)[2]["type"] for k in range(40)}
+        assert REPEAT in drawn and drawn - {REPEAT} <= set(CHANGE_TYPES)
+    assert repeats > 10
 
 
 def test_type_weights_steer_the_kind_of_change(scenes):

@@ -192,18 +192,23 @@ def test_eval_reports_every_head_and_the_baselines(tmp_path):
     from collections import Counter
 
     from multimodal.data.pool import split_seeds
-    from multimodal.data.scenes import CHANGE_TYPES, change_kinds
+    from multimodal.data.scenes import CHANGE_TYPES, REPEAT, change_kinds
 
-    scanned = saved["every_kind_scenes"]
+    scenes = [generate_scene(s) for s in split_seeds("test", 60, 0)]  # the pool: up to 10x the scenes asked
+
+    def expect(kinds):  # batch_size 4: each further batch counts only the kinds still short
+        count, start = Counter(k for s in scenes[:6] for k in change_kinds(s, repeat=True) if k in kinds), 6
+        while start < len(scenes) and (short := [k for k in kinds if count[k] < 4]):
+            count.update(k for s in scenes[start:start + 4] for k in change_kinds(s, repeat=True) if k in short)
+            start += 4
+        return count, start
+
+    (seven, scanned), (repeats, scanned_repeat) = expect(CHANGE_TYPES), expect((REPEAT,))
     assert scanned > 6  # six scenes allow fewer than 4 order (or direction) negatives
-    scenes = [generate_scene(s) for s in split_seeds("test", scanned, 0)]
-    expect = Counter(k for s in scenes[:6] for k in change_kinds(s))
-    for start in range(6, scanned, 4):  # batch_size 4: each further batch counts only the kinds still short
-        short = [k for k in CHANGE_TYPES if expect[k] < 4]
-        assert short, "scanned past the point where every kind had its pairs"
-        expect.update(k for s in scenes[start:start + 4] for k in change_kinds(s) if k in short)
-    assert {k: v["pairs"] for k, v in saved["matching_every_kind"].items()} == dict(expect)
-    assert all(v["pairs"] >= 4 for v in saved["matching_every_kind"].values())
+    assert saved["every_kind_scenes"] == max(scanned, scanned_repeat)
+    assert {k: v["pairs"] for k, v in saved["matching_every_kind"].items()} == {**seven, **repeats}
+    assert all(v["pairs"] >= 4 for v in saved["matching_every_kind"].values()) and REPEAT in repeats
+    assert "repeat: one event phrase of a two-event caption" in text
     scenes = scenes[:6]
     events = [sum(p["target"] == "event" for p in s.phrases) for s in scenes]
     assert saved["true_captions"]["all"]["captions"] == 6
@@ -319,6 +324,29 @@ def test_contrastive_term_per_modality_reaches_the_modality_that_loses_every_max
     # audio: similarity 1 to its own caption, 0 to the other; image: 0.704 and -0.070 (temperature 1)
     assert audio_only == pytest.approx(math.log1p(math.exp(-1)), abs=1e-6)
     assert image_only == pytest.approx(math.log1p(math.exp(-1.1 / math.sqrt(2.02))), abs=1e-6)
+
+
+def test_repeat_negatives_are_drawn_only_when_asked_and_leave_the_other_draws_alone():
+    """repeat_negatives: "X then X" negatives join the hard negatives of two-event captions; off (the
+    control, every study), the draws are exactly those of before."""
+    from multimodal.data.pool import ScenePool
+    from multimodal.data.scenes import CHANGE_TYPES, REPEAT, SceneConfig, hard_negative
+    from multimodal.train.objective import candidate_captions
+
+    pool = ScenePool.build(list(range(40)), SceneConfig())
+    idx = list(range(40))
+    kinds = {}
+    for repeat in (False, True):
+        tc = smoke(hard_negatives=3, easy_negatives=0, repeat_negatives=repeat)
+        captions, kinds[repeat] = candidate_captions(pool, idx, tc, np.random.default_rng(0))
+        if not repeat:  # exactly the plain draws
+            rng, plain = np.random.default_rng(0), []
+            for i in idx:
+                plain += [pool.scenes[i].caption] + [hard_negative(pool.scenes[i], rng)[0] for _ in range(3)]
+            assert captions == plain
+    assert REPEAT not in kinds[False] and set(kinds[False]) <= set(CHANGE_TYPES)
+    assert kinds[True].count(REPEAT) >= 5
+    assert load_config("default").repeat_negatives and not load_config("local").repeat_negatives
 
 
 def test_negative_mining_tracks_errors_per_kind_and_weights_by_them():
@@ -535,9 +563,8 @@ def test_calibration_shifts_every_score_alike_and_reaches_its_balanced_accuracy(
 
 
 def test_match_order_after_switches_the_order_items_on_once_training_is_done(tmp_path, capsys):
-    """The default's "after": trained without the order items, saved with them at their initial scale and
-    bias; "train": on from step 0; skipped where it cannot apply; refused by name where asked for and
-    impossible."""
+    """"after": trained without the order items, saved with them at their initial scale and bias;
+    "train" (the default): on from step 0; both skipped, and said so, where the model cannot read order."""
     train(smoke(steps=2, match_order="after"), tmp_path / "after", progress=True)
     assert "event order switched on (match_order = after)" in capsys.readouterr().out
     train(smoke(steps=2, match_order="off"), tmp_path / "off", progress=False)
@@ -548,9 +575,11 @@ def test_match_order_after_switches_the_order_items_on_once_training_is_done(tmp
     for name, weight in off.state_dict().items():  # the same training: only the order items were added
         torch.testing.assert_close(after.state_dict()[name], weight, rtol=0, atol=0)
     assert build_model(smoke(match_order="train")).match_order
-    latent = smoke(steps=2, match_order="after", **{"fusion.query": "latents"})
-    assert not latent.can_read_order  # "after" is skipped for it
-    with pytest.raises(InputError, match="match_order"):
-        smoke(match_order="train", match="mean")
+    for name, kw in (("latents", {"fusion.query": "latents"}), ("mean", {"match": "mean"})):
+        for order in ("after", "train"):
+            capsys.readouterr()
+            train(smoke(steps=1, match_order=order, **kw), tmp_path / f"{name}-{order}", progress=False)
+            assert f"note: match_order = {order} skipped" in capsys.readouterr().out
+            assert not MultimodalModel.from_pretrained(tmp_path / f"{name}-{order}").match_order
     with pytest.raises(InputError, match="match_order"):
         smoke(match_order="sometimes")

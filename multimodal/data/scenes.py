@@ -30,6 +30,11 @@ DIRECTIONS = ("rising", "falling")
 CHIRP_RANGE = (400.0, 3000.0)  # Hz
 EVENT_ATTRIBUTES = {"tone": tuple(PITCHES), "chirp": DIRECTIONS, "noise": (None,), "clicks": (None,)}
 CHANGE_TYPES = ("colour", "shape", "size", "pitch", "direction", "event_kind", "order")
+# one event phrase of a two-event caption made to name the caption's other event ("a falling chirp then a
+# falling chirp" where one falling chirp is heard; a scene never holds the same event twice). Drawn only
+# when asked for (`hard_negative(..., repeat=True)`, `TrainConfig.repeat_negatives`), so the draws of
+# CHANGE_TYPES, and everything trained or measured on them before, are unchanged
+REPEAT = "repeat"
 
 
 @dataclass(frozen=True)
@@ -293,8 +298,9 @@ def _parts(scene: Scene) -> tuple[list[dict], list[dict]]:
     return objs, evs
 
 
-def _candidate_changes(scene: Scene, objs: list[dict], evs: list[dict]) -> dict[str, list[tuple]]:
-    """Every single-attribute change that makes the caption false, grouped by type."""
+def _candidate_changes(scene: Scene, objs: list[dict], evs: list[dict], repeat: bool = False) -> dict[str, list[tuple]]:
+    """Every single-attribute change that makes the caption false, grouped by type (with `repeat`,
+    REPEAT too)."""
     have_cs = {(o["colour"], o["shape"]) for o in scene.objects}
     have_ev = {(e["kind"], e["attribute"]) for e in scene.events}
     out: dict[str, list[tuple]] = {t: [] for t in CHANGE_TYPES}
@@ -314,17 +320,20 @@ def _candidate_changes(scene: Scene, objs: list[dict], evs: list[dict]) -> dict[
                               for a in EVENT_ATTRIBUTES[k] if (k, a) not in have_ev]
     if len(evs) == 2:
         out["order"].append((0, None))
+        if repeat:
+            out[REPEAT] = [(i, (evs[1 - i]["kind"], evs[1 - i]["attribute"])) for i in (0, 1)]
     return {t: c for t, c in out.items() if c}
 
 
-def change_kinds(scene: Scene) -> list[str]:
-    """The kinds of one-attribute change (CHANGE_TYPES) that can make this scene's caption false."""
-    return list(_candidate_changes(scene, *_parts(scene)))
+def change_kinds(scene: Scene, repeat: bool = False) -> list[str]:
+    """The kinds of one-attribute change (CHANGE_TYPES, and REPEAT with `repeat`) that can make this
+    scene's caption false."""
+    return list(_candidate_changes(scene, *_parts(scene), repeat=repeat))
 
 
 def hard_negative(scene: Scene, rng: np.random.Generator, change_type: str | None = None,
                   type_weights: Mapping[str, float] | None = None,
-                  binding: float = 0.0) -> tuple[str, list[dict], dict]:
+                  binding: float = 0.0, repeat: bool = False) -> tuple[str, list[dict], dict]:
     """(caption, phrases, change): the scene's caption with exactly one attribute changed so it is false.
 
     The kind of change is `change_type`, or drawn among the kinds this scene allows: uniformly,
@@ -332,10 +341,11 @@ def hard_negative(scene: Scene, rng: np.random.Generator, change_type: str | Non
     point at the scene's referents where they still exist; a changed phrase keeps the index of
     the object/event it was made from. With probability `binding`, a colour or shape change takes
     a value that another object in the scene has (when one allows it), so the negative names
-    only things that are present, and only where each attribute is tells it apart.
+    only things that are present, and only where each attribute is tells it apart. With `repeat`
+    (or `change_type = REPEAT`), a two-event caption may also name one of its events twice (REPEAT).
     """
     objs, evs = _parts(scene)
-    options = _candidate_changes(scene, objs, evs)
+    options = _candidate_changes(scene, objs, evs, repeat=repeat or change_type == REPEAT)
     if change_type is not None:
         if change_type not in options:
             raise ValueError(f"no {change_type!r} change possible for this scene")
@@ -357,7 +367,7 @@ def hard_negative(scene: Scene, rng: np.random.Generator, change_type: str | Non
     elif kind in ("pitch", "direction"):
         change.update(phrase=len(objs) + i, before=evs[i]["attribute"], after=value)
         evs[i]["attribute"] = value
-    elif kind == "event_kind":
+    elif kind in ("event_kind", REPEAT):
         change.update(phrase=len(objs) + i, before=[evs[i]["kind"], evs[i]["attribute"]], after=list(value))
         evs[i]["kind"], evs[i]["attribute"] = value
     else:  # order
@@ -370,18 +380,20 @@ def hard_negative(scene: Scene, rng: np.random.Generator, change_type: str | Non
 
 
 def caption_is_true(scene: Scene, caption_objects: list[dict], caption_events: list[dict]) -> bool:
-    """Ground-truth check: every object phrase names an object, events exist in that order."""
+    """Ground-truth check: every object phrase names an object; the event phrases name distinct events,
+    heard in that order (so "a chirp then a chirp" needs two chirps)."""
     for o in caption_objects:
         if not any(x["colour"] == o["colour"] and x["shape"] == o["shape"]
                    and (not o.get("with_size") or x["size"] == o["size"]) for x in scene.objects):
             return False
-    starts = []
+    after = -1.0  # each event phrase: the first matching event heard after the previous phrase's
     for e in caption_events:
-        hits = [x["start"] for x in scene.events if x["kind"] == e["kind"] and x["attribute"] == e["attribute"]]
+        hits = [x["start"] for x in scene.events if x["kind"] == e["kind"] and x["attribute"] == e["attribute"]
+                and x["start"] > after]
         if not hits:
             return False
-        starts.append(hits[0])
-    return starts == sorted(starts)
+        after = min(hits)
+    return True
 
 
 def parse_caption(caption: str) -> tuple[list[dict], list[dict]]:

@@ -53,9 +53,12 @@ class TrainConfig:
     # each "<phrase> then <phrase>" also asks that the second phrase's audio attention be centred later than the
     # first's (MultimodalModel.match_order): event order read off the maps. "after": switched on once the last
     # step is done (and the threshold calibrated), with its initial scale and bias; "train": on from step 0,
-    # its scale and bias learned; "off". "after" is skipped for a model that cannot read it (latent queries,
-    # match = "mean")
-    match_order: str = "after"
+    # its scale and bias learned; "off". Both are skipped for a model that cannot read it (latent queries,
+    # match = "mean"; the training log says so)
+    match_order: str = "train"
+    # hard negatives may also name one event of a two-event caption twice ("a chirp then a chirp", one chirp
+    # heard: data.scenes.REPEAT), drawn like the other kinds (and mined); the calibration sees them too
+    repeat_negatives: bool = True
     phrase_queries: bool = True  # the text encoder pools each caption phrase into one query (TextEncoder.phrase_pooling)
     fusion: Mapping[str, Any] = field(default_factory=lambda: dict(
         dim=128, heads=4, layers=2, query="text", query_self_attention=True, attention="softmax",
@@ -117,10 +120,6 @@ class TrainConfig:
             raise InputError(f"masked_word_rate={self.masked_word_rate} must be in (0, 1]")
         if self.match_order not in MATCH_ORDER:
             raise InputError(f"match_order={self.match_order!r}: choose one of {', '.join(MATCH_ORDER)}")
-        if self.match_order == "train" and not self.can_read_order:
-            raise InputError(f"match_order={self.match_order!r} reads event order off text queries' maps into a soft "
-                             "minimum: it needs fusion.query = \"text\" and match = softmin, bilinear or attended "
-                             "(or set match_order = \"off\"; \"after\" is skipped where it cannot apply)")
         if self.captions not in CAPTIONS:
             raise InputError(f"captions={self.captions!r}: choose one of {', '.join(CAPTIONS)}")
         FusionConfig.from_dict(dict(self.fusion))  # refuse bad fusion keys before anything runs
@@ -152,7 +151,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # layers, one fusion layer, 2600 steps, no calibration
     "local": {"steps": 2600, "image_encoder": "vit-local-scenes", "audio_encoder": "ast-local-scenes",
               "fusion": {"layers": 1}, "calibrate": False, "stall_step": 300, "stall_loss": 3.5,
-              "contrastive_per_modality": False, "match_order": "off"},
+              "contrastive_per_modality": False, "match_order": "off", "repeat_negatives": False},
     "smoke": {"steps": 6, "batch_size": 4, "pool_scenes": 8, "val_scenes": 8, "eval_every": 3,
               "checkpoint_every": 3, "warmup": 2},
 }

@@ -92,7 +92,8 @@ def build_model(tc: TrainConfig, modalities: tuple[str, ...] = ("text", "image",
     torch.manual_seed(seed if isinstance(seed, int) else int(np.random.SeedSequence(seed).generate_state(1)[0]))
     specs = {"text": tc.text_encoder, "image": tc.image_encoder, "audio": tc.audio_encoder}
     model = MultimodalModel.from_specs(fusion=FusionConfig.from_dict(dict(tc.fusion)), match=tc.match,
-                                       match_over=tc.match_over, match_order=tc.match_order == "train", encoder_args=encoder_args(tc),
+                                       match_over=tc.match_over, match_order=tc.match_order == "train" and tc.can_read_order,
+                                       encoder_args=encoder_args(tc),
                                        **{m: (s if m in modalities else None) for m, s in specs.items()})
     if tc.phrase_queries:
         model.encoders["text"].phrase_pooling = True
@@ -453,6 +454,9 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
 
     attempt, restarts = 0, []  # restarts after a stall (TrainConfig.stall_restarts)
     model, opt, np_rng = start(0)
+    if tc.match_order != "off" and not tc.can_read_order:
+        print(f"note: match_order = {tc.match_order} skipped: event order is read off text queries' maps into a "
+              "soft minimum, and this model has latent queries or match = mean")
     step, history, loop = 0, [], None
     if resumed:
         meta, tensors = resumed
@@ -580,7 +584,8 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
                 saved_step = None
                 continue
             if step == tc.steps and tc.calibrate:  # before the last evaluation and checkpoint, which keep it
-                c = model.meta["match_calibration"] = calibrate_match_bias(model, val_pool, seed=tc.seed + 2)
+                c = model.meta["match_calibration"] = calibrate_match_bias(
+                    model, val_pool, seed=tc.seed + 2, repeat=tc.repeat_negatives)
                 if c:  # {} for a manifest: nothing to calibrate against
                     bar.write(f"step {step}: match threshold calibrated on {c['scenes']} validation scenes: logit "
                               f"shift {c['shift']:+.3f}, balanced accuracy {c['balanced_accuracy_before']:.3f} -> "

@@ -35,7 +35,8 @@ def candidate_captions(pool: ScenePool, idx: list[int], tc: TrainConfig, rng: np
         captions.append(s.caption)
         hard = tc.hard_negatives if pool.hard_negatives else 0
         for _ in range(hard):
-            caption, _, change = hard_negative(s, rng, type_weights=type_weights, binding=tc.binding_negatives)
+            caption, _, change = hard_negative(s, rng, type_weights=type_weights, binding=tc.binding_negatives,
+                                               repeat=tc.repeat_negatives)
             captions.append(caption)
             kinds.append(change["type"])
         for _ in range(tc.hard_negatives + tc.easy_negatives - hard):
@@ -254,12 +255,12 @@ def best_threshold(positive: np.ndarray, negative: np.ndarray) -> tuple[float, f
 
 @torch.no_grad()
 def calibrate_match_bias(model: MultimodalModel, pool: ScenePool, seed: int, negatives: int = 3,
-                         batch_size: int = 32) -> dict:
+                         batch_size: int = 32, repeat: bool = False) -> dict:
     """Set the match decision (p = 0.5) where it best separates held-out true captions from their
     one-attribute negatives, by shifting the match logit's bias (Platt-style threshold calibration).
 
     Each of `pool`'s scenes is scored with its true caption and `negatives` one-attribute negatives
-    of different kinds where the scene allows (`change_kinds`); the threshold with the best
+    of different kinds where the scene allows (`change_kinds`, REPEAT among them with `repeat`); the threshold with the best
     balanced accuracy (`best_threshold`) becomes 0 by adding its negative to the last bias of the
     match head, which shifts every caption's logit by the same amount (the soft minimum over
     queries commutes with a constant; with `match_order` its order items' bias shifts too). Rankings, and so pairwise accuracy and every attention map,
@@ -276,7 +277,7 @@ def calibrate_match_bias(model: MultimodalModel, pool: ScenePool, seed: int, neg
         caps = []
         for i in idx:
             scene = pool.scenes[i]
-            kinds = change_kinds(scene)
+            kinds = change_kinds(scene, repeat=repeat)
             drawn = rng.choice(len(kinds), negatives, replace=len(kinds) < negatives)
             caps += [scene.caption] + [hard_negative(scene, rng, change_type=kinds[k])[0] for k in drawn]
         scores, _ = score_candidates(model, pool.batch(model, idx), caps, per_scene)
