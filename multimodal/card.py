@@ -125,8 +125,9 @@ def model_card(checkpoint: str | Path, control: str | Path | None = None) -> str
         + ("; each '<phrase> then <phrase>' adds one more term to it, softplus(scale) x (t2 - t1) + bias, where t1 "
            "and t2 are the times (s) the two phrases' audio attention is centred on (every layer and head), so events "
            "heard in the other order score no match (`match_order`"
-           + (", switched on after training with scale 4 and bias 2"
-              if (config.get("meta", {}).get("train_config") or tc).get("match_order") == "after" else "")
+           + {"after": ", switched on after training with scale 4 and bias 2",
+              "train": ", with its scale and bias learned from step 0"}.get(
+                  (config.get("meta", {}).get("train_config") or tc).get("match_order"), "")
            + ")" if config.get("match_order") else ""),
         "",
         "## Training", "",
@@ -144,6 +145,8 @@ def model_card(checkpoint: str | Path, control: str | Path | None = None) -> str
            if tc.get("contrastive_per_modality") else "")
         + (f", and the same term over each scene's own candidates (weight {tc['contrastive_hard_weight']:g})"
            if tc.get("contrastive_hard_weight") else ""),
+        *(["- the hard negatives include repeated events (`repeat_negatives`): one event of a two-event caption "
+           "named twice ('a falling chirp then a falling chirp' where one is heard)"] if tc.get("repeat_negatives") else []),
         *([f"- negative mining (strength {tc['negative_mining']:g}): each hard negative's kind of change is drawn "
            "in proportion to that kind's running training error, so kinds already solved (the audio ones, within "
            "a few hundred steps) give way to those still got wrong"] if tc.get("negative_mining") else []),
