@@ -154,8 +154,11 @@ def model_card(checkpoint: str | Path, control: str | Path | None = None) -> str
            + ", ".join(f"`{k} = {v}`" for k, v in tc["curriculum_scene"].items())
            + " (one object, so a shape word can only be learned from that object's shape), the rest on the "
            "full 2-3-object scenes"] if tc.get("curriculum_steps") else []),
-        "- **no loss term sees an attention map or any ground truth** (boxes, masks, intervals, phrase "
-        "links are for evaluation only)",
+        ("- **no loss term sees any ground truth** (boxes, masks, intervals, phrase links are for evaluation "
+         "only); the order term reads the phrases' own audio maps (where each is centred), never where the "
+         "events are" if tc.get("match_order") == "train" else
+         "- **no loss term sees an attention map or any ground truth** (boxes, masks, intervals, phrase "
+         "links are for evaluation only)"),
         f"- pool of {tc['pool_scenes']} training scenes; validation and test scenes come from disjoint seed ranges",
         *([f"- match threshold calibrated after the last step on {c['scenes']} validation scenes "
            f"(`calibrate`): the match logit moves by {c['shift']:+.3f} so that p = 0.5 best separates their true "
