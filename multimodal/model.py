@@ -203,10 +203,9 @@ class MultimodalModel(nn.Module):
         before, after = order_pairs(text)  # (B, P, Nq) each, rows of 1 / phrase length
         t = self.event_times(maps, head_mask)  # (B, Nq)
         before, after = before.to(t), after.to(t)
-        gap = torch.einsum("bpn,bn->bp", after - before, t)
-        items = F.softplus(self.order_scale) * gap + self.order_bias
-        items = items.masked_fill(before.sum(-1) == 0, float("nan"))
-        return before, after, torch.einsum("bpn,bn->bp", before, t), torch.einsum("bpn,bn->bp", after, t), items
+        t_before, t_after = torch.einsum("bpn,bn->bp", before, t), torch.einsum("bpn,bn->bp", after, t)
+        items = F.softplus(self.order_scale) * (t_after - t_before) + self.order_bias
+        return before, after, t_before, t_after, items.masked_fill(before.sum(-1) == 0, float("nan"))
 
     def order_items(self, text: ModalityTokens, maps, head_mask: Tensor | None = None) -> Tensor:
         """(B, P): `read_order`'s items, the terms the soft minimum takes."""
