@@ -14,6 +14,7 @@ import copy
 import json
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -129,13 +130,14 @@ def _relevance_maps(model: MultimodalModel, batch, captions) -> tuple[AttentionM
     return rel_maps, {l: _modality_maps(rel_maps, l) for l in rel_maps.layers}
 
 
-def _every_kind(model: MultimodalModel, batch: dict, group: list, kinds, rng: np.random.Generator,
+def _every_kind(model: MultimodalModel, batch: dict, group: list, kinds, draws: Mapping[str, np.random.Generator],
                 every: dict) -> list[float]:
-    """Each scene's caption against one negative of each of `kinds` it allows (tallied into
-    `every[kind]` = [true outscores it, it alone scores no match, pairs]); returns the true captions' logits."""
+    """Each scene's caption against one negative of each of `kinds` it allows, drawn from `draws[kind]`
+    (tallied into `every[kind]` = [true outscores it, it alone scores no match, pairs]); returns the true
+    captions' logits."""
     caps, allowed = [], [change_kinds(s, repeat=REPEAT in kinds) for s in group]
     for s, ok in zip(group, allowed):  # the caption again where a kind does not apply (not tallied)
-        caps += [s.caption] + [hard_negative(s, rng, change_type=k)[0] if k in ok else s.caption for k in kinds]
+        caps += [s.caption] + [hard_negative(s, draws[k], change_type=k)[0] if k in ok else s.caption for k in kinds]
     with torch.no_grad():
         scores, _ = score_candidates(model, batch, caps, 1 + len(kinds))
     for ok, row in zip(allowed, scores.tolist()):
@@ -171,8 +173,11 @@ def evaluate(model: MultimodalModel, scenes: int = 500, seed: int = 0, batch_siz
     tally = GroundingTally()
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    every_rng = np.random.default_rng([seed, 1])  # the every-kind negatives: the random draw above is unchanged
-    repeat_rng = np.random.default_rng([seed, 2])  # and the repeated-event ones: the kinds before them are unchanged
+    # the every-kind negatives on their own draws (the random draw above is unchanged), the repeated-event ones
+    # on theirs (the kinds before them draw as they did before it existed)
+    every_rng = np.random.default_rng([seed, 1])
+    draws = {**dict.fromkeys(CHANGE_TYPES, every_rng), REPEAT: np.random.default_rng([seed, 2])}
+    kinds_all = (*CHANGE_TYPES, REPEAT)
     wins = defaultdict(lambda: [0, 0])
     every = defaultdict(lambda: [0, 0, 0])  # kind -> [true caption outscores it, it scored no match, pairs]
     matched = defaultdict(lambda: [0, 0])  # which true captions -> [scored a match (p > 0.5), captions]
@@ -191,8 +196,7 @@ def evaluate(model: MultimodalModel, scenes: int = 500, seed: int = 0, batch_siz
             for key in (k, "all"):
                 wins[key][0] += int(p > n)
                 wins[key][1] += 1
-        true_scores = _every_kind(model, batch, group, CHANGE_TYPES, every_rng, every)
-        _every_kind(model, batch, group, (REPEAT,), repeat_rng, every)
+        true_scores = _every_kind(model, batch, group, kinds_all, draws, every)
         for s, score in zip(group, true_scores):
             events = sum(p["target"] == "event" for p in s.phrases)
             for key in ("all", f"{events} event{'s' if events != 1 else ''}"):
@@ -215,19 +219,15 @@ def evaluate(model: MultimodalModel, scenes: int = 500, seed: int = 0, batch_siz
             rel_maps, rel = _relevance_maps(model, batch, [s.caption for s in group])
             ground_batch(tally, "grad_relevance", rel, group, rel_maps, gen)
     # kinds fewer than min_pairs scenes allow (order needs a caption with two events): more test scenes
-    # after the first `scenes`, each scored only against the kinds still short (REPEAT on its own draws)
-    def more_pairs(kinds: tuple[str, ...], draws: np.random.Generator) -> int:
-        start, end = scenes, len(pool.scenes)
-        while start < end and (short := [k for k in kinds if every[k][2] < min_pairs]):
-            idx = list(range(start, min(start + batch_size, end)))
-            group = [pool.scenes[i] for i in idx]
-            keep = [i for i, s in zip(idx, group) if set(short) & set(change_kinds(s, repeat=REPEAT in short))]
-            if keep:
-                _every_kind(model, pool.batch(model, keep), [pool.scenes[i] for i in keep], short, draws, every)
-            start += batch_size
-        return start
-
-    start = max(more_pairs(CHANGE_TYPES, every_rng), more_pairs((REPEAT,), repeat_rng))
+    # after the first `scenes`, each scored only against the kinds still short
+    start, end = scenes, len(pool.scenes)
+    while start < end and (short := [k for k in kinds_all if every[k][2] < min_pairs]):
+        idx = list(range(start, min(start + batch_size, end)))
+        group = [pool.scenes[i] for i in idx]
+        keep = [i for i, s in zip(idx, group) if set(short) & set(change_kinds(s, repeat=REPEAT in short))]
+        if keep:
+            _every_kind(model, pool.batch(model, keep), [pool.scenes[i] for i in keep], short, draws, every)
+        start += batch_size
     result = summarise(model, tally, wins, scenes, time.perf_counter() - t0)
     result["matching_every_kind"] = {k: {"accuracy": w / n, "rejected": r / n, "pairs": n}
                                      for k, (w, r, n) in every.items()}
