@@ -418,3 +418,26 @@ def test_zip_keys_that_never_vary_alone_are_compared_row_by_row(finished, tmp_pa
     assert "### [zip] rows" in text and "### fusion.compete" not in text
     assert ("**Best-head pointing (image) was higher with [zip] rows=fusion.compete=true, fusion.sinks=8 than with "
             "[zip] rows=fusion.compete=false, fusion.sinks=0** (0.723 ± 0.025 vs 0.523 ± 0.025") in text
+
+
+def test_zip_rows_are_compared_when_only_some_keys_vary_alone(finished, tmp_path):
+    """Three recipes where one key varies alone between the last two rows (fusion.heads) and two never do
+    (compete, sinks): heads gets its own paired test, and the rows are compared with the first as well."""
+    _, out = finished
+    base = done(out, "fusion.query=text,seed=0")
+    study = study_from_dict(tiny_study(seeds=[0, 1, 2], grid={}, snapshots=[], zip={
+        "fusion.compete": [False, True, True], "fusion.sinks": [0, 8, 8], "fusion.heads": [2, 2, 4]}))
+    rows = [{"fusion.compete": False, "fusion.sinks": 0, "fusion.heads": 2},
+            {"fusion.compete": True, "fusion.sinks": 8, "fusion.heads": 2},
+            {"fusion.compete": True, "fusion.sinks": 8, "fusion.heads": 4}]
+    runs = [fabricate(base, seed, point, pointing_image_best=p + 0.2 * i)
+            for seed, p in enumerate([0.50, 0.55, 0.52]) for i, point in enumerate(rows)]
+    text = write_report(study, runs, tmp_path)["report"].read_text()
+    assert "### fusion.heads" in text and "### [zip] rows" in text
+    assert "### fusion.compete" not in text and "### fusion.sinks" not in text
+    # heads 2 -> 4 between the rows that differ in it alone: +0.2 on every seed
+    assert ("**Best-head pointing (image) was higher with fusion.heads=4 than with fusion.heads=2** "
+            "(0.923 ± 0.025 vs 0.723 ± 0.025") in text
+    first = "[zip] rows=fusion.compete=false, fusion.sinks=0, fusion.heads=2"
+    assert ("**Best-head pointing (image) was higher with [zip] rows=fusion.compete=true, fusion.sinks=8, "
+            f"fusion.heads=4 than with {first}** (0.923 ± 0.025 vs 0.523 ± 0.025") in text

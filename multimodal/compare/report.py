@@ -13,7 +13,7 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -112,7 +112,7 @@ def _sentence(label: str, fmt: str, test: dict, what_b: str, what_a: str, prep: 
             f"({both} <= {test['critical']:.2f}).")
 
 
-ZIP_ROWS = "[zip] rows"  # the factor a report compares when a [zip]'s keys never vary one at a time
+ZIP_ROWS = "[zip] rows"  # the factor a report compares when some of a [zip]'s keys never vary alone
 
 
 def zip_label(keys: Sequence[str], values: Sequence[Any]) -> str:
@@ -161,6 +161,23 @@ def factor_conclusions(results: list[dict], grid: dict[str, Sequence[Any]]) -> t
         if lines[-2] == f"### {key}":
             lines.append("- no metric was measured at two levels of this key")
     return lines, records, tests
+
+
+def factor_sections(results: list[dict], grid: dict[str, Sequence[Any]],
+                    zipped: Mapping[str, Sequence[Any]]) -> tuple[list[str], list[dict], int]:
+    """`factor_conclusions` per key, where a [zip] key that never varies alone (no two runs differ in it
+    and nothing else) is left out of the per-key sections and the [zip]'s rows are compared instead, each
+    with the first (`ZIP_ROWS`), beside the keys that can be compared alone."""
+    lines, records, tests = factor_conclusions(results, grid)
+    zkeys = list(zipped)
+    alone = {rec["key"] for rec in records}
+    together = [k for k in zkeys if k not in alone] if len(zkeys) > 1 else []
+    if not together:
+        return lines, records, tests
+    lines, records, tests = factor_conclusions(results, {k: v for k, v in grid.items() if k not in together})
+    rows = {ZIP_ROWS: [zip_label(zkeys, row) for row in zip(*(zipped[k] for k in zkeys))]}
+    z_lines, z_records, z_tests = factor_conclusions([zip_row(r, zkeys) for r in results], rows)
+    return lines + z_lines, records + z_records, tests + z_tests
 
 
 def size_lines(results: list[dict]) -> list[str]:
@@ -345,14 +362,7 @@ def write_report(study, results: list[dict], out: str | Path, planned: Sequence[
     # conclusions about heads: over the runs whose models ground only (grounding itself: over every run)
     threshold = getattr(study, "grounded_pointing", 0.0)
     grounded = [r for r in results if grounds(r, threshold) is not False]
-    factor, factor_records, n_tests = factor_conclusions(grounded, grid)
-    zkeys = list(getattr(study, "zipped", None) or {})
-    if len(zkeys) > 1 and not any(rec["key"] in zkeys for rec in factor_records):
-        # keys varied together that no two rows hold apart one at a time: compare the rows themselves
-        factor, factor_records, n_tests = factor_conclusions(
-            [zip_row(r, zkeys) for r in grounded],
-            {**{k: v for k, v in grid.items() if k not in zkeys},
-             ZIP_ROWS: [zip_label(zkeys, row) for row in zip(*(study.zipped[k] for k in zkeys))]})
+    factor, factor_records, n_tests = factor_sections(grounded, grid, getattr(study, "zipped", None) or {})
     base, n_base = baseline_lines(results)
     dyn, dyn_records, n_dyn = dynamics_lines(groups)
     size = size_lines(grounded)
