@@ -326,14 +326,14 @@ def add_compare_parser(sub) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="check the study and list its runs (done / pending / stale) without running anything")
     p.add_argument("--report-only", action="store_true",
-                   help="write the report from the runs already finished; train nothing")
+                   help="write the report from the runs already finished (and the ones --reuse copies in); train nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compare)
 
 
 def cmd_compare(args) -> int:
-    from multimodal.compare import (ERROR, describe_runs, finished_results, load_study, plan_runs, report_from,
-                                    run_study)
+    from multimodal.compare import (ERROR, copy_reusable, describe_runs, finished_results, load_study, plan_runs,
+                                    report_from, run_study)
     study = load_study(args.study)
     out = Path(args.out or Path("reports") / study.name)
     if args.dry_run:
@@ -342,6 +342,9 @@ def cmd_compare(args) -> int:
         return 0
     if args.report_only:
         runs = plan_runs(study, check_models=False)
+        copied = copy_reusable(study, runs, out / "runs", args.reuse)
+        if copied:
+            print(f"copied {len(copied)} run(s) from another study (--reuse): {', '.join(copied)}")
         results = finished_results(study, runs, out / "runs")
         if not results:
             raise InputError(f"no finished runs of study {study.name} in {out / 'runs'}: run it first")

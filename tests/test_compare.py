@@ -384,9 +384,15 @@ def test_reuse_copies_another_studys_identical_run_and_computes_the_rest(finishe
     listing = capsys.readouterr().out
     assert "[copy   ] fusion.heads=2,seed=0" in listing and "[pending] fusion.heads=4,seed=0" in listing
     assert "to run: 1; done: 0; copied from another study (--reuse): 1" in listing
+    # --report-only joins the finished parts: it copies what it can, reports it, trains nothing
+    assert main(["compare", str(toml), "--out", str(dest), "--reuse", str(out), "--report-only"]) == 0
+    printed = capsys.readouterr().out
+    assert "copied 1 run(s) from another study (--reuse): fusion.heads=2,seed=0" in printed
+    assert "report from 1 of 2 runs" in printed and not (dest / "runs" / "fusion.heads=4,seed=0").exists()
+    assert "**Incomplete:** 1 of 2 runs finished; missing: fusion.heads=4,seed=0." in (dest / "report.md").read_text()
     assert main(["compare", str(toml), "--out", str(dest), "--reuse", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "ran 1, skipped 0 (already done), copied 1 (--reuse)" in printed
+    assert "ran 1, skipped 1 (already done), copied 0 (--reuse)" in printed  # copied by --report-only
     copied, source = done(dest, "fusion.heads=2,seed=0"), done(out, "fusion.query=text,seed=0")
     assert copied["reused_from"] == str((out / "runs" / "fusion.query=text,seed=0").resolve())
     assert copied["run_id"] == "fusion.heads=2,seed=0" and copied["point"] == {"fusion.heads": 2}

@@ -47,6 +47,7 @@ from multimodal.compare.analyse import (
 )
 from multimodal.compare.runner import (
     MODEL,
+    copy_reusable,
     execute_run,
     finished_results,
     report_from,
@@ -79,10 +80,11 @@ from multimodal.compare.summary import summarise
 
 __all__ = [
     "BATCH", "DONE", "ERROR", "MODEL", "NEUTRAL_FUSION_KEYS", "NEUTRAL_KEYS", "RESULT_FORMAT", "RUN_ONLY_KEYS",
-    "STUDY_DIR", "STUDY_KEYS", "AnalysisSet", "Run", "Study", "analyse_model", "config_fields", "describe_runs",
-    "execute_run", "fingerprint", "finished_results", "head_importance", "head_metrics", "load_study",
-    "matching_only", "plan_runs", "point_label", "report_from", "run_name", "run_status", "run_study",
-    "seed_everything", "shipped_studies", "study_from_dict", "summarise", "without_timing", "write_report",
+    "STUDY_DIR", "STUDY_KEYS", "AnalysisSet", "Run", "Study", "analyse_model", "config_fields", "copy_reusable",
+    "describe_runs", "execute_run", "fingerprint", "finished_results", "head_importance", "head_metrics",
+    "load_study", "matching_only", "plan_runs", "point_label", "report_from", "run_name", "run_status",
+    "run_study", "seed_everything", "shipped_studies", "study_from_dict", "summarise", "without_timing",
+    "write_report",
 ]
 
 
