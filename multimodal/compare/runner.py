@@ -151,17 +151,17 @@ def copy_run(source: Path, run: Run, study: Study, runs_dir: Path) -> dict:
     return result
 
 
-def copy_reusable(study: Study, runs: list[Run], runs_dir: Path, reuse, status: dict[str, str] | None = None) -> list[str]:
+def copy_reusable(study: Study, runs: list[Run], runs_dir: Path, reuse) -> list[str]:
     """Copy in every run not done here that another study's output folder (`reuse`) finished with the same
-    fingerprint; returns the copied run ids. `status`: run id -> `run_status`, when already read."""
+    fingerprint; returns the copied run ids."""
     if not reuse:
         return []
     index = reuse_index(reuse)
     reused = []
     for r in runs:
-        state = status[r.run_id] if status else run_status(r, study, runs_dir)
         source = index.get(fingerprint(r, study))
-        if state != "done" and source is not None and source.resolve() != (runs_dir / r.run_id).resolve():
+        here = runs_dir / r.run_id
+        if source is not None and source.resolve() != here.resolve() and run_status(r, study, runs_dir) != "done":
             copy_run(source, r, study, runs_dir)
             reused.append(r.run_id)
     return reused
@@ -237,9 +237,8 @@ def run_study(study: Study | str | Path, out: str | Path | None = None, workers:
     out = Path(out or Path("reports") / study.name)
     runs = plan_runs(study)  # every config checked before anything is created
     runs_dir = out / "runs"
+    reused = copy_reusable(study, runs, runs_dir, reuse)
     status = {r.run_id: run_status(r, study, runs_dir) for r in runs}
-    reused = copy_reusable(study, runs, runs_dir, reuse, status)
-    status.update((run_id, "done") for run_id in reused)
     pending = [r for r in runs if status[r.run_id] != "done"]
     skipped = [r.run_id for r in runs if status[r.run_id] == "done" and r.run_id not in reused]
     out.mkdir(parents=True, exist_ok=True)
