@@ -219,7 +219,7 @@ def run_study(study: Study | str | Path, out: str | Path | None = None, workers:
 
     `study` is a `Study`, a TOML path or a shipped study's name; `out` the report folder
     (default `reports/<name>`). With `workers` > 1 independent runs go to that many
-    spawned processes, each with `cores // workers` torch threads. `engine="ray"`: each run is a
+    spawned processes (a fresh one per run), each with `cores // workers` torch threads. `engine="ray"`: each run is a
     Ray task asking for `cpus_per_run` CPUs (its torch threads) and `gpus_per_run` GPUs, on the
     cluster at `address` or a local Ray instance (`multimodal.compare.cluster`); `workers` is
     then unused (the cluster's free resources decide how many run at once). `reuse`: other studies'
@@ -281,8 +281,10 @@ def run_study(study: Study | str | Path, out: str | Path | None = None, workers:
         threads = max(1, cores // n)
         jobs = [(replace(r, config=replace(r.config, workers=min(r.config.workers, threads))), study, runs_dir)
                 for r in pending]
+        # one process per run: a run's memory (the default's scene pool holds about 7 GB by its end) goes back
+        # to the system when the run ends, not kept by an idle worker while the last runs train
         with ProcessPoolExecutor(n, mp_context=get_context("spawn"), initializer=_worker_init,
-                                 initargs=(threads,)) as pool:
+                                 initargs=(threads,), max_tasks_per_child=1) as pool:
             for future in as_completed([pool.submit(_worker_job, job) for job in jobs]):
                 run_id, error = future.result()
                 if error:
