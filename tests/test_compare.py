@@ -273,10 +273,13 @@ def test_modality_specialisation_is_summarised_and_tested(finished, tmp_path):
         runs.append(with_shares(latents, [(0.5, 0.45 - 0.01 * seed, 0.05 + 0.01 * seed), (0.2, 0.0, 0.8)],
                                 (0.2, 0.288, 0.512)))
     stale = tmp_path / "plots" / "grounding_vs_size.png"  # left by an earlier report of other runs
-    stale.parent.mkdir(parents=True)
+    stale_heads = tmp_path / "plots" / "heads" / "fusion.query=text,seed=9.png"
+    stale_heads.parent.mkdir(parents=True)
     stale.write_bytes(b"png")
+    stale_heads.write_bytes(b"png")
     paths = write_report(study, runs, tmp_path)
-    assert not stale.exists()
+    assert not stale.exists() and not stale_heads.exists()
+    assert (tmp_path / "plots" / "heads" / f"{runs[0]['run_id']}.png").is_file()
     text = paths["report"].read_text()
     assert "**Mean |image focus| per head (vs uniform) was higher with fusion.query=latents than with " \
            "fusion.query=text**" in text
@@ -407,6 +410,20 @@ def test_reuse_copies_another_studys_identical_run_and_computes_the_rest(finishe
     assert result["reused"] == [] and len(result["ran"]) == 2
     with pytest.raises(InputError, match="no such folder"):
         run_study(stricter, tmp_path / "stricter", progress=False, reuse=[tmp_path / "nowhere"])
+
+
+def test_a_study_reported_in_part_compares_the_lowest_and_highest_level_measured(finished, tmp_path):
+    """fusion.heads = [2, 4, 8] with no run at 8 yet (a study reported in part): heads compares 2 with 4,
+    the levels it has, not 2 with the missing 8."""
+    _, out = finished
+    base = done(out, "fusion.query=text,seed=0")
+    study = study_from_dict(tiny_study(seeds=[0, 1, 2], grid={"fusion.heads": [2, 4, 8]}, snapshots=[]))
+    runs = [fabricate(base, seed, {"fusion.heads": h}, pointing_image_best=p + 0.1 * (h == 4))
+            for seed, p in enumerate([0.50, 0.55, 0.52]) for h in (2, 4)]
+    text = write_report(study, runs, tmp_path)["report"].read_text()
+    assert ("**Best-head pointing (image) was higher with fusion.heads=4 than with fusion.heads=2** "
+            "(0.623 ± 0.025 vs 0.523 ± 0.025") in text
+    assert "no metric was measured at two levels" not in text
 
 
 def test_zip_keys_that_never_vary_alone_are_compared_row_by_row(finished, tmp_path):

@@ -129,16 +129,18 @@ def zip_row(result: dict, keys: Sequence[str]) -> dict:
 def factor_conclusions(results: list[dict], grid: dict[str, Sequence[Any]]) -> tuple[list[str], list[dict], int]:
     """Per grid key: compare its levels on every metric, paired by seed and the other grid values.
 
-    Numeric keys compare the lowest with the highest level (and list every level's mean);
-    other keys compare each level with the first one listed. Returns sentences, the tests
-    as records, and the number of tests made.
+    Numeric keys compare the lowest with the highest level measured (levels no run has, as in a study
+    reported in part, are left out) and list every level's mean; other keys compare each level with the
+    first one listed. Returns sentences, the tests as records, and the number of tests made.
     """
     lines, records, tests = [], [], 0
     for key, levels in grid.items():
         if len(levels) < 2:
             continue
         numeric = _is_numeric(levels)
-        comparisons = [(min(levels), max(levels))] if numeric else [(levels[0], b) for b in levels[1:]]
+        measured = [v for v in levels if any(r["point"].get(key) == v for r in results)]
+        comparisons = ([(min(measured), max(measured))] if numeric and len(measured) > 1 else
+                       [] if numeric else [(levels[0], b) for b in levels[1:]])
         lines += ["", f"### {key}", ""]
         for metric, label, fmt in METRICS:
             for a, b in comparisons:
@@ -150,9 +152,9 @@ def factor_conclusions(results: list[dict], grid: dict[str, Sequence[Any]]) -> t
                 records.append({"key": key, "metric": metric, "a": a, "b": b, **test})
                 s = _sentence(label[0].upper() + label[1:], fmt, test, f"{key}={_fmt_level(b)}",
                               f"{key}={_fmt_level(a)}")
-                if s and numeric and len(levels) > 2:
+                if s and numeric and len(measured) > 2:
                     by_level = []
-                    for v in sorted(levels):
+                    for v in sorted(measured):
                         m, _, n = mean_std([value(r, metric) for r in results if r["point"].get(key) == v])
                         by_level.append(f"{_fmt_level(v)}: {m:{fmt.lstrip('+')}}" if n else f"{_fmt_level(v)}: n/a")
                     s += f" Mean by level: {', '.join(by_level)}."
@@ -350,6 +352,9 @@ def write_report(study, results: list[dict], out: str | Path, planned: Sequence[
     # plots
     plots = out / "plots"
     head_plots = {r["run_id"]: plot_heads(r, plots / "heads" / f"{r['run_id']}.png") for r in results}
+    for stale in (plots / "heads").glob("*.png"):  # runs of an earlier report that this one does not hold
+        if stale.stem not in head_plots:
+            stale.unlink()
     for name, p in (("summary", plot_summary(groups, plots / "summary.png")),
                     ("grounding_vs_size", plot_size(groups, plots / "grounding_vs_size.png")),
                     ("training_dynamics", plot_dynamics(groups, plots / "training_dynamics.png")),
