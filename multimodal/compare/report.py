@@ -170,16 +170,15 @@ def factor_sections(results: list[dict], grid: dict[str, Sequence[Any]],
     """`factor_conclusions` per key, where a [zip] key that never varies alone (no two runs differ in it
     and nothing else) is left out of the per-key sections and the [zip]'s rows are compared instead, each
     with the first (`ZIP_ROWS`), beside the keys that can be compared alone."""
-    lines, records, tests = factor_conclusions(results, grid)
+    per_key = {k: factor_conclusions(results, {k: v}) for k, v in grid.items()}
     zkeys = list(zipped)
-    alone = {rec["key"] for rec in records}
-    together = [k for k in zkeys if k not in alone] if len(zkeys) > 1 else []
-    if not together:
-        return lines, records, tests
-    lines, records, tests = factor_conclusions(results, {k: v for k, v in grid.items() if k not in together})
-    rows = {ZIP_ROWS: [zip_label(zkeys, row) for row in zip(*(zipped[k] for k in zkeys))]}
-    z_lines, z_records, z_tests = factor_conclusions([zip_row(r, zkeys) for r in results], rows)
-    return lines + z_lines, records + z_records, tests + z_tests
+    together = [k for k in zkeys if not per_key[k][1]] if len(zkeys) > 1 else []
+    sections = [per_key[k] for k in grid if k not in together]
+    if together:
+        rows = {ZIP_ROWS: [zip_label(zkeys, row) for row in zip(*(zipped[k] for k in zkeys))]}
+        sections.append(factor_conclusions([zip_row(r, zkeys) for r in results], rows))
+    return ([line for lines, _, _ in sections for line in lines], [rec for _, recs, _ in sections for rec in recs],
+            sum(n for _, _, n in sections))
 
 
 def size_lines(results: list[dict]) -> list[str]:
