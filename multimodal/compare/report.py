@@ -139,8 +139,10 @@ def factor_conclusions(results: list[dict], grid: dict[str, Sequence[Any]]) -> t
             continue
         numeric = _is_numeric(levels)
         measured = [v for v in levels if any(r["point"].get(key) == v for r in results)]
-        comparisons = ([(min(measured), max(measured))] if numeric and len(measured) > 1 else
-                       [] if numeric else [(levels[0], b) for b in levels[1:]])
+        if numeric:
+            comparisons = [(min(measured), max(measured))] if len(measured) > 1 else []
+        else:
+            comparisons = [(levels[0], b) for b in levels[1:]]
         lines += ["", f"### {key}", ""]
         for metric, label, fmt in METRICS:
             for a, b in comparisons:
