@@ -405,6 +405,8 @@ def test_reuse_copies_another_studys_identical_run_and_computes_the_rest(finishe
     assert (dest / "runs" / "fusion.heads=2,seed=0" / "model" / "model.safetensors").is_file()
     assert "reused_from" not in done(dest, "fusion.heads=4,seed=0")  # computed here
     assert "1 run(s) copied from another study" in (dest / "report.md").read_text()
+    assert main(["compare", str(toml), "--out", str(dest), "--reuse", str(dest), "--dry-run"]) == 0
+    assert "to run: 0; done: 2\n" in capsys.readouterr().out + "\n"  # its own runs are done, not copies
     stricter = study_from_dict({**other, "shapley_permutations": 3})
     result = run_study(stricter, tmp_path / "stricter", progress=False, report=False, reuse=[out, dest])
     assert result["reused"] == [] and len(result["ran"]) == 2

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from multimodal.compare.analyse import analyse_model, initial_model, seed_everything
 from multimodal.compare.study import (DONE, ERROR, RESULT_FORMAT, RUN_ONLY_KEYS, Run, Study, comparable_config,
-                                      fingerprint, load_study, plan_runs, run_status)
+                                      fingerprint, load_study, plan_runs, reusable_source, run_status)
 from multimodal.model import MultimodalModel
 from multimodal.train import TrainConfig, train
 from multimodal.types import InputError
@@ -159,9 +159,8 @@ def copy_reusable(study: Study, runs: list[Run], runs_dir: Path, reuse) -> list[
     index = reuse_index(reuse)
     reused = []
     for r in runs:
-        source = index.get(fingerprint(r, study))
-        here = runs_dir / r.run_id
-        if source is not None and source.resolve() != here.resolve() and run_status(r, study, runs_dir) != "done":
+        source = reusable_source(r, study, runs_dir, index)
+        if source is not None:
             copy_run(source, r, study, runs_dir)
             reused.append(r.run_id)
     return reused

@@ -361,6 +361,15 @@ def run_status(run: Run, study: Study, runs_dir: Path) -> str:
     return "failed" if (folder / ERROR).is_file() else "pending"
 
 
+def reusable_source(run: Run, study: Study, runs_dir: Path, index: Mapping[str, Path]) -> Path | None:
+    """The finished run elsewhere that `run` would be copied from (`index`: fingerprint -> run folder, as
+    `runner.reuse_index` builds it): None when the run is done here, or nothing else matches it."""
+    source = index.get(fingerprint(run, study))
+    if source is None or source.resolve() == (runs_dir / run.run_id).resolve():
+        return None
+    return None if run_status(run, study, runs_dir) == "done" else source
+
+
 def describe_runs(study: Study, out: str | Path, reusable: Mapping[str, Path] | None = None) -> str:
     """The dry-run listing: every run, its status and its fusion parameter count. `reusable`: fingerprint ->
     another study's finished run (`runner.reuse_index`); a run not done here that one of them matches is
@@ -378,9 +387,7 @@ def describe_runs(study: Study, out: str | Path, reusable: Mapping[str, Path] | 
         arch = json.dumps(_architecture(r.config), sort_keys=True)
         if arch not in params:
             params[arch] = sum(p.numel() for p in build_model(r.config).fusion.parameters())
-        status = run_status(r, study, runs_dir)
-        if status != "done" and reusable and fingerprint(r, study) in reusable:
-            status = "copy"
+        status = "copy" if reusable and reusable_source(r, study, runs_dir, reusable) else run_status(r, study, runs_dir)
         counts[status] += 1
         lines.append(f"  [{status:7s}] {r.run_id}  (steps {r.config.steps}, fusion params {params[arch]:,})")
     lines.append("to run: " + str(sum(v for k, v in counts.items() if k not in ("done", "copy"))) +
