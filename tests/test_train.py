@@ -583,3 +583,22 @@ def test_match_order_after_switches_the_order_items_on_once_training_is_done(tmp
             assert not MultimodalModel.from_pretrained(tmp_path / f"{name}-{order}").match_order
     with pytest.raises(InputError, match="match_order"):
         smoke(match_order="sometimes")
+
+
+def test_a_frozen_recipe_writes_out_every_field_and_is_what_the_shipped_default_was_trained_with():
+    """`--preset default-2026-12-03` (the studies' [base]) pins every TrainConfig field a run does not choose for
+    itself, at the values assets/default was trained with."""
+    from dataclasses import fields
+
+    from multimodal.inference import DEFAULT_CHECKPOINT
+    from multimodal.train import PRESETS, TrainConfig
+    from multimodal.train.config import RECIPES
+
+    run_only = {"seed", "device", "workers", "snapshots", "manifest"}
+    for path in RECIPES.glob("*.toml"):
+        assert set(PRESETS[path.stem]) == {f.name for f in fields(TrainConfig)} - run_only, path.name
+    saved = json.loads((DEFAULT_CHECKPOINT / "config.json").read_text())["meta"]["train_config"]
+    frozen = json.loads(json.dumps(load_config("default-2026-12-03").to_dict()))
+    assert {k: v for k, v in frozen.items() if k not in run_only} == {k: v for k, v in saved.items() if k not in run_only}
+    with pytest.raises(InputError, match="default-2026-12-03"):  # listed where an unknown preset is refused
+        load_config("default-2026-12-02")

@@ -77,7 +77,8 @@ def test_wheel_holds_every_module_and_the_bundled_files(wheel):
     assets = {f"multimodal/assets/{p.relative_to(ROOT / 'assets').as_posix()}"
               for p in (ROOT / "assets").rglob("*") if p.is_file()}
     assert assets - names == set(), "bundled files missing from the wheel: see package-data in pyproject.toml"
-    assert "multimodal/studies/size.toml" in names
+    data = {p.relative_to(ROOT).as_posix() for p in (ROOT / "multimodal").rglob("*.toml")}  # studies, recipes
+    assert data and data - names == set(), "study or recipe files missing from the wheel: see package-data"
 
 
 def test_installed_wheel_runs_maps_and_the_demo_outside_the_checkout(fresh_venv, tmp_path):

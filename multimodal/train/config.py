@@ -155,6 +155,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {"steps": 6, "batch_size": 4, "pool_scenes": 8, "val_scenes": 8, "eval_every": 3,
               "checkpoint_every": 3, "warmup": 2},
 }
+# frozen recipes: one TOML file per preset, every field written out, so the preset trains the same model
+# whatever the defaults become (`default-2026-12-03`: assets/default's, which the shipped studies build on)
+RECIPES = Path(__file__).parent / "recipes"
+PRESETS.update({p.stem: tomllib.loads(p.read_text()) for p in sorted(RECIPES.glob("*.toml"))})
 DOTTED_TABLES = ("fusion", "scene", "curriculum_scene")  # the fields a dotted key (`fusion.heads`) reaches into
 
 
