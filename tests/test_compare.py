@@ -122,6 +122,52 @@ def test_same_config_and_seed_give_the_same_numbers(finished, tmp_path):
     assert without_timing(again["runs"][0]) == without_timing(done(out, "fusion.query=text,seed=0"))
 
 
+def test_an_interrupted_run_goes_on_from_its_checkpoint_and_ends_as_one_never_interrupted(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """A run whose training died after its step-2 checkpoint (4 steps) resumes there on the next `compare`,
+    not from step 0, and its results equal those of a run never interrupted."""
+    from multimodal.train import loop
+
+    study = study_from_dict(tiny_study(name="cut", base={**TINY_BASE, "steps": 4, "checkpoint_every": 2},
+                                       grid={"fusion.query": ["text"]}, snapshots=[]))
+    whole = run_study(study, tmp_path / "whole", progress=False, report=False)
+    (run_id,) = [r["run_id"] for r in whole["runs"]]
+    real, calls = loop.candidate_captions, []
+
+    def dies_at_step_3(*args, **kwargs):  # the negatives of each training step are drawn here
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("worker killed at step 3")
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(loop, "candidate_captions", dies_at_step_3)
+        cut = run_study(study, tmp_path / "cut", progress=False, report=False)
+    assert list(cut["failed"]) == [run_id] and "worker killed at step 3" in cut["failed"][run_id]
+    model_dir = tmp_path / "cut" / "runs" / run_id / "model"
+    assert json.loads((model_dir / "train_state.json").read_text())["step"] == 2
+    capsys.readouterr()
+    again = run_study(study, tmp_path / "cut", progress=False, report=False)
+    printed = capsys.readouterr().out
+    assert f"run {run_id}: its training stopped after step 2 of 4; going on from there" in printed
+    assert "resuming from step 2" in printed
+    assert again["ran"] == [run_id] and not again["failed"]
+    assert not (tmp_path / "cut" / "runs" / run_id / "error.txt").exists()
+    assert without_timing(again["runs"][0]) == without_timing(whole["runs"][0])
+    # a checkpoint of another config is not resumed: that run starts clean
+    other = study_from_dict(tiny_study(name="cut", base={**TINY_BASE, "steps": 4, "checkpoint_every": 2, "lr": 0.002},
+                                       grid={"fusion.query": ["text"]}, snapshots=[]))
+    with monkeypatch.context() as m:
+        calls.clear()
+        m.setattr(loop, "candidate_captions", dies_at_step_3)
+        run_study(other, tmp_path / "other", progress=False, report=False)
+    shutil.copytree(tmp_path / "other" / "runs", tmp_path / "mixed" / "runs")
+    capsys.readouterr()
+    mixed = run_study(study, tmp_path / "mixed", progress=False, report=False)
+    assert "going on from there" not in capsys.readouterr().out and not mixed["failed"]
+    assert without_timing(mixed["runs"][0]) == without_timing(whole["runs"][0])
+
+
 def test_changed_settings_rerun_the_analysis_but_reuse_the_training(finished, tmp_path):
     _, out = finished
     run_id = "fusion.query=latents,seed=0"

@@ -23,7 +23,7 @@ from multimodal.compare.analyse import analyse_model, initial_model, seed_everyt
 from multimodal.compare.study import (DONE, ERROR, RESULT_FORMAT, RUN_ONLY_KEYS, Run, Study, comparable_config,
                                       fingerprint, load_study, plan_runs, reusable_source, run_status)
 from multimodal.model import MultimodalModel
-from multimodal.train import TrainConfig, train
+from multimodal.train import TRAIN_STATE, TrainConfig, train
 from multimodal.types import InputError
 
 MODEL = "model"  # checkpoint folder inside a run folder
@@ -49,10 +49,24 @@ def _finished_training(model_dir: Path, tc: TrainConfig) -> dict | None:
     return summary
 
 
+def _interrupted_training(model_dir: Path, tc: TrainConfig) -> int | None:
+    """The step of an interrupted training of this very config in `model_dir` (a checkpoint with its training
+    state, saved with the same comparable config), or None."""
+    try:
+        saved = json.loads((model_dir / "config.json").read_text())["meta"]["train_config"]
+        step = int(json.loads((model_dir / f"{TRAIN_STATE}.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return step if comparable_config(saved) == comparable_config(tc.to_dict()) else None
+
+
 def execute_run(run: Run, study: Study, runs_dir: str | Path, progress: bool = True) -> dict:
     """Train (or load), evaluate and analyse one run; write and return its done.json results.
 
-    Runs with the process's torch threads (a worker process's are set when it starts)."""
+    A training interrupted earlier (a crash, Ctrl-C, a killed worker) goes on from its last checkpoint, and
+    ends bit-identical on the CPU to one never interrupted (`train(resume=True)`); a half-finished run of
+    another config starts clean. Runs with the process's torch threads (a worker process's are set when it
+    starts)."""
     folder = Path(runs_dir) / run.run_id
     if run_status(run, study, Path(runs_dir)) == "done":
         return json.loads((folder / DONE).read_text())
@@ -60,11 +74,22 @@ def execute_run(run: Run, study: Study, runs_dir: str | Path, progress: bool = T
     model_dir = folder / MODEL
     summary = _finished_training(model_dir, tc)
     if summary is None:
-        if folder.exists():
-            shutil.rmtree(folder)  # a half-finished or differently configured run: start clean
-        folder.mkdir(parents=True)
-        seed_everything(run.seed)
-        summary = train(tc, model_dir, resume=False, progress=progress)
+        step = _interrupted_training(model_dir, tc)
+        if step is not None:
+            print(f"run {run.run_id}: its training stopped after step {step} of {tc.steps}; going on from there")
+            (folder / ERROR).unlink(missing_ok=True)
+            seed_everything(run.seed)  # the checkpoint restores every generator it uses
+            try:
+                summary = train(tc, model_dir, resume=True, progress=progress)
+            except InputError as e:  # a damaged checkpoint: nothing in it to keep
+                print(f"run {run.run_id}: cannot go on from its checkpoint ({e}); training again from step 0")
+                step = None
+        if step is None:
+            if folder.exists():
+                shutil.rmtree(folder)  # a half-finished run of another config, or one with no checkpoint yet
+            folder.mkdir(parents=True)
+            seed_everything(run.seed)
+            summary = train(tc, model_dir, resume=False, progress=progress)
         loaded = False
     else:
         (folder / ERROR).unlink(missing_ok=True)
