@@ -166,6 +166,17 @@ def test_an_interrupted_run_goes_on_from_its_checkpoint_and_ends_as_one_never_in
     mixed = run_study(study, tmp_path / "mixed", progress=False, report=False)
     assert "going on from there" not in capsys.readouterr().out and not mixed["failed"]
     assert without_timing(mixed["runs"][0]) == without_timing(whole["runs"][0])
+    # a damaged checkpoint: said, then trained again from step 0
+    with monkeypatch.context() as m:
+        calls.clear()
+        m.setattr(loop, "candidate_captions", dies_at_step_3)
+        run_study(study, tmp_path / "damaged", progress=False, report=False)
+    state = tmp_path / "damaged" / "runs" / run_id / "model" / "train_state.safetensors"
+    state.write_bytes(state.read_bytes()[:100])
+    capsys.readouterr()
+    damaged = run_study(study, tmp_path / "damaged", progress=False, report=False)
+    assert "cannot go on from its checkpoint" in capsys.readouterr().out and not damaged["failed"]
+    assert without_timing(damaged["runs"][0]) == without_timing(whole["runs"][0])
 
 
 def test_changed_settings_rerun_the_analysis_but_reuse_the_training(finished, tmp_path):
