@@ -149,8 +149,11 @@ def test_an_interrupted_run_goes_on_from_its_checkpoint_and_ends_as_one_never_in
     capsys.readouterr()
     again = run_study(study, tmp_path / "cut", progress=False, report=False)
     printed = capsys.readouterr().out
-    assert f"run {run_id}: its training stopped after step 2 of 4; going on from there" in printed
-    assert "resuming from step 2" in printed
+    assert f"[{run_id}] run {run_id}: its training stopped after step 2 of 4; going on from there" in printed
+    assert f"[{run_id}] resuming from step 2" in printed  # each line the run prints carries its id
+    log = (tmp_path / "cut" / "runs" / run_id / "log.txt").read_text()  # and goes to its own log, both tries
+    assert log.index("step 3: val pairwise accuracy") > log.index("resuming from step 2")
+    assert "going on from there" in log and not any(line.startswith("[") for line in log.splitlines())
     assert again["ran"] == [run_id] and not again["failed"]
     assert not (tmp_path / "cut" / "runs" / run_id / "error.txt").exists()
     assert without_timing(again["runs"][0]) == without_timing(whole["runs"][0])

@@ -2,7 +2,8 @@
 rest one after another or in a pool of spawned worker processes, and writes the report from the
 finished runs. `execute_run` is one run: train (or reuse a finished training of the same config),
 analyse the final model and the snapshots, write `runs/<run id>/done.json` (or `error.txt` with
-the traceback when it fails).
+the traceback when it fails). What a run prints goes to its own `runs/<run id>/log.txt` too, and
+reaches the terminal with the run id in front of each line (runs in parallel print in turns).
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import replace
 from multiprocessing import get_context
 from pathlib import Path
@@ -27,6 +30,42 @@ from multimodal.train import TRAIN_STATE, TrainConfig, train
 from multimodal.types import InputError
 
 MODEL = "model"  # checkpoint folder inside a run folder
+LOG = "log.txt"  # what a run printed, inside its folder
+
+
+class _RunOutput:
+    """A text stream for `redirect_stdout`: each whole line goes to the run's log file and, with the run id in
+    front, to the stream that was stdout before."""
+
+    def __init__(self, log, terminal, run_id: str):
+        self.log, self.terminal, self.prefix, self.pending = log, terminal, f"[{run_id}] ", ""
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        lines = (self.pending + text).split("\n")
+        self.pending = lines.pop()  # an unfinished line waits for its end
+        for line in lines:
+            self.terminal.write(self.prefix + line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.log.flush()
+        self.terminal.flush()
+
+
+@contextmanager
+def run_output(folder: Path, run_id: str):
+    """Within the block, stdout goes to `folder/log.txt` (appended) and to the terminal prefixed with the run id."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOG, "a") as log:
+        stream = _RunOutput(log, sys.stdout, run_id)
+        try:
+            with redirect_stdout(stream):
+                yield
+        finally:
+            if stream.pending:
+                stream.write("\n")
+            stream.flush()
 
 
 # ---------------------------------------------------------------------------------------
@@ -65,35 +104,39 @@ def execute_run(run: Run, study: Study, runs_dir: str | Path, progress: bool = T
 
     A training interrupted earlier (a crash, Ctrl-C, a killed worker) goes on from its last checkpoint, and
     ends bit-identical on the CPU to one never interrupted (`train(resume=True)`); a half-finished run of
-    another config starts clean. Runs with the process's torch threads (a worker process's are set when it
-    starts)."""
+    another config starts clean. What the run prints goes to its log.txt too (`run_output`). Runs with the
+    process's torch threads (a worker process's are set when it starts)."""
     folder = Path(runs_dir) / run.run_id
     if run_status(run, study, Path(runs_dir)) == "done":
         return json.loads((folder / DONE).read_text())
+    model_dir = folder / MODEL
+    summary = _finished_training(model_dir, run.config)
+    step = None if summary is not None else _interrupted_training(model_dir, run.config)
+    if summary is None and step is None and folder.exists():
+        shutil.rmtree(folder)  # a half-finished run of another config, or one with no checkpoint yet
+    with run_output(folder, run.run_id):
+        return _train_and_analyse(run, study, folder, summary, step, progress)
+
+
+def _train_and_analyse(run: Run, study: Study, folder: Path, summary: dict | None, step: int | None,
+                       progress: bool) -> dict:
+    """`execute_run` once the run's folder is sorted out: `summary` of a finished training of this config to
+    analyse, else `step` of an interrupted one to resume, else neither (train from step 0)."""
     tc = run.config
     model_dir = folder / MODEL
-    summary = _finished_training(model_dir, tc)
+    (folder / ERROR).unlink(missing_ok=True)
+    loaded = summary is not None
+    if step is not None:
+        print(f"run {run.run_id}: its training stopped after step {step} of {tc.steps}; going on from there")
+        seed_everything(run.seed)  # the checkpoint restores every generator it uses
+        try:
+            summary = train(tc, model_dir, resume=True, progress=progress)
+        except InputError as e:  # a damaged checkpoint: nothing in it to keep
+            print(f"run {run.run_id}: cannot go on from its checkpoint ({e}); training again from step 0")
+            shutil.rmtree(model_dir)
     if summary is None:
-        step = _interrupted_training(model_dir, tc)
-        if step is not None:
-            print(f"run {run.run_id}: its training stopped after step {step} of {tc.steps}; going on from there")
-            (folder / ERROR).unlink(missing_ok=True)
-            seed_everything(run.seed)  # the checkpoint restores every generator it uses
-            try:
-                summary = train(tc, model_dir, resume=True, progress=progress)
-            except InputError as e:  # a damaged checkpoint: nothing in it to keep
-                print(f"run {run.run_id}: cannot go on from its checkpoint ({e}); training again from step 0")
-                step = None
-        if step is None:
-            if folder.exists():
-                shutil.rmtree(folder)  # a half-finished run of another config, or one with no checkpoint yet
-            folder.mkdir(parents=True)
-            seed_everything(run.seed)
-            summary = train(tc, model_dir, resume=False, progress=progress)
-        loaded = False
-    else:
-        (folder / ERROR).unlink(missing_ok=True)
-        loaded = True
+        seed_everything(run.seed)
+        summary = train(tc, model_dir, resume=False, progress=progress)
     threads = torch.get_num_threads()
     model = MultimodalModel.from_pretrained(model_dir, map_location=tc.device)
     untrained = initial_model(tc, model, len(summary.get("restarts", [])))  # its step 0: baseline, snapshot 0
