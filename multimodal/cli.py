@@ -332,8 +332,8 @@ def add_compare_parser(sub) -> None:
 
 
 def cmd_compare(args) -> int:
-    from multimodal.compare import (ERROR, copy_reusable, describe_runs, finished_results, load_study, plan_runs,
-                                    report_from, run_study)
+    from multimodal.compare import (ERROR, check_output_folder, copy_reusable, describe_runs, finished_results,
+                                    load_study, plan_runs, report_from, run_study)
     study = load_study(args.study)
     out = Path(args.out or Path("reports") / study.name)
     if args.dry_run:
@@ -342,6 +342,7 @@ def cmd_compare(args) -> int:
         return 0
     if args.report_only:
         runs = plan_runs(study, check_models=False)
+        check_output_folder(study, out)
         copied = copy_reusable(study, runs, out / "runs", args.reuse)
         if copied:
             print(f"copied {len(copied)} run(s) from another study (--reuse): {', '.join(copied)}")

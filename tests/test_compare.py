@@ -182,6 +182,26 @@ def test_an_interrupted_run_goes_on_from_its_checkpoint_and_ends_as_one_never_in
     assert without_timing(damaged["runs"][0]) == without_timing(whole["runs"][0])
 
 
+def test_a_folder_holding_other_work_is_refused_and_left_as_it_was(finished, tmp_path, capsys):
+    """--out naming another study's results, or a folder of files no study writes: refused before anything
+    is written, by run_study and by --report-only alike."""
+    toml, out = finished
+    other = tmp_path / "other.toml"
+    other.write_text(STUDY_TOML.replace('name = "tiny"', 'name = "tiny2"'))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for extra in ([], ["--report-only"]):
+        assert main(["compare", str(other), "--out", str(out), *extra]) == 2
+        assert "holds the results of study 'tiny': choose another --out for study 'tiny2'" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    with pytest.raises(InputError, match=r"holds files that are not a study's output \(notes.txt\)"):
+        run_study(load_study(toml), mine, progress=False)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    assert main(["compare", str(toml), "--out", str(out), "--report-only"]) == 0  # its own folder: fine
+
+
 def test_changed_settings_rerun_the_analysis_but_reuse_the_training(finished, tmp_path):
     _, out = finished
     run_id = "fusion.query=latents,seed=0"

@@ -47,6 +47,7 @@ from multimodal.compare.analyse import (
 )
 from multimodal.compare.runner import (
     MODEL,
+    check_output_folder,
     copy_reusable,
     execute_run,
     finished_results,
@@ -80,7 +81,8 @@ from multimodal.compare.summary import summarise
 
 __all__ = [
     "BATCH", "DONE", "ERROR", "MODEL", "NEUTRAL_FUSION_KEYS", "NEUTRAL_KEYS", "RESULT_FORMAT", "RUN_ONLY_KEYS",
-    "STUDY_DIR", "STUDY_KEYS", "AnalysisSet", "Run", "Study", "analyse_model", "config_fields", "copy_reusable",
+    "STUDY_DIR", "STUDY_KEYS", "AnalysisSet", "Run", "Study", "analyse_model", "check_output_folder", "config_fields",
+    "copy_reusable",
     "describe_runs", "execute_run", "fingerprint", "finished_results", "head_importance", "head_metrics",
     "load_study", "matching_only", "plan_runs", "point_label", "report_from", "run_name", "run_status",
     "run_study", "seed_everything", "shipped_studies", "study_from_dict", "summarise", "without_timing",

@@ -279,6 +279,35 @@ def _worker_job(job: tuple) -> tuple[str, str | None]:
 ENGINES = ("local", "ray")
 
 
+OUTPUT_NAMES = ("study.json", "report.md", "results.csv", "results.json", "plots", "runs")  # what a study writes
+
+
+def check_output_folder(study: Study, out: Path) -> None:
+    """Refuse an output folder that holds other work, before anything is written: another study's results
+    (its study.json, or its report's title, names another study) or files no study writes."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise InputError(f"{out} is a file: give the study a folder (--out)")
+    try:
+        owner = json.loads((out / "study.json").read_text())["name"]
+    except FileNotFoundError:
+        owner = None
+    except (OSError, ValueError, KeyError, TypeError):
+        owner = "(unreadable study.json)"
+    if owner is None and (out / "report.md").is_file():
+        title = (out / "report.md").read_text(errors="replace").split("\n", 1)[0]
+        owner = title.removeprefix("# Study: ").strip() if title.startswith("# Study: ") else None
+    if owner is not None and owner != study.name:
+        raise InputError(f"{out} holds the results of study {owner!r}: choose another --out for study "
+                         f"{study.name!r} (nothing was changed)")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_NAMES)
+    if owner is None and foreign:
+        listed = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise InputError(f"{out} holds files that are not a study's output ({listed}): choose a new or empty folder "
+                         f"for study {study.name!r} (nothing was changed)")
+
+
 def run_study(study: Study | str | Path, out: str | Path | None = None, workers: int = 1, progress: bool = True,
               report: bool = True, engine: str = "local", address: str | None = None, cpus_per_run: float = 1,
               gpus_per_run: float = 0, reuse=()) -> dict:
@@ -303,6 +332,7 @@ def run_study(study: Study | str | Path, out: str | Path | None = None, workers:
         raise InputError(f"engine = {engine!r}: choose one of {', '.join(ENGINES)}")
     out = Path(out or Path("reports") / study.name)
     runs = plan_runs(study)  # every config checked before anything is created
+    check_output_folder(study, out)
     runs_dir = out / "runs"
     reused = copy_reusable(study, runs, runs_dir, reuse)
     status = {r.run_id: run_status(r, study, runs_dir) for r in runs}
