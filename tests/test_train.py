@@ -40,6 +40,22 @@ def test_train_writes_a_loadable_checkpoint_and_resume_continues(tmp_path):
     assert any(changed), "resuming trained nothing"
 
 
+def test_without_the_progress_bar_training_prints_a_line_every_twentieth_of_the_run(tmp_path, capsys):
+    """A study's worker (progress off, stdout to log.txt) still shows where the run is and how long is left."""
+    import re
+
+    from multimodal.train.loop import heartbeat_every
+
+    assert [heartbeat_every(n) for n in (4, 20, 1600)] == [1, 1, 80]
+    train(smoke(steps=4), tmp_path / "quiet", progress=False)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if re.match(r"step \d+/4: ", ln)]
+    assert [ln.split(":")[0] for ln in lines] == ["step 1/4", "step 2/4", "step 3/4"]  # the end has its own line
+    assert all(re.fullmatch(r"step \d/4: loss \d+\.\d{3}, train acc [01]\.\d{3}; \d+\.\d\d s a step, "
+                            r"about \d+ s to go", ln) for ln in lines), lines
+    train(smoke(steps=4), tmp_path / "bar", progress=True)
+    assert not re.search(r"^step \d+/4: ", capsys.readouterr().out, re.M)  # the bar says it there
+
+
 def test_same_seed_gives_the_same_weights(tmp_path):
     a = train(smoke(steps=2), tmp_path / "a", progress=False)
     b = train(smoke(steps=2), tmp_path / "b", progress=False)
