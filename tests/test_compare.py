@@ -10,6 +10,8 @@ import time
 import pytest
 
 from multimodal.cli import main
+from multimodal.compare.runner import reuse_index
+from multimodal.compare.study import describe_runs
 from multimodal.compare import (DONE, load_study, plan_runs, run_study, shipped_studies, study_from_dict,
                                 without_timing, write_report)
 from multimodal.types import InputError
@@ -492,6 +494,36 @@ def test_reuse_copies_another_studys_identical_run_and_computes_the_rest(finishe
     assert result["reused"] == [] and len(result["ran"]) == 2
     with pytest.raises(InputError, match="no such folder"):
         run_study(stricter, tmp_path / "stricter", progress=False, reuse=[tmp_path / "nowhere"])
+
+
+def test_a_report_folder_alone_carries_its_finished_runs_to_a_machine_that_never_ran_them(finished, tmp_path,
+                                                                                           capsys):
+    """--reuse of a folder holding only a study's report (results.json, as committed under
+    multimodal/studies/reports/): its runs are copied from their records, no checkpoint, and the report
+    written from them states what the original did; a changed evaluation setting matches none of them."""
+    toml, out = finished
+    lost = tmp_path / "lost"  # the study's output with its runs/ gone: what a fresh checkout holds
+    lost.mkdir()
+    for name in ("study.json", "report.md", "results.json"):
+        shutil.copy(out / name, lost / name)
+    assert main(["compare", str(toml), "--out", str(lost), "--dry-run"]) == 0
+    assert "to run: 2; done: 0" in capsys.readouterr().out
+    assert main(["compare", str(toml), "--out", str(lost), "--reuse", str(lost), "--dry-run"]) == 0
+    assert "to run: 0; done: 0; copied from another study (--reuse): 2" in capsys.readouterr().out
+    assert main(["compare", str(toml), "--out", str(lost), "--reuse", str(lost), "--report-only"]) == 0
+    assert "copied 2 run(s)" in capsys.readouterr().out
+    for run_id in ("fusion.query=text,seed=0", "fusion.query=latents,seed=0"):
+        copied, source = done(lost, run_id), done(out, run_id)
+        assert copied["reused_from"] == f"{(lost / 'results.json').resolve()} ({run_id})"
+        assert sorted(p.name for p in (lost / "runs" / run_id).iterdir()) == [DONE]  # results, no checkpoint
+        assert (json.dumps({k: v for k, v in copied.items() if k != "reused_from"}, sort_keys=True)
+                == json.dumps(json.loads(json.dumps(source).replace("NaN", "null")), sort_keys=True))
+    tables = [ln for ln in (out / "report.md").read_text().splitlines() if ln.startswith("|")]
+    assert tables and tables == [ln for ln in (lost / "report.md").read_text().splitlines() if ln.startswith("|")]
+    again = run_study(load_study(toml), lost, progress=False, report=False, reuse=[lost])
+    assert again["ran"] == [] and again["reused"] == []  # done now
+    stricter = study_from_dict({**tiny_study(), "shapley_permutations": 3})
+    assert "to run: 2; done: 0\n" in describe_runs(stricter, tmp_path / "stricter", reuse_index([lost])) + "\n"
 
 
 def test_a_study_reported_in_part_compares_the_lowest_and_highest_level_measured(finished, tmp_path):

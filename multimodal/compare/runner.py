@@ -23,8 +23,9 @@ import torch
 from tqdm import tqdm
 
 from multimodal.compare.analyse import analyse_model, initial_model, seed_everything
-from multimodal.compare.study import (DONE, ERROR, RESULT_FORMAT, RUN_ONLY_KEYS, Run, Study, comparable_config,
-                                      fingerprint, load_study, plan_runs, reusable_source, run_status)
+from multimodal.compare.study import (DONE, ERROR, RESULT_FORMAT, RUN_ONLY_KEYS, ReportedRun, Run, Study,
+                                      comparable_config, fingerprint, load_study, plan_runs, reusable_source,
+                                      run_status)
 from multimodal.model import MultimodalModel
 from multimodal.train import TRAIN_STATE, TrainConfig, train
 from multimodal.types import InputError
@@ -188,33 +189,51 @@ def without_timing(result: dict) -> dict:
     return out
 
 
-def reuse_index(folders) -> dict[str, Path]:
-    """fingerprint -> run folder, over the finished runs in `folders` (study output folders, or their
-    `runs/` folders): where a run of this study was already computed by another study."""
-    index: dict[str, Path] = {}
-    for folder in map(Path, folders):
+def reuse_index(folders) -> dict[str, Path | ReportedRun]:
+    """fingerprint -> finished run, over `folders` (study output folders, their `runs/` folders, or report
+    folders such as multimodal/studies/reports/NAME): where a run of this study was already computed. A run
+    folder (checkpoint and all) comes first; a run known only from a report's results.json second."""
+    index: dict[str, Path | ReportedRun] = {}
+    folders = list(map(Path, folders))
+    for folder in folders:
         if not folder.is_dir():
-            raise InputError(f"--reuse {folder}: no such folder (give another study's output folder)")
+            raise InputError(f"--reuse {folder}: no such folder (give another study's output or report folder)")
         for done in sorted([*folder.glob(f"runs/*/{DONE}"), *folder.glob(f"*/{DONE}")]):
             try:
                 index.setdefault(json.loads(done.read_text())["fingerprint"], done.parent)
             except (OSError, json.JSONDecodeError, KeyError):
                 continue  # a damaged or foreign file: not reusable, and not ours to touch
+    for report in (f / "results.json" for f in folders):
+        try:
+            records = json.loads(report.read_text())["runs"]
+            found = [(r["fingerprint"], r) for r in records if r.get("format") == RESULT_FORMAT]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            continue  # none, damaged or foreign
+        for fp, record in found:
+            index.setdefault(fp, ReportedRun(report, record))
     return index
 
 
-def copy_run(source: Path, run: Run, study: Study, runs_dir: Path) -> dict:
-    """Another study's finished run of the same fingerprint, copied in as this study's run (its folder,
-    checkpoint included; done.json relabelled with this run's id, group and grid point, and where it came
-    from)."""
-    result = json.loads((source / DONE).read_text())
+def copy_run(source: Path | ReportedRun, run: Run, study: Study, runs_dir: Path) -> dict:
+    """A finished run of the same fingerprint, copied in as this study's run: another study's run folder
+    (checkpoint included), or a reported run's results alone (no checkpoint: enough for the report, and a
+    later change of analysis settings trains it again). done.json is relabelled with this run's id, group and
+    grid point, and where it came from."""
+    reported = isinstance(source, ReportedRun)
+    result = json.loads(json.dumps(source.record)) if reported else json.loads((source / DONE).read_text())
+    where = source.report if reported else source
     if result.get("fingerprint") != fingerprint(run, study):
-        raise InputError(f"{source} is not run {run.run_id} of this study (fingerprints differ)")
+        raise InputError(f"{where} is not run {run.run_id} of this study (fingerprints differ)")
     folder = runs_dir / run.run_id
     if folder.exists():
         shutil.rmtree(folder)  # a half-finished try of this run: the copy replaces it
-    shutil.copytree(source, folder, ignore=shutil.ignore_patterns(DONE, DONE + ".tmp", ERROR))
-    result.update(run_id=run.run_id, group=run.group, point=dict(run.point), reused_from=str(source.resolve()))
+    if reported:
+        folder.mkdir(parents=True)
+        origin = f"{source.report.resolve()} ({result['run_id']})"
+    else:
+        shutil.copytree(source, folder, ignore=shutil.ignore_patterns(DONE, DONE + ".tmp", ERROR))
+        origin = str(source.resolve())
+    result.update(run_id=run.run_id, group=run.group, point=dict(run.point), reused_from=origin)
     write_done(folder, result)
     return result
 

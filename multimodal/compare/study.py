@@ -361,16 +361,26 @@ def run_status(run: Run, study: Study, runs_dir: Path) -> str:
     return "failed" if (folder / ERROR).is_file() else "pending"
 
 
-def reusable_source(run: Run, study: Study, runs_dir: Path, index: Mapping[str, Path]) -> Path | None:
-    """The finished run elsewhere that `run` would be copied from (`index`: fingerprint -> run folder, as
-    `runner.reuse_index` builds it): None when the run is done here, or nothing else matches it."""
+@dataclass(frozen=True, eq=False)
+class ReportedRun:
+    """A finished run known from a report's results.json alone (a committed report, whose run folders,
+    checkpoints and logs stayed on the machine that ran them): its results, enough to report it again."""
+    report: Path  # the results.json
+    record: dict  # its entry there: the run's done.json as it was
+
+
+def reusable_source(run: Run, study: Study, runs_dir: Path,
+                    index: Mapping[str, Path | ReportedRun]) -> Path | ReportedRun | None:
+    """The finished run elsewhere that `run` would be copied from (`index`: fingerprint -> run folder or
+    reported run, as `runner.reuse_index` builds it): None when the run is done here, or nothing else matches
+    it. A run reported in this very folder's results.json counts: its run folder is what was lost."""
     source = index.get(fingerprint(run, study))
-    if source is None or source.resolve() == (runs_dir / run.run_id).resolve():
+    if source is None or (isinstance(source, Path) and source.resolve() == (runs_dir / run.run_id).resolve()):
         return None
     return None if run_status(run, study, runs_dir) == "done" else source
 
 
-def describe_runs(study: Study, out: str | Path, reusable: Mapping[str, Path] | None = None) -> str:
+def describe_runs(study: Study, out: str | Path, reusable: Mapping[str, Path | ReportedRun] | None = None) -> str:
     """The dry-run listing: every run, its status and its fusion parameter count. `reusable`: fingerprint ->
     another study's finished run (`runner.reuse_index`); a run not done here that one of them matches is
     listed as 'copy' (run_study would copy it)."""
