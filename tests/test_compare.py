@@ -524,6 +524,10 @@ def test_a_report_folder_alone_carries_its_finished_runs_to_a_machine_that_never
     assert again["ran"] == [] and again["reused"] == []  # done now
     stricter = study_from_dict({**tiny_study(), "shapley_permutations": 3})
     assert "to run: 2; done: 0\n" in describe_runs(stricter, tmp_path / "stricter", reuse_index([lost])) + "\n"
+    (lost / "runs").rename(tmp_path / "gone")
+    (lost / "results.json").write_text('{"runs": [')  # damaged: nothing to copy, and the user is told
+    capsys.readouterr()
+    assert reuse_index([lost]) == {} and "nothing to copy from it" in capsys.readouterr().out
 
 
 def test_a_study_reported_in_part_compares_the_lowest_and_highest_level_measured(finished, tmp_path):

@@ -211,6 +211,10 @@ def reuse_index(folders) -> dict[str, Path | ReportedRun]:
             continue  # none, damaged or foreign
         for fp, record in found:
             index.setdefault(fp, ReportedRun(report, record))
+    for folder in folders:
+        if not any(folder in (p if isinstance(p, Path) else p.report).parents for p in index.values()):
+            print(f"note: --reuse {folder}: no finished run there (neither runs/*/{DONE} nor a readable "
+                  "results.json): nothing to copy from it")
     return index
 
 
