@@ -180,7 +180,9 @@ def test_an_interrupted_run_goes_on_from_its_checkpoint_and_ends_as_one_never_in
     state.write_bytes(state.read_bytes()[:100])
     capsys.readouterr()
     damaged = run_study(study, tmp_path / "damaged", progress=False, report=False)
-    assert "cannot go on from its checkpoint" in capsys.readouterr().out and not damaged["failed"]
+    said = capsys.readouterr().out
+    assert "cannot go on from its checkpoint" in said and "is damaged" in said and not damaged["failed"]
+    assert "--overwrite" not in said  # train's advice to a user, not what a study does
     assert without_timing(damaged["runs"][0]) == without_timing(whole["runs"][0])
 
 

@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 
 import multimodal.train.loop as loop
 from multimodal.cli import main
+from multimodal.errors import CheckpointError
 from multimodal.model import MultimodalModel
 from multimodal.train import load_config, train
 from multimodal.train.loop import STAGING, TRAIN_STATE, TrainingInterrupted
@@ -274,3 +275,18 @@ def test_resume_with_nothing_to_resume_says_so(tmp_path):
         train(tc, model_only, resume=True, progress=False)
     with pytest.raises(InputError, match="--overwrite"):
         train(tc, model_only, progress=False)
+
+
+def test_a_damaged_training_state_is_refused_with_what_to_do(tmp_path):
+    """A user is told what to do; `problem` alone (what a study prints before training the run again) is
+    the fault without that advice. The folder is left as it was."""
+    out = tmp_path / "run"
+    tc = load_config("smoke", overrides={**TINY, "steps": 1})
+    train(tc, out, progress=False)
+    state = out / f"{TRAIN_STATE}.safetensors"
+    state.write_bytes(state.read_bytes()[:100])
+    before = tree(out)
+    with pytest.raises(CheckpointError, match="is damaged.*resume from a copy.*--overwrite") as caught:
+        train(tc, out, resume=True, progress=False)
+    assert "is damaged" in caught.value.problem and "--overwrite" not in caught.value.problem
+    assert tree(out) == before

@@ -26,6 +26,7 @@ from multimodal.compare.analyse import analyse_model, initial_model, seed_everyt
 from multimodal.compare.study import (DONE, ERROR, RESULT_FORMAT, RUN_ONLY_KEYS, ReportedRun, Run, Study,
                                       comparable_config, fingerprint, load_study, plan_runs, reusable_source,
                                       run_status)
+from multimodal.errors import CheckpointError
 from multimodal.model import MultimodalModel
 from multimodal.train import TRAIN_STATE, TrainConfig, train
 from multimodal.types import InputError
@@ -132,8 +133,8 @@ def _train_and_analyse(run: Run, study: Study, folder: Path, summary: dict | Non
         seed_everything(run.seed)  # the checkpoint restores every generator it uses
         try:
             summary = train(tc, model_dir, resume=True, progress=progress)
-        except InputError as e:  # a damaged checkpoint: nothing in it to keep
-            print(f"run {run.run_id}: cannot go on from its checkpoint ({e}); training again from step 0")
+        except CheckpointError as e:  # a damaged checkpoint: nothing in it to keep
+            print(f"run {run.run_id}: cannot go on from its checkpoint ({e.problem}); training again from step 0")
             shutil.rmtree(model_dir)
     if summary is None:
         seed_everything(run.seed)

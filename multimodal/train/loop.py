@@ -50,6 +50,7 @@ from multimodal.train.objective import (
     matching_accuracy,
     matching_loss,
 )
+from multimodal.errors import CheckpointError
 from multimodal.types import InputError
 
 TRAIN_STATE = "train_state"  # train_state.safetensors (optimizer, data order, generators) + train_state.json
@@ -275,8 +276,8 @@ def _read_train_state(out_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         meta = json.loads((out_dir / f"{TRAIN_STATE}.json").read_text())
         tensors = load_file(str(out_dir / f"{TRAIN_STATE}.safetensors"))
     except (OSError, ValueError, SafetensorError) as e:
-        raise InputError(f"the training state in {out_dir} is damaged ({e}): resume from a copy of the run, "
-                         "or pass --overwrite to train again from step 0") from None
+        raise CheckpointError(f"the training state in {out_dir} is damaged ({e})",
+                              "resume from a copy of the run, or pass --overwrite to train again from step 0") from None
     return meta, tensors
 
 
@@ -286,8 +287,8 @@ def _load_optimizer(opt, meta: dict, tensors: dict[str, torch.Tensor], out_dir: 
     try:
         opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     except (ValueError, KeyError) as e:
-        raise InputError(f"the optimizer state in {out_dir} does not fit this config's trainable parameters ({e}): "
-                         "resume with the config the run was trained with (freeze, encoders, fusion)") from None
+        raise CheckpointError(f"the optimizer state in {out_dir} does not fit this config's trainable parameters ({e})",
+                              "resume with the config the run was trained with (freeze, encoders, fusion)") from None
 
 
 def load_train_state(opt, out_dir: Path) -> tuple[int, list]:
@@ -480,8 +481,8 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
         try:
             model.load_state_dict(saved.state_dict())
         except RuntimeError as e:
-            raise InputError(f"the checkpoint in {out_dir} is another model than this config builds "
-                             f"({str(e).splitlines()[0]}): resume with the config it was trained with") from None
+            raise CheckpointError(f"the checkpoint in {out_dir} is another model than this config builds "
+                                  f"({str(e).splitlines()[0]})", "resume with the config it was trained with") from None
         _load_optimizer(opt, meta, tensors, out_dir)
         step, history, loop = int(meta["step"]), list(meta["history"]), meta.get("loop")
         if loop:
@@ -527,8 +528,9 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
     if loop:  # exact resume: the data order, the generators and the running statistics as saved
         order, cursor = tensors["data.order"].numpy(), int(loop["cursor"])
         if len(order) and int(order.max()) >= len(pool.scenes):
-            raise InputError(f"the checkpoint in {out_dir} draws from {len(order)} scenes, this config's pool has "
-                             f"{len(pool.scenes)}: resume with the pool_scenes (or manifest) it was trained with")
+            raise CheckpointError(f"the checkpoint in {out_dir} draws from {len(order)} scenes, this config's pool "
+                                  f"has {len(pool.scenes)}",
+                                  "resume with the pool_scenes (or manifest) it was trained with")
         np_rng.bit_generator.state = loop["np_rng"]
         mining.error = dict(loop["mining"])
         ema_loss, ema_acc = loop["ema_loss"], loop["ema_acc"]
