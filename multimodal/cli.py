@@ -179,7 +179,9 @@ def add_train_parser(sub) -> None:
                                    "--out; a folder holding a checkpoint needs --resume or --overwrite, and one "
                                    "holding other files is refused (nothing in it is ever deleted). Ctrl-C finishes "
                                    "the current step, saves a checkpoint and prints the command that resumes it; "
-                                   "the resumed run ends bit for bit where an uninterrupted one does (on CPU).")
+                                   "the resumed run ends bit for bit where an uninterrupted one does (on CPU). "
+                                   "Progress: bars on a terminal; into a log file (nohup, a pipe) a plain line every "
+                                   "twentieth of the run with the time a step and the time left.")
     p.add_argument("--preset", default=None, help=f"start from a preset: {', '.join(sorted(PRESETS))}")
     p.add_argument("--config", help="TOML file with TrainConfig fields ([fusion] and [scene] tables)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -206,7 +208,7 @@ def cmd_train(args) -> int:
     tc = load_config(args.preset, args.config, dict(parse_override(s) for s in args.set))
     print(json.dumps(tc.to_dict()))
     try:
-        summary = train(tc, args.out, resume=args.resume, overwrite=args.overwrite)
+        summary = train(tc, args.out, resume=args.resume, overwrite=args.overwrite, progress=sys.stderr.isatty())
     except KeyboardInterrupt as e:  # Ctrl-C: once, the step was finished and saved; twice, or before step 1, not
         if isinstance(e, TrainingInterrupted):
             said = f"interrupted after step {e.step} of {e.steps}; the checkpoint of step {e.step} is in {args.out}."

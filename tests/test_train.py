@@ -2,6 +2,7 @@
 
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -40,7 +41,7 @@ def test_train_writes_a_loadable_checkpoint_and_resume_continues(tmp_path):
     assert any(changed), "resuming trained nothing"
 
 
-def test_without_the_progress_bar_training_prints_a_line_every_twentieth_of_the_run(tmp_path, capsys):
+def test_without_the_progress_bar_training_prints_a_line_every_twentieth_of_the_run(tmp_path, capsys, monkeypatch):
     """A study's worker (progress off, stdout to log.txt) still shows where the run is and how long is left."""
     import re
 
@@ -54,6 +55,17 @@ def test_without_the_progress_bar_training_prints_a_line_every_twentieth_of_the_
                             r"about \d+ s to go", ln) for ln in lines), lines
     train(smoke(steps=4), tmp_path / "bar", progress=True)
     assert not re.search(r"^step \d+/4: ", capsys.readouterr().out, re.M)  # the bar says it there
+    # the command line: lines into a log file (stderr not a terminal, as under capsys), the bar on a terminal
+    args = ["train", "--preset", "smoke", "--set", "steps=4", "--set", "fusion.dim=32", "--set", "fusion.heads=2",
+            "--set", "fusion.layers=1"]
+    assert main([*args, "--out", str(tmp_path / "log")]) == 0
+    said = capsys.readouterr()
+    assert re.findall(r"^step \d/4: ", said.out, re.M) == ["step 1/4: ", "step 2/4: ", "step 3/4: "]
+    assert "training:" not in said.err  # no bar
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main([*args, "--out", str(tmp_path / "terminal")]) == 0
+    said = capsys.readouterr()
+    assert not re.search(r"^step \d+/4: ", said.out, re.M) and "training:" in said.err
 
 
 def test_same_seed_gives_the_same_weights(tmp_path):
