@@ -526,6 +526,9 @@ def test_a_report_folder_alone_carries_its_finished_runs_to_a_machine_that_never
     assert again["ran"] == [] and again["reused"] == []  # done now
     stricter = study_from_dict({**tiny_study(), "shapley_permutations": 3})
     assert "to run: 2; done: 0\n" in describe_runs(stricter, tmp_path / "stricter", reuse_index([lost])) + "\n"
+    capsys.readouterr()
+    reuse_index([out, lost])  # lost holds the same runs as out: found, though out's come first
+    assert "nothing to copy from it" not in capsys.readouterr().out
     (lost / "runs").rename(tmp_path / "gone")
     (lost / "results.json").write_text('{"runs": [')  # damaged: nothing to copy, and the user is told
     capsys.readouterr()

@@ -196,6 +196,7 @@ def reuse_index(folders) -> dict[str, Path | ReportedRun]:
     folder (checkpoint and all) comes first; a run known only from a report's results.json second."""
     index: dict[str, Path | ReportedRun] = {}
     folders = list(map(Path, folders))
+    holding = set()  # the folders with a finished run in them (an earlier folder may hold the same runs)
     for folder in folders:
         if not folder.is_dir():
             raise InputError(f"--reuse {folder}: no such folder (give another study's output or report folder)")
@@ -204,7 +205,9 @@ def reuse_index(folders) -> dict[str, Path | ReportedRun]:
                 index.setdefault(json.loads(done.read_text())["fingerprint"], done.parent)
             except (OSError, json.JSONDecodeError, KeyError):
                 continue  # a damaged or foreign file: not reusable, and not ours to touch
-    for report in (f / "results.json" for f in folders):
+            holding.add(folder)
+    for folder in folders:
+        report = folder / "results.json"
         try:
             records = json.loads(report.read_text())["runs"]
             found = [(r["fingerprint"], r) for r in records if r.get("format") == RESULT_FORMAT]
@@ -212,8 +215,9 @@ def reuse_index(folders) -> dict[str, Path | ReportedRun]:
             continue  # none, damaged or foreign
         for fp, record in found:
             index.setdefault(fp, ReportedRun(report, record))
+            holding.add(folder)
     for folder in folders:
-        if not any(folder in (p if isinstance(p, Path) else p.report).parents for p in index.values()):
+        if folder not in holding:
             print(f"note: --reuse {folder}: no finished run there (neither runs/*/{DONE} nor a readable "
                   "results.json): nothing to copy from it")
     return index
