@@ -324,9 +324,9 @@ def add_compare_parser(sub) -> None:
                    help="with --engine ray: GPUs each run asks for (default 0; a run uses CUDA when its node has it)")
     p.add_argument("--reuse", action="append", default=[], metavar="DIR",
                    help="another study's output folder, or a report folder holding results.json such as "
-                        "multimodal/studies/reports/NAME (repeatable): a run here with the same config and evaluation "
-                        "settings as one finished there (same fingerprint) is copied instead of computed again "
-                        "(from a results.json: its results, without the checkpoint)")
+                        "multimodal/studies/reports/NAME (repeatable): a run here with the same config and "
+                        "evaluation settings as one finished there (same fingerprint) is copied instead of computed "
+                        "again (from a results.json: its results, without the checkpoint)")
     p.add_argument("--dry-run", action="store_true",
                    help="check the study and list its runs (done / pending / stale) without running anything")
     p.add_argument("--report-only", action="store_true",
