@@ -10,7 +10,7 @@ import time
 import pytest
 
 from multimodal.cli import main
-from multimodal.compare.runner import reuse_index
+from multimodal.compare.runner import reuse_index, run_output
 from multimodal.compare.study import describe_runs
 from multimodal.compare import (DONE, load_study, plan_runs, run_study, shipped_studies, study_from_dict,
                                 without_timing, write_report)
@@ -587,3 +587,19 @@ def test_zip_rows_are_compared_when_only_some_keys_vary_alone(finished, tmp_path
     first = "[zip] rows=fusion.compete=false, fusion.sinks=0, fusion.heads=2"
     assert ("**Best-head pointing (image) was higher with [zip] rows=fusion.compete=true, fusion.sinks=8, "
             f"fusion.heads=4 than with {first}** (0.923 ± 0.025 vs 0.523 ± 0.025") in text
+
+
+def test_a_runs_output_reaches_its_log_and_the_terminal_line_by_line(tmp_path, capsys):
+    """While a run goes on (hours), `tail -f runs/<id>/log.txt` and a nohup log show each line once it is whole,
+    not when a buffer fills or the run ends."""
+    log = tmp_path / "run" / "log.txt"
+    with run_output(tmp_path / "run", "a=1,seed=0"):
+        print("step 80/1600: loss 4.5", end="")
+        assert log.read_text() == "" and capsys.readouterr().out == ""  # an unfinished line waits
+        print()
+        print("step 160/1600: loss 3.7")
+        assert log.read_text() == "step 80/1600: loss 4.5\nstep 160/1600: loss 3.7\n"
+        assert capsys.readouterr().out == "[a=1,seed=0] step 80/1600: loss 4.5\n[a=1,seed=0] step 160/1600: loss 3.7\n"
+        print("the end, unfinished", end="")
+    assert log.read_text().endswith("the end, unfinished\n")
+    assert capsys.readouterr().out == "[a=1,seed=0] the end, unfinished\n"

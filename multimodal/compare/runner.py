@@ -48,6 +48,8 @@ class _RunOutput:
         self.pending = lines.pop()  # an unfinished line waits for its end
         for line in lines:
             self.terminal.write(self.prefix + line + "\n")
+        if lines:  # a log file or a pipe shows each line as it comes (`tail -f`), not when a buffer fills
+            self.flush()
         return len(text)
 
     def flush(self) -> None:
@@ -57,7 +59,8 @@ class _RunOutput:
 
 @contextmanager
 def run_output(folder: Path, run_id: str):
-    """Within the block, stdout goes to `folder/log.txt` (appended) and to the terminal prefixed with the run id."""
+    """Within the block, stdout goes to `folder/log.txt` (appended) and to the terminal prefixed with the run id,
+    each line as soon as it is whole."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / LOG, "a") as log:
         stream = _RunOutput(log, sys.stdout, run_id)
