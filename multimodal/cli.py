@@ -310,8 +310,9 @@ def add_compare_parser(sub) -> None:
     p.add_argument("study", help="study TOML file, or the name of a shipped study (e.g. size)")
     p.add_argument("--out", default=None, help="report folder (default: reports/<study name>)")
     p.add_argument("--workers", type=int, default=1,
-                   help="independent runs in parallel processes (default 1); each gets cores/N torch threads. "
-                        "The numbers do not depend on N beyond float rounding (summation order)")
+                   help="independent runs in parallel processes (default 1); each gets cores/N torch threads, "
+                        "counting the cores this process may use (taskset -c 0-3: 4). The numbers do not depend on "
+                        "N beyond float rounding (summation order)")
     p.add_argument("--engine", choices=("local", "ray"), default="local",
                    help="local (default): this machine, --workers processes; ray: each run is a Ray task on the "
                         "cluster at --address, or on a local Ray instance (needs pip install \".[cluster]\")")

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import os
 import re
 import shutil
 import sys
@@ -10,7 +11,7 @@ import time
 import pytest
 
 from multimodal.cli import main
-from multimodal.compare.runner import reuse_index, run_output
+from multimodal.compare.runner import reuse_index, run_output, usable_cores
 from multimodal.compare.study import describe_runs
 from multimodal.compare import (DONE, load_study, plan_runs, run_study, shipped_studies, study_from_dict,
                                 without_timing, write_report)
@@ -603,3 +604,16 @@ def test_a_runs_output_reaches_its_log_and_the_terminal_line_by_line(tmp_path, c
         print("the end, unfinished", end="")
     assert log.read_text().endswith("the end, unfinished\n")
     assert capsys.readouterr().out == "[a=1,seed=0] the end, unfinished\n"
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < 2, reason="needs CPU affinity, 2 cores")
+def test_a_study_pinned_to_fewer_cores_splits_those_among_its_workers():
+    """`taskset -c 0 multimodal compare ...`: the study counts the one core it may use, not the machine's, so
+    studies side by side on their own cores do not each start a thread per core of the machine."""
+    before = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(before)})
+        assert usable_cores() == 1 < os.cpu_count()
+    finally:
+        os.sched_setaffinity(0, before)
+    assert usable_cores() == len(before)

@@ -339,6 +339,14 @@ def check_output_folder(study: Study, out: Path) -> None:
                          f"for study {study.name!r} (nothing was changed)")
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity where the system has one (`taskset -c 0-3 multimodal
+    compare ...` gives a study four cores, so studies side by side do not oversubscribe), else every core."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def run_study(study: Study | str | Path, out: str | Path | None = None, workers: int = 1, progress: bool = True,
               report: bool = True, engine: str = "local", address: str | None = None, cpus_per_run: float = 1,
               gpus_per_run: float = 0, reuse=()) -> dict:
@@ -346,7 +354,7 @@ def run_study(study: Study | str | Path, out: str | Path | None = None, workers:
 
     `study` is a `Study`, a TOML path or a shipped study's name; `out` the report folder
     (default `reports/<name>`). With `workers` > 1 independent runs go to that many
-    spawned processes (a fresh one per run), each with `cores // workers` torch threads. `engine="ray"`: each run is a
+    spawned processes (a fresh one per run), each with `usable_cores() // workers` torch threads. `engine="ray"`: each run is a
     Ray task asking for `cpus_per_run` CPUs (its torch threads) and `gpus_per_run` GPUs, on the
     cluster at `address` or a local Ray instance (`multimodal.compare.cluster`); `workers` is
     then unused (the cluster's free resources decide how many run at once). `reuse`: other studies'
@@ -378,7 +386,7 @@ def run_study(study: Study | str | Path, out: str | Path | None = None, workers:
         bar.write(f"{len(skipped)} of {len(runs)} runs already done: skipped")
     if reused and progress:
         bar.write(f"{len(reused)} of {len(runs)} runs copied from another study's identical run: {', '.join(reused)}")
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     if engine == "ray" and pending:
         from multimodal.compare.cluster import run_tasks  # Ray: an optional extra
 
