@@ -229,8 +229,11 @@ def evaluate(model: MultimodalModel, scenes: int = 500, seed: int = 0, batch_siz
             _every_kind(model, pool.batch(model, keep), [pool.scenes[i] for i in keep], short, draws, every)
         start += batch_size
     result = summarise(model, tally, wins, scenes, time.perf_counter() - t0)
+    # a kind no scene of this config allows (captions about one modality: no colour change in a caption about
+    # sounds) has no pairs to score: listed apart, not scored 0/0
     result["matching_every_kind"] = {k: {"accuracy": w / n, "rejected": r / n, "pairs": n}
-                                     for k, (w, r, n) in every.items()}
+                                     for k, (w, r, n) in every.items() if n}
+    result["every_kind_absent"] = [k for k, (_, _, n) in every.items() if not n]
     result["every_kind_scenes"] = start  # test scenes the every-kind table drew from (the first `scenes`, then more)
     result["every_kind_min_pairs"] = min_pairs
     result["true_captions"] = {k: {"matched": m / n, "captions": n} for k, (m, n) in sorted(matched.items())}
@@ -310,6 +313,8 @@ def markdown(result: dict) -> str:
                   "", "| negative type | accuracy | rejected | pairs |", "|---|---|---|---|"]
         for k, v in result["matching_every_kind"].items():
             lines.append(f"| {k} | {v['accuracy']:.3f} | {v['rejected']:.3f} | {v['pairs']} |")
+        if result.get("every_kind_absent"):
+            lines += ["", f"No scene of this config allows {', '.join(result['every_kind_absent'])}: not scored."]
         if REPEAT in result["matching_every_kind"]:
             lines += ["", f"{REPEAT}: one event phrase of a two-event caption made into the other's (\"a falling chirp "
                       "then a falling chirp\" where one falling chirp is heard); drawn in training only with "

@@ -13,6 +13,7 @@ import pytest
 from multimodal.cli import main
 from multimodal.compare.runner import reuse_index, run_output, usable_cores
 from multimodal.compare.study import describe_runs
+from multimodal.compare.summary import pointing_best_strict
 from multimodal.compare import (DONE, load_study, plan_runs, run_study, shipped_studies, study_from_dict,
                                 without_timing, write_report)
 from multimodal.types import InputError
@@ -617,3 +618,15 @@ def test_a_study_pinned_to_fewer_cores_splits_those_among_its_workers():
     finally:
         os.sched_setaffinity(0, before)
     assert usable_cores() == len(before)
+
+
+def test_task_variety_runs_with_captions_about_one_modality_finish(tmp_path):
+    """The task-variety study's runs (captions about the picture only / the sounds only) go through
+    evaluation and analysis; each is scored on the one modality its captions name (the other is n/a)."""
+    study = study_from_dict(tiny_study(name="tv", grid={"captions": ["image", "audio"]}))
+    result = run_study(study, tmp_path / "tv", progress=False)
+    assert not result["failed"] and len(result["ran"]) == 2
+    by = {r["point"]["captions"]: r["summary"] for r in result["runs"]}
+    assert by["image"].get(pointing_best_strict("image")) is not None and by["image"].get(pointing_best_strict("audio")) is None
+    assert by["audio"].get(pointing_best_strict("audio")) is not None and by["audio"].get(pointing_best_strict("image")) is None
+    assert "| captions=audio,seed=0 | audio | 0 |" in (tmp_path / "tv" / "report.md").read_text()

@@ -630,3 +630,23 @@ def test_a_frozen_recipe_writes_out_every_field_and_is_what_the_shipped_default_
     assert {k: v for k, v in frozen.items() if k not in run_only} == {k: v for k, v in saved.items() if k not in run_only}
     with pytest.raises(InputError, match="default-2026-12-03"):  # listed where an unknown preset is refused
         load_config("default-2026-12-02")
+
+
+@pytest.mark.parametrize("captions, absent", [("audio", {"colour", "shape", "size"}),
+                                              ("image", {"pitch", "direction", "event_kind", "order", "repeat"})])
+def test_eval_of_captions_about_one_modality_leaves_out_the_kinds_no_scene_allows(tmp_path, captions, absent):
+    """The task-variety study's runs: captions about the sounds alone allow no colour, shape or size negative.
+    Such a kind has no pairs; it is listed as absent, not divided 0 / 0 (a ZeroDivisionError ended every such
+    run's analysis)."""
+    from multimodal.train.config import scene_config
+
+    tc = smoke(steps=1, captions=captions)
+    train(tc, tmp_path / "run", progress=False)
+    model = MultimodalModel.from_pretrained(tmp_path / "run")
+    result = evaluate(model, scenes=4, seed=0, scene_cfg=scene_config(tc), baselines=False, progress=False,
+                      min_pairs=2, batch_size=4)
+    assert set(result["every_kind_absent"]) == absent
+    assert not absent & set(result["matching_every_kind"])
+    assert all(v["pairs"] >= 2 for v in result["matching_every_kind"].values())
+    _, md_path = write_report(result, tmp_path / "run")
+    assert "No scene of this config allows" in open(md_path).read()
