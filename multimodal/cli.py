@@ -332,6 +332,10 @@ def add_compare_parser(sub) -> None:
                    help="check the study and list its runs (done / pending / stale) without running anything")
     p.add_argument("--report-only", action="store_true",
                    help="write the report from the runs already finished (and the ones --reuse copies in); train nothing")
+    p.add_argument("--train-only", action="store_true",
+                   help="train the pending runs and stop: no evaluation, analysis or report (for a GPU machine "
+                        "whose time is short). Copy OUT/runs/*/model to another machine's study folder and run "
+                        "compare there: it analyses them without training again")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compare)
 
@@ -361,12 +365,16 @@ def cmd_compare(args) -> int:
         raise InputError("--address, --cpus-per-run and --gpus-per-run go with --engine ray")
     result = run_study(study, out, workers=args.workers, progress=not args.quiet, engine=args.engine,
                        address=args.address, cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run,
-                       reuse=args.reuse)
-    print(f"ran {len(result['ran'])}, skipped {len(result['skipped'])} (already done), "
+                       reuse=args.reuse, train_only=args.train_only)
+    verb = "trained" if args.train_only else "ran"
+    print(f"{verb} {len(result['ran'])}, skipped {len(result['skipped'])} (already done), "
           f"copied {len(result['reused'])} (--reuse), "
           f"failed {len(result['failed'])}")
     for run_id in result["failed"]:
         print(f"  failed: {run_id} (see {out / 'runs' / run_id / ERROR})", file=sys.stderr)
+    if args.train_only:
+        print(f"the same command without --train-only analyses them and writes the report, here or where "
+              f"{out / 'runs'} is copied to")
     if result["report"]:
         print(f"report: {result['report']['report']}")
     return 1 if result["failed"] else 0

@@ -630,3 +630,28 @@ def test_task_variety_runs_with_captions_about_one_modality_finish(tmp_path):
     assert by["image"].get(pointing_best_strict("image")) is not None and by["image"].get(pointing_best_strict("audio")) is None
     assert by["audio"].get(pointing_best_strict("audio")) is not None and by["audio"].get(pointing_best_strict("image")) is None
     assert "| captions=audio,seed=0 | audio | 0 |" in (tmp_path / "tv" / "report.md").read_text()
+
+
+def test_train_only_then_analysed_elsewhere_gives_the_runs_results(finished, tmp_path, capsys):
+    """--train-only trains and stops (no done.json, no report); the model folders alone, copied to another
+    study folder (as from a GPU machine), are analysed there without training again, to the same results."""
+    toml, out = finished
+    gpu = tmp_path / "gpu"
+    assert main(["compare", str(toml), "--out", str(gpu), "--train-only", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "trained 2," in printed and "without --train-only analyses them" in printed
+    assert not list(gpu.glob("runs/*/done.json")) and not (gpu / "report.md").exists()
+    here = tmp_path / "here"
+    for model in gpu.glob("runs/*/model"):  # what comes back: the weights and the train summary, no optimiser
+        shutil.copytree(model, here / "runs" / model.parent.name / "model", ignore=shutil.ignore_patterns("train_state*"))
+    assert main(["compare", str(toml), "--out", str(here), "--quiet"]) == 0
+    assert "ran 2," in capsys.readouterr().out
+    for run_id in ("fusion.query=text,seed=0", "fusion.query=latents,seed=0"):
+        assert done(here, run_id)["train"]["loaded"] is True  # analysed, not trained again
+        assert_same_numbers(without_timing(done(here, run_id)), without_timing(done(out, run_id)))
+    assert (here / "report.md").is_file()
+    # a second --train-only trains nothing again: each run's log is as the first left it
+    logs = {p: p.read_text() for p in gpu.glob("runs/*/log.txt")}
+    assert len(logs) == 2
+    assert main(["compare", str(toml), "--out", str(gpu), "--train-only", "--quiet"]) == 0
+    assert {p: p.read_text() for p in gpu.glob("runs/*/log.txt")} == logs

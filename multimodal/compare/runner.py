@@ -104,8 +104,10 @@ def _interrupted_training(model_dir: Path, tc: TrainConfig) -> int | None:
     return step if comparable_config(saved) == comparable_config(tc.to_dict()) else None
 
 
-def execute_run(run: Run, study: Study, runs_dir: str | Path, progress: bool = True) -> dict:
-    """Train (or load), evaluate and analyse one run; write and return its done.json results.
+def execute_run(run: Run, study: Study, runs_dir: str | Path, progress: bool = True,
+                train_only: bool = False) -> dict | None:
+    """Train (or load), evaluate and analyse one run; write and return its done.json results. `train_only`:
+    train (or go on training) and stop there, returning None; a later call analyses the model it left.
 
     A training interrupted earlier (a crash, Ctrl-C, a killed worker) goes on from its last checkpoint, and
     ends bit-identical on the CPU to one never interrupted (`train(resume=True)`); a half-finished run of
@@ -119,12 +121,14 @@ def execute_run(run: Run, study: Study, runs_dir: str | Path, progress: bool = T
     step = None if summary is not None else _interrupted_training(model_dir, run.config)
     if summary is None and step is None and folder.exists():
         shutil.rmtree(folder)  # a half-finished run of another config, or one with no checkpoint yet
+    if train_only and summary is not None:
+        return None
     with run_output(folder, run.run_id):
-        return _train_and_analyse(run, study, folder, summary, step, progress)
+        return _train_and_analyse(run, study, folder, summary, step, progress, train_only)
 
 
 def _train_and_analyse(run: Run, study: Study, folder: Path, summary: dict | None, step: int | None,
-                       progress: bool) -> dict:
+                       progress: bool, train_only: bool = False) -> dict | None:
     """`execute_run` once the run's folder is sorted out: `summary` of a finished training of this config to
     analyse, else `step` of an interrupted one to resume, else neither (train from step 0)."""
     tc = run.config
@@ -142,6 +146,8 @@ def _train_and_analyse(run: Run, study: Study, folder: Path, summary: dict | Non
     if summary is None:
         seed_everything(run.seed)
         summary = train(tc, model_dir, resume=False, progress=progress)
+    if train_only:
+        return None
     threads = torch.get_num_threads()
     model = MultimodalModel.from_pretrained(model_dir, map_location=tc.device)
     untrained = initial_model(tc, model, len(summary.get("restarts", [])))  # its step 0: baseline, snapshot 0
@@ -294,9 +300,9 @@ def _ray_job(run: Run, study: Study, runs_dir: str, threads: int) -> tuple[dict 
 
 
 def _worker_job(job: tuple) -> tuple[str, str | None]:
-    run, study, runs_dir = job
+    run, study, runs_dir, train_only = job
     try:
-        execute_run(run, study, runs_dir, progress=False)
+        execute_run(run, study, runs_dir, progress=False, train_only=train_only)
         return run.run_id, None
     except Exception:  # one broken run must not take the others down: recorded, reported, exit code 1
         return run.run_id, _record_failure(runs_dir, run.run_id)
@@ -349,7 +355,7 @@ def usable_cores() -> int:
 
 def run_study(study: Study | str | Path, out: str | Path | None = None, workers: int = 1, progress: bool = True,
               report: bool = True, engine: str = "local", address: str | None = None, cpus_per_run: float = 1,
-              gpus_per_run: float = 0, reuse=()) -> dict:
+              gpus_per_run: float = 0, reuse=(), train_only: bool = False) -> dict:
     """Run every run of a study that is not done yet, then write the report.
 
     `study` is a `Study`, a TOML path or a shipped study's name; `out` the report folder
@@ -359,7 +365,9 @@ def run_study(study: Study | str | Path, out: str | Path | None = None, workers:
     cluster at `address` or a local Ray instance (`multimodal.compare.cluster`); `workers` is
     then unused (the cluster's free resources decide how many run at once). `reuse`: other studies'
     output folders; a pending run whose fingerprint (config and evaluation settings) matches one of
-    their finished runs is copied from there instead of computed again. Returns
+    their finished runs is copied from there instead of computed again. `train_only` (local engine): train
+    the pending runs and stop, with no evaluation, analysis or report; a later call (here, or where their
+    runs/<id>/model folders are copied) analyses them without training again. Returns
     `{"runs": [done.json results in plan order], "ran": [...], "skipped": [...], "reused": [...],
     "failed": {run_id: traceback}, "report": {name: path}}`.
     """
@@ -369,6 +377,9 @@ def run_study(study: Study | str | Path, out: str | Path | None = None, workers:
         raise InputError(f"workers = {workers} must be >= 1")
     if engine not in ENGINES:
         raise InputError(f"engine = {engine!r}: choose one of {', '.join(ENGINES)}")
+    if train_only and engine != "local":
+        raise InputError("--train-only works with the local engine: a Ray task's model stays on the node that "
+                         "trained it")
     out = Path(out or Path("reports") / study.name)
     runs = plan_runs(study)  # every config checked before anything is created
     check_output_folder(study, out)
@@ -407,7 +418,7 @@ def run_study(study: Study | str | Path, out: str | Path | None = None, workers:
         for run in pending:
             bar.set_postfix_str(run.run_id)
             try:
-                execute_run(run, study, runs_dir, progress=progress)
+                execute_run(run, study, runs_dir, progress=progress, train_only=train_only)
             except Exception:
                 failed[run.run_id] = _record_failure(runs_dir, run.run_id)
                 bar.write(f"run {run.run_id} FAILED (traceback in {runs_dir / run.run_id / ERROR})")
@@ -415,8 +426,8 @@ def run_study(study: Study | str | Path, out: str | Path | None = None, workers:
     else:
         n = min(workers, len(pending))
         threads = max(1, cores // n)
-        jobs = [(replace(r, config=replace(r.config, workers=min(r.config.workers, threads))), study, runs_dir)
-                for r in pending]
+        jobs = [(replace(r, config=replace(r.config, workers=min(r.config.workers, threads))), study, runs_dir,
+                 train_only) for r in pending]
         # one process per run: a run's memory (the default's scene pool holds about 7 GB by its end) goes back
         # to the system when the run ends, not kept by an idle worker while the last runs train
         with ProcessPoolExecutor(n, mp_context=get_context("spawn"), initializer=_worker_init,
@@ -427,11 +438,11 @@ def run_study(study: Study | str | Path, out: str | Path | None = None, workers:
                     failed[run_id] = error
                     bar.write(f"run {run_id} FAILED (traceback in {runs_dir / run_id / ERROR})")
                 else:
-                    bar.write(f"run {run_id} done")
+                    bar.write(f"run {run_id} {'trained' if train_only else 'done'}")
                 bar.update(1)
     bar.close()
     results = finished_results(study, runs, runs_dir)
-    paths = report_from(study, results, runs, out) if report else {}
+    paths = report_from(study, results, runs, out) if report and not train_only else {}
     return {"runs": results, "ran": [r.run_id for r in pending if r.run_id not in failed], "skipped": skipped,
             "reused": reused, "failed": failed, "report": paths}
 
