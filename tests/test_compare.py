@@ -643,13 +643,18 @@ def test_train_only_then_analysed_elsewhere_gives_the_runs_results(finished, tmp
     assert not list(gpu.glob("runs/*/done.json")) and not (gpu / "report.md").exists()
     here = tmp_path / "here"
     for model in gpu.glob("runs/*/model"):  # what comes back: the weights and the train summary, no optimiser
-        shutil.copytree(model, here / "runs" / model.parent.name / "model", ignore=shutil.ignore_patterns("train_state*"))
+        dst = here / "runs" / model.parent.name / "model"
+        shutil.copytree(model, dst, ignore=shutil.ignore_patterns("train_state*"))
+        summary = json.loads((dst / "train_summary.json").read_text())
+        summary["config"]["device"] = "cuda"  # as a GPU machine's training writes it
+        (dst / "train_summary.json").write_text(json.dumps(summary))
     assert main(["compare", str(toml), "--out", str(here), "--quiet"]) == 0
     assert "ran 2," in capsys.readouterr().out
     for run_id in ("fusion.query=text,seed=0", "fusion.query=latents,seed=0"):
         assert done(here, run_id)["train"]["loaded"] is True  # analysed, not trained again
         assert_same_numbers(without_timing(done(here, run_id)), without_timing(done(out, run_id)))
-    assert (here / "report.md").is_file()
+        assert done(here, run_id)["timing"]["train_device"] == "cuda"
+    assert "2 run(s) trained on cuda and analysed on cpu" in (here / "report.md").read_text()
     # a second --train-only trains nothing again: each run's log is as the first left it
     logs = {p: p.read_text() for p in gpu.glob("runs/*/log.txt")}
     assert len(logs) == 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -242,11 +243,15 @@ def compute_line(results: list[dict]) -> str:
     threads = sorted({r.get("timing", {}).get("threads") for r in results} - {None})
     devices = sorted({r["config"].get("device", "cpu") for r in results})
     reused = sum(bool(r["train"].get("loaded")) for r in results)
+    elsewhere = Counter(f"{r['timing']['train_device']} and analysed on {r['config'].get('device', 'cpu')}"
+                        for r in results if r.get("timing", {}).get("train_device", r["config"].get("device", "cpu"))
+                        != r["config"].get("device", "cpu"))
     copied = sum("reused_from" in r for r in results)
     return (f"**Compute.** {sum(seconds) / 60:.1f} min of run time in all (training, evaluation and analysis, "
             f"summed over the runs; {min(seconds) / 60:.1f} to {max(seconds) / 60:.1f} min per run), with "
             f"{'/'.join(map(str, threads)) or '?'} torch thread(s) per run on {'/'.join(devices)}"
             + (f"; {reused} run(s) reused an earlier training of the same config" if reused else "")
+            + "".join(f"; {n} run(s) trained on {where}" for where, n in sorted(elsewhere.items()))
             + (f"; {copied} run(s) copied from another study's run of the same config and evaluation (--reuse; "
                "their time is counted here as well)" if copied else "")
             + ". Runs in parallel (--workers, --engine ray) take less wall time than this sum.")

@@ -171,7 +171,8 @@ def _train_and_analyse(run: Run, study: Study, folder: Path, summary: dict | Non
         "train": {"steps": summary["steps"], "history": history, "loaded": loaded},
         **{k: final[k] for k in ("matching", "grounding", "heads", "redundancy", "importance", "summary")},
         "snapshots": snapshots,
-        "timing": {"train_s": summary["wall_time_s"], **final["timing"], "threads": threads},
+        "timing": {"train_s": summary["wall_time_s"], **final["timing"], "threads": threads,
+                   "train_device": summary.get("config", {}).get("device", tc.device)},  # where it trained
     }
     write_done(folder, result)
     return result
