@@ -263,7 +263,7 @@ def grounding_lines(results: list[dict], grid_keys: list[str], threshold: float)
     header = ["run", *grid_keys, "seed", "matching"]
     for mod in MODALITIES:
         header += [f"{mod} strict", f"{mod} tolerant"]
-    header.append(f"grounds (strict >= {threshold:g} on both)")
+    header.append(f"grounds (strict >= {threshold:g} on each scored)")
     rows, left_out = [], []
     for r in results:
         g = grounds(r, threshold)
@@ -278,8 +278,9 @@ def grounding_lines(results: list[dict], grid_keys: list[str], threshold: float)
     L = ["## Grounding per run", "",
          "Best-head pointing on the evaluation scenes: strict (the map's peak on the object / inside the event) "
          "and tolerant (within one patch / one column of it). A run grounds when its strict pointing is >= "
-         f"{threshold:g} on both modalities; the comparisons of heads below use only those runs (a run with no "
-         "strict reading, e.g. latent queries, is kept).", ""]
+         f"{threshold:g} on each modality it is scored on (both, unless its captions name one modality only: "
+         "the other is n/a); the comparisons of heads below use only those runs (a run with no strict reading, "
+         "e.g. latent queries, is kept).", ""]
     L += _md_table(header, rows) + [""]
     if left_out:
         L += [f"**Left out of the conclusions ({len(left_out)} of {len(results)} runs do not ground):** "
