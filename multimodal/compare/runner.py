@@ -361,10 +361,10 @@ def run_study(study: Study | str | Path, out: str | Path | None = None, workers:
 
     `study` is a `Study`, a TOML path or a shipped study's name; `out` the report folder
     (default `reports/<name>`). With `workers` > 1 independent runs go to that many
-    spawned processes (a fresh one per run), each with `usable_cores() // workers` torch threads. `engine="ray"`: each run is a
-    Ray task asking for `cpus_per_run` CPUs (its torch threads) and `gpus_per_run` GPUs, on the
-    cluster at `address` or a local Ray instance (`multimodal.compare.cluster`); `workers` is
-    then unused (the cluster's free resources decide how many run at once). `reuse`: other studies'
+    spawned processes (a fresh one per run), each with `usable_cores() // workers` torch threads.
+    `engine="ray"`: each run is a Ray task asking for `cpus_per_run` CPUs (its torch threads) and
+    `gpus_per_run` GPUs, on the cluster at `address` or a local Ray instance (`multimodal.compare.cluster`);
+    `workers` is then unused (the cluster's free resources decide how many run at once). `reuse`: other studies'
     output folders; a pending run whose fingerprint (config and evaluation settings) matches one of
     their finished runs is copied from there instead of computed again. `train_only` (local engine): train
     the pending runs and stop, with no evaluation, analysis or report; a later call (here, or where their
