@@ -663,3 +663,20 @@ def test_train_only_then_analysed_elsewhere_gives_the_runs_results(finished, tmp
     assert len(logs) == 2
     assert main(["compare", str(toml), "--out", str(gpu), "--train-only", "--quiet"]) == 0
     assert {p: p.read_text() for p in gpu.glob("runs/*/log.txt")} == logs
+
+
+def test_the_same_nonzero_difference_in_every_pair_is_not_called_a_difference():
+    """Pointing moves in steps of one phrase, so two seed pairs can differ by exactly the same amount: the
+    paired t is then infinite, which is no evidence (the size study's 8 vs 2 heads, strict audio pointing,
+    +0.012 in both pairs, was reported as 'higher' with |t| = inf)."""
+    from multimodal.compare.report import _sentence, paired_test
+
+    test = paired_test([0.884, 0.908], [0.896, 0.920])
+    assert test["n"] == 2 and test["diff_std"] == 0 and not test["significant"]
+    text = _sentence("Best-head strict pointing (audio)", ".3f", test, "fusion.heads=8", "fusion.heads=2")
+    assert "by the same +0.012 in all 2 seed-matched pairs" in text and "no conclusion" in text
+    assert "**" not in text
+    rounded = paired_test([0.1, 0.7], [0.1 + 0.012, 0.7 + 0.012])  # equal up to float rounding: the same
+    assert rounded["diff_std"] == 0 and not rounded["significant"]
+    spread = paired_test([0.884, 0.908, 0.90], [0.896, 0.921, 0.913])  # a real spread: tested as before
+    assert spread["significant"] and spread["diff_std"] > 0

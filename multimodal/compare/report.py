@@ -46,6 +46,9 @@ def t_critical(df: int) -> float:
     return T95[max(keys)] if keys else math.inf
 
 
+TIED = 1e-9  # paired differences whose spread is below this (relative) are equal: float rounding, not seeds
+
+
 def paired_test(a: Sequence[float], b: Sequence[float]) -> dict:
     """Paired comparison b - a: mean, std, n, t, the 95% critical value and the verdict."""
     d = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
@@ -56,9 +59,13 @@ def paired_test(a: Sequence[float], b: Sequence[float]) -> dict:
            "diff_mean": float(d.mean()) if n else math.nan, "diff_std": float(d.std(ddof=1)) if n > 1 else math.nan,
            "t": math.nan, "critical": t_critical(n - 1), "significant": False}
     if n > 1:
+        if out["diff_std"] <= TIED * max(1.0, abs(out["diff_mean"])):  # equal differences, up to float rounding
+            out["diff_std"] = 0.0
         se = out["diff_std"] / math.sqrt(n)
         out["t"] = (math.inf if out["diff_mean"] else 0.0) if se == 0 else out["diff_mean"] / se
-        out["significant"] = abs(out["t"]) > out["critical"]
+        # the same nonzero difference in every pair (a discrete metric: pointing moves in steps of one phrase)
+        # leaves no spread to test it against; an infinite t is not evidence, so it is not called a difference
+        out["significant"] = se > 0 and abs(out["t"]) > out["critical"]
     return out
 
 
@@ -103,6 +110,11 @@ def _sentence(label: str, fmt: str, test: dict, what_b: str, what_a: str, prep: 
                 f"{pairs[:-1]} only: no estimate of seed noise, so no conclusion.")
     if test["diff_std"] == 0 and test["diff_mean"] == 0:
         return f"{label}: the same {prep} {what_b} as {prep} {what_a} in all {n} {pairs} ({test['a_mean']:{f2}})."
+    if test["diff_std"] == 0:
+        word = "higher" if test["diff_mean"] > 0 else "lower"
+        return (f"{label}: {word} {prep} {what_b} than {prep} {what_a} by the same {test['diff_mean']:+{f2}} in all "
+                f"{n} {pairs} ({test['b_mean']:{f2}} vs {test['a_mean']:{f2}}): no spread between seeds to test it "
+                f"against, so no conclusion.")
     both = (f"{test['b_mean']:{f2}} ± {test['b_std']:{f2}} vs {test['a_mean']:{f2}} ± {test['a_std']:{f2}}; "
             f"paired difference {test['diff_mean']:+{f2}} ± {test['diff_std']:{f2}} over {n} {pairs}, "
             f"|t| = {abs(test['t']):.1f}")
