@@ -63,9 +63,14 @@ def paired_test(a: Sequence[float], b: Sequence[float]) -> dict:
             out["diff_std"] = 0.0
         se = out["diff_std"] / math.sqrt(n)
         out["t"] = (math.inf if out["diff_mean"] else 0.0) if se == 0 else out["diff_mean"] / se
-        # the same nonzero difference in every pair (a discrete metric: pointing moves in steps of one phrase)
-        # leaves no spread to test it against; an infinite t is not evidence, so it is not called a difference
-        out["significant"] = se > 0 and abs(out["t"]) > out["critical"]
+        if se > 0:
+            out["significant"] = abs(out["t"]) > out["critical"]
+        elif out["diff_mean"]:
+            # the same nonzero difference in every pair (a discrete metric: pointing moves in steps of one
+            # phrase) leaves no spread for the t-test; an infinite t is not evidence. The exact sign test
+            # takes over: every pair on one side has two-sided p = 2 / 2^n (< 0.05 from 6 pairs on)
+            out["sign_p"] = min(1.0, 2.0 * 0.5 ** n)
+            out["significant"] = out["sign_p"] < 0.05
     return out
 
 
@@ -112,9 +117,11 @@ def _sentence(label: str, fmt: str, test: dict, what_b: str, what_a: str, prep: 
         return f"{label}: the same {prep} {what_b} as {prep} {what_a} in all {n} {pairs} ({test['a_mean']:{f2}})."
     if test["diff_std"] == 0:
         word = "higher" if test["diff_mean"] > 0 else "lower"
-        return (f"{label}: {word} {prep} {what_b} than {prep} {what_a} by the same {test['diff_mean']:+{f2}} in all "
-                f"{n} {pairs} ({test['b_mean']:{f2}} vs {test['a_mean']:{f2}}): no spread between seeds to test it "
-                f"against, so no conclusion.")
+        same = (f"by the same {test['diff_mean']:+{f2}} in all {n} {pairs} ({test['b_mean']:{f2}} vs "
+                f"{test['a_mean']:{f2}}; no spread between seeds for a t-test; sign test p = {test['sign_p']:.3f}")
+        if test["significant"]:
+            return f"**{label} was {word} {prep} {what_b} than {prep} {what_a}** {same} < 0.05)."
+        return f"{label}: {word} {prep} {what_b} than {prep} {what_a} {same} >= 0.05), so no conclusion."
     both = (f"{test['b_mean']:{f2}} ± {test['b_std']:{f2}} vs {test['a_mean']:{f2}} ± {test['a_std']:{f2}}; "
             f"paired difference {test['diff_mean']:+{f2}} ± {test['diff_std']:{f2}} over {n} {pairs}, "
             f"|t| = {abs(test['t']):.1f}")
