@@ -354,7 +354,7 @@ def cmd_compare(args) -> int:
         check_output_folder(study, out)
         copied = copy_reusable(study, runs, out / "runs", args.reuse)
         if copied:
-            print(f"copied {len(copied)} run(s) from another study (--reuse): {', '.join(copied)}")
+            print(f"copied {len(copied)} run(s) from identical finished runs (--reuse): {', '.join(copied)}")
         results = finished_results(study, runs, out / "runs")
         if not results:
             raise InputError(f"no finished runs of study {study.name} in {out / 'runs'}: run it first")

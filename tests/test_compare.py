@@ -467,16 +467,22 @@ def test_zip_varies_keys_together_and_the_report_compares_each(tmp_path):
             plan_runs(load_study(toml), check_models=False)
 
 
+def other_study_toml(folder):
+    """Study "other": text queries at 2 and 4 heads; its 2-head run is the tiny study's text-query run."""
+    toml = folder / "other.toml"
+    toml.write_text(STUDY_TOML.replace('name = "tiny"', 'name = "other"').replace(
+        '"fusion.query" = ["text", "latents"]', '"fusion.heads" = [2, 4]').replace(
+        '"fusion.heads" = 2\n', '"fusion.query" = "text"\n'))
+    return toml
+
+
 def test_reuse_copies_another_studys_identical_run_and_computes_the_rest(finished, tmp_path, capsys):
     """--reuse: a run whose config and evaluation settings match a finished run of another study (the
     same fingerprint) is copied, relabelled, not computed; the others are computed; a changed
     evaluation setting matches nothing."""
     _, out = finished
     other = tiny_study(name="other", grid={"fusion.heads": [2, 4]}, base={**TINY_BASE, "fusion.query": "text"})
-    toml = tmp_path / "other.toml"
-    toml.write_text(STUDY_TOML.replace('name = "tiny"', 'name = "other"').replace(
-        '"fusion.query" = ["text", "latents"]', '"fusion.heads" = [2, 4]').replace(
-        '"fusion.heads" = 2\n', '"fusion.query" = "text"\n'))
+    toml = other_study_toml(tmp_path)
     dest = tmp_path / "other"
     assert main(["compare", str(toml), "--out", str(dest), "--reuse", str(out), "--dry-run"]) == 0
     listing = capsys.readouterr().out
@@ -485,7 +491,7 @@ def test_reuse_copies_another_studys_identical_run_and_computes_the_rest(finishe
     # --report-only joins the finished parts: it copies what it can, reports it, trains nothing
     assert main(["compare", str(toml), "--out", str(dest), "--reuse", str(out), "--report-only"]) == 0
     printed = capsys.readouterr().out
-    assert "copied 1 run(s) from another study (--reuse): fusion.heads=2,seed=0" in printed
+    assert "copied 1 run(s) from identical finished runs (--reuse): fusion.heads=2,seed=0" in printed
     assert "report from 1 of 2 runs" in printed and not (dest / "runs" / "fusion.heads=4,seed=0").exists()
     assert "**Incomplete:** 1 of 2 runs finished; missing: fusion.heads=4,seed=0." in (dest / "report.md").read_text()
     assert main(["compare", str(toml), "--out", str(dest), "--reuse", str(out), "--quiet"]) == 0
@@ -522,17 +528,22 @@ def test_a_report_folder_alone_carries_its_finished_runs_to_a_machine_that_never
     assert main(["compare", str(toml), "--out", str(lost), "--dry-run"]) == 0
     assert "to run: 2; done: 0" in capsys.readouterr().out
     assert main(["compare", str(toml), "--out", str(lost), "--reuse", str(lost), "--dry-run"]) == 0
-    assert "to run: 0; done: 0; copied from another study (--reuse): 2" in capsys.readouterr().out
+    assert "to run: 0; done: 0; carried over from this study's earlier output (--reuse): 2" in capsys.readouterr().out
     assert main(["compare", str(toml), "--out", str(lost), "--reuse", str(lost), "--report-only"]) == 0
     assert "copied 2 run(s)" in capsys.readouterr().out
     for run_id in ("fusion.query=text,seed=0", "fusion.query=latents,seed=0"):
         copied, source = done(lost, run_id), done(out, run_id)
-        assert copied["reused_from"] == f"{(lost / 'results.json').resolve()} ({run_id})"
+        # this study's own run, from an earlier output: carried over, not copied from another study
+        assert copied["carried_from"] == f"{(lost / 'results.json').resolve()} ({run_id})"
+        assert "reused_from" not in copied
         assert sorted(p.name for p in (lost / "runs" / run_id).iterdir()) == [DONE]  # results, no checkpoint
-        assert (json.dumps({k: v for k, v in copied.items() if k != "reused_from"}, sort_keys=True)
+        assert (json.dumps({k: v for k, v in copied.items() if k != "carried_from"}, sort_keys=True)
                 == json.dumps(json.loads(json.dumps(source).replace("NaN", "null")), sort_keys=True))
     tables = [ln for ln in (out / "report.md").read_text().splitlines() if ln.startswith("|")]
     assert tables and tables == [ln for ln in (lost / "report.md").read_text().splitlines() if ln.startswith("|")]
+    carried_text = (lost / "report.md").read_text()
+    assert "2 run(s) computed earlier by this study and carried over" in carried_text
+    assert "from another study" not in carried_text
     again = run_study(load_study(toml), lost, progress=False, report=False, reuse=[lost])
     assert again["ran"] == [] and again["reused"] == []  # done now
     stricter = study_from_dict({**tiny_study(), "shapley_permutations": 3})
@@ -544,6 +555,33 @@ def test_a_report_folder_alone_carries_its_finished_runs_to_a_machine_that_never
     (lost / "results.json").write_text('{"runs": [')  # damaged: nothing to copy, and the user is told
     capsys.readouterr()
     assert reuse_index([lost]) == {} and "nothing to copy from it" in capsys.readouterr().out
+
+
+def test_a_copy_says_whether_another_study_computed_the_run_or_this_one(finished, tmp_path, capsys):
+    """A run carried over from this study's earlier output stays this study's own work (`carried_from`); one
+    another study computed is `reused_from`, and stays so when carried on; the compute line says which."""
+    toml, out = finished
+    other_toml = other_study_toml(tmp_path)
+    first = tmp_path / "first"  # study "other", its text-query run copied from study "tiny"
+    assert main(["compare", str(other_toml), "--out", str(first), "--reuse", str(out), "--report-only"]) == 0
+    borrowed = done(first, "fusion.heads=2,seed=0")
+    assert borrowed["reused_from"] == str((out / "runs" / "fusion.query=text,seed=0").resolve())
+    assert "carried_from" not in borrowed
+    later = tmp_path / "later"  # study "other" again, on a machine holding only that report
+    assert main(["compare", str(other_toml), "--out", str(later), "--reuse", str(first), "--dry-run"]) == 0
+    assert "copied from another study (--reuse): 1" in capsys.readouterr().out  # tiny computed it
+    assert main(["compare", str(other_toml), "--out", str(later), "--reuse", str(first), "--report-only"]) == 0
+    assert done(later, "fusion.heads=2,seed=0") == borrowed  # still tiny's run, copied
+    text = (later / "report.md").read_text()
+    assert "1 run(s) copied from another study" in text and "carried over" not in text
+    carried = tmp_path / "carried"  # study "tiny" carried once, then copied into "other": another study's run
+    assert main(["compare", str(toml), "--out", str(carried), "--reuse", str(out), "--report-only"]) == 0
+    assert "carried_from" in done(carried, "fusion.query=text,seed=0")
+    again = tmp_path / "again"
+    assert main(["compare", str(other_toml), "--out", str(again), "--reuse", str(carried), "--report-only"]) == 0
+    copied = done(again, "fusion.heads=2,seed=0")
+    assert "carried_from" not in copied and copied["reused_from"] == str(
+        (carried / "runs" / "fusion.query=text,seed=0").resolve())
 
 
 def test_a_study_reported_in_part_compares_the_lowest_and_highest_level_measured(finished, tmp_path):

@@ -266,6 +266,7 @@ def compute_line(results: list[dict]) -> str:
                         for r in results if r.get("timing", {}).get("train_device", r["config"].get("device", "cpu"))
                         != r["config"].get("device", "cpu"))
     copied = sum("reused_from" in r for r in results)
+    carried = sum("carried_from" in r for r in results)
     return (f"**Compute.** {sum(seconds) / 60:.1f} min of run time in all (training, evaluation and analysis, "
             f"summed over the runs; {min(seconds) / 60:.1f} to {max(seconds) / 60:.1f} min per run), with "
             f"{'/'.join(map(str, threads)) or '?'} torch thread(s) per run on {'/'.join(devices)}"
@@ -273,6 +274,8 @@ def compute_line(results: list[dict]) -> str:
             + "".join(f"; {n} run(s) trained on {where}" for where, n in sorted(elsewhere.items()))
             + (f"; {copied} run(s) copied from another study's run of the same config and evaluation (--reuse; "
                "their time is counted here as well)" if copied else "")
+            + (f"; {carried} run(s) computed earlier by this study and carried over from that output (--reuse)"
+               if carried else "")
             + ". Runs in parallel (--workers, --engine ray) take less wall time than this sum.")
 
 

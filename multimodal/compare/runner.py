@@ -25,7 +25,7 @@ from tqdm import tqdm
 from multimodal.compare.analyse import analyse_model, initial_model, seed_everything
 from multimodal.compare.study import (DONE, ERROR, RESULT_FORMAT, RUN_ONLY_KEYS, ReportedRun, Run, Study,
                                       comparable_config, fingerprint, load_study, plan_runs, reusable_source,
-                                      run_status)
+                                      run_status, source_study, copy_kind)
 from multimodal.errors import CheckpointError
 from multimodal.model import MultimodalModel
 from multimodal.train import TRAIN_STATE, TrainConfig, train
@@ -219,12 +219,13 @@ def reuse_index(folders) -> dict[str, Path | ReportedRun]:
     for folder in folders:
         report = folder / "results.json"
         try:
-            records = json.loads(report.read_text())["runs"]
-            found = [(r["fingerprint"], r) for r in records if r.get("format") == RESULT_FORMAT]
+            data = json.loads(report.read_text())
+            found = [(r["fingerprint"], r) for r in data["runs"] if r.get("format") == RESULT_FORMAT]
+            name = data.get("study", {}).get("name")
         except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
             continue  # none, damaged or foreign
         for fp, record in found:
-            index.setdefault(fp, ReportedRun(report, record))
+            index.setdefault(fp, ReportedRun(report, record, name))
             holding.add(folder)
     for folder in folders:
         if folder not in holding:
@@ -237,7 +238,9 @@ def copy_run(source: Path | ReportedRun, run: Run, study: Study, runs_dir: Path)
     """A finished run of the same fingerprint, copied in as this study's run: another study's run folder
     (checkpoint included), or a reported run's results alone (no checkpoint: enough for the report, and a
     later change of analysis settings trains it again). done.json is relabelled with this run's id, group and
-    grid point, and where it came from."""
+    grid point, and where it came from: `reused_from` when another study computed it, `carried_from` when
+    this study did, in an earlier output (a lost machine's committed report, a grid run in parts). A run
+    another study computed stays `reused_from` however often it is carried on."""
     reported = isinstance(source, ReportedRun)
     result = json.loads(json.dumps(source.record)) if reported else json.loads((source / DONE).read_text())
     where = source.report if reported else source
@@ -252,7 +255,13 @@ def copy_run(source: Path | ReportedRun, run: Run, study: Study, runs_dir: Path)
     else:
         shutil.copytree(source, folder, ignore=shutil.ignore_patterns(DONE, DONE + ".tmp", ERROR))
         origin = str(source.resolve())
-    result.update(run_id=run.run_id, group=run.group, point=dict(run.point), reused_from=origin)
+    result.update(run_id=run.run_id, group=run.group, point=dict(run.point))
+    if copy_kind(source, study) == "carry":
+        result.setdefault("carried_from", origin)  # where this study first computed it
+    elif source_study(source) != study.name:
+        result.pop("carried_from", None)
+        result["reused_from"] = origin
+    # else: this study's copy of another study's run, carried on: it keeps where it was copied from
     write_done(folder, result)
     return result
 
@@ -397,7 +406,7 @@ def run_study(study: Study | str | Path, out: str | Path | None = None, workers:
     if skipped and progress:
         bar.write(f"{len(skipped)} of {len(runs)} runs already done: skipped")
     if reused and progress:
-        bar.write(f"{len(reused)} of {len(runs)} runs copied from another study's identical run: {', '.join(reused)}")
+        bar.write(f"{len(reused)} of {len(runs)} runs copied from an identical finished run (--reuse): {', '.join(reused)}")
     cores = usable_cores()
     if engine == "ray" and pending:
         from multimodal.compare.cluster import run_tasks  # Ray: an optional extra

@@ -367,6 +367,31 @@ class ReportedRun:
     checkpoints and logs stayed on the machine that ran them): its results, enough to report it again."""
     report: Path  # the results.json
     record: dict  # its entry there: the run's done.json as it was
+    study: str | None = None  # the name of the study that report is of
+
+
+def source_study(source: Path | ReportedRun) -> str | None:
+    """The name of the study a finished run elsewhere belongs to: the report's, or for a run folder its
+    study folder's (study.json, or results.json where only a report was written). None when unknown."""
+    if isinstance(source, ReportedRun):
+        return source.study
+    for name, key in (("study.json", lambda d: d["name"]), ("results.json", lambda d: d["study"]["name"])):
+        try:
+            return key(json.loads((source.parent.parent / name).read_text()))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return None
+
+
+def copy_kind(source: Path | ReportedRun, study: Study) -> str:
+    """'carry' when `study` itself computed the finished run `source` (an earlier output of it: a lost
+    machine's committed report, a grid run in parts), else 'copy': another study computed it, directly or
+    as a run it had itself copied."""
+    try:
+        record = source.record if isinstance(source, ReportedRun) else json.loads((source / DONE).read_text())
+    except (OSError, json.JSONDecodeError):
+        record = {}
+    return "carry" if source_study(source) == study.name and "reused_from" not in record else "copy"
 
 
 def reusable_source(run: Run, study: Study, runs_dir: Path,
@@ -383,7 +408,8 @@ def reusable_source(run: Run, study: Study, runs_dir: Path,
 def describe_runs(study: Study, out: str | Path, reusable: Mapping[str, Path | ReportedRun] | None = None) -> str:
     """The dry-run listing: every run, its status and its fusion parameter count. `reusable`: fingerprint ->
     another study's finished run (`runner.reuse_index`); a run not done here that one of them matches is
-    listed as 'copy' (run_study would copy it)."""
+    listed as 'copy' (run_study would copy it), or 'carry' when it is this study's own run from an earlier
+    output."""
     runs = plan_runs(study, check_models=False)
     runs_dir = Path(out) / "runs"
     params = {}
@@ -397,11 +423,17 @@ def describe_runs(study: Study, out: str | Path, reusable: Mapping[str, Path | R
         arch = json.dumps(_architecture(r.config), sort_keys=True)
         if arch not in params:
             params[arch] = sum(p.numel() for p in build_model(r.config).fusion.parameters())
-        status = "copy" if reusable and reusable_source(r, study, runs_dir, reusable) else run_status(r, study, runs_dir)
+        source = reusable_source(r, study, runs_dir, reusable) if reusable else None
+        if source is None:
+            status = run_status(r, study, runs_dir)
+        else:
+            status = copy_kind(source, study)
         counts[status] += 1
         lines.append(f"  [{status:7s}] {r.run_id}  (steps {r.config.steps}, fusion params {params[arch]:,})")
-    lines.append("to run: " + str(sum(v for k, v in counts.items() if k not in ("done", "copy"))) +
-                 f"; done: {counts['done']}" + (f"; copied from another study (--reuse): {counts['copy']}"
-                                                if counts["copy"] else "") + (f"; stale (config changed, will rerun): {counts['stale']}"
-                                                if counts["stale"] else ""))
+    lines.append("to run: " + str(sum(v for k, v in counts.items() if k not in ("done", "copy", "carry"))) +
+                 f"; done: {counts['done']}"
+                 + (f"; copied from another study (--reuse): {counts['copy']}" if counts["copy"] else "")
+                 + (f"; carried over from this study's earlier output (--reuse): {counts['carry']}"
+                    if counts["carry"] else "")
+                 + (f"; stale (config changed, will rerun): {counts['stale']}" if counts["stale"] else ""))
     return "\n".join(lines)
