@@ -358,6 +358,7 @@ def cmd_compare(args) -> int:
         results = finished_results(study, runs, out / "runs")
         if not results:
             raise InputError(f"no finished runs of study {study.name} in {out / 'runs'}: run it first")
+        (out / "study.json").write_text(json.dumps(study.to_dict(), indent=1))  # as run_study writes it
         paths = report_from(study, results, runs, out)
         print(f"report from {len(results)} of {len(runs)} runs: {paths['report']}")
         return 0

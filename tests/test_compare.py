@@ -70,6 +70,23 @@ def done(out, run_id):
     return json.loads((out / "runs" / run_id / DONE).read_text())
 
 
+def test_the_compute_line_says_which_reused_trainings_are_also_copied_or_carried():
+    """A run copied from a study that itself reused a training is counted under both: the line says so."""
+    from multimodal.compare.report import compute_line
+
+    def run(**extra):
+        return {"timing": {"train_s": 60.0, "eval_s": 0.0, "analysis_s": 0.0, "threads": 1}, "config": {},
+                "train": {"steps": 10, "loaded": extra.pop("loaded", False)}, **extra}
+
+    runs = [run(loaded=True, reused_from="a"), run(loaded=True, reused_from="b"), run(loaded=True, carried_from="c"),
+            run(loaded=True), run(carried_from="d")]
+    line = compute_line(runs)
+    assert ("; 4 run(s) reused an earlier training of the same config (of these, 2 among the copied runs and 1 "
+            "among the carried-over runs below); 2 run(s) copied from another study's") in line, line
+    assert "; 2 run(s) computed earlier by this study and carried over" in line
+    assert "(of these" not in compute_line([run(loaded=True), run()])
+
+
 def test_report_files_and_contents(finished):
     _, out = finished
     text = (out / "report.md").read_text()
@@ -494,6 +511,7 @@ def test_reuse_copies_another_studys_identical_run_and_computes_the_rest(finishe
     assert "copied 1 run(s) from identical finished runs (--reuse): fusion.heads=2,seed=0" in printed
     assert "report from 1 of 2 runs" in printed and not (dest / "runs" / "fusion.heads=4,seed=0").exists()
     assert "**Incomplete:** 1 of 2 runs finished; missing: fusion.heads=4,seed=0." in (dest / "report.md").read_text()
+    assert json.loads((dest / "study.json").read_text())["name"] == "other"  # as run_study writes it
     assert main(["compare", str(toml), "--out", str(dest), "--reuse", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "ran 1, skipped 1 (already done), copied 0 (--reuse)" in printed  # copied by --report-only

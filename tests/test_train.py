@@ -41,6 +41,20 @@ def test_train_writes_a_loadable_checkpoint_and_resume_continues(tmp_path):
     assert any(changed), "resuming trained nothing"
 
 
+def test_the_progress_line_estimates_the_time_left_from_the_recent_rate():
+    """The curriculum's first steps are faster than the rest: the estimate follows the last stretch's rate."""
+    from multimodal.train.loop import _heartbeat_line
+
+    # 160 steps in 200 s, the last 80 of them in 120 s: 1.50 s a step now, 1,440 steps left -> 36 min
+    assert _heartbeat_line(160, 1600, 3.2144, 0.6121, 200.0, 160, (120.0, 80)) == (
+        "step 160/1600: loss 3.214, train acc 0.612; 1.50 s a step over the last 80 (1.25 since the start), "
+        "about 36 min to go")
+    # the first line (or the first after a restart) has only the rate since the start: 80 steps in 100 s
+    assert _heartbeat_line(80, 1600, 3.0, 0.5, 100.0, 80, (100.0, 80)) == (
+        "step 80/1600: loss 3.000, train acc 0.500; 1.25 s a step, about 32 min to go")
+    assert _heartbeat_line(1588, 1600, 3.0, 0.5, 100.0, 80, None).endswith("1.25 s a step, about 15 s to go")
+
+
 def test_without_the_progress_bar_training_prints_a_line_every_twentieth_of_the_run(tmp_path, capsys, monkeypatch):
     """A study's worker (progress off, stdout to log.txt) still shows where the run is and how long is left."""
     import re
@@ -51,8 +65,10 @@ def test_without_the_progress_bar_training_prints_a_line_every_twentieth_of_the_
     train(smoke(steps=4), tmp_path / "quiet", progress=False)
     lines = [ln for ln in capsys.readouterr().out.splitlines() if re.match(r"step \d+/4: ", ln)]
     assert [ln.split(":")[0] for ln in lines] == ["step 1/4", "step 2/4", "step 3/4"]  # the end has its own line
-    assert all(re.fullmatch(r"step \d/4: loss \d+\.\d{3}, train acc [01]\.\d{3}; \d+\.\d\d s a step, "
-                            r"about \d+ s to go", ln) for ln in lines), lines
+    assert re.fullmatch(r"step 1/4: loss \d+\.\d{3}, train acc [01]\.\d{3}; \d+\.\d\d s a step, "
+                        r"about \d+ s to go", lines[0]), lines
+    assert all(re.fullmatch(r"step \d/4: loss \d+\.\d{3}, train acc [01]\.\d{3}; \d+\.\d\d s a step over the "
+                            r"last 1 \(\d+\.\d\d since the start\), about \d+ s to go", ln) for ln in lines[1:]), lines
     train(smoke(steps=4), tmp_path / "bar", progress=True)
     assert not re.search(r"^step \d+/4: ", capsys.readouterr().out, re.M)  # the bar says it there
     # the command line: lines into a log file (stderr not a terminal, as under capsys), the bar on a terminal

@@ -257,11 +257,21 @@ def run_seconds(run: dict) -> float:
     return total
 
 
+def _among(loaded: list[dict]) -> str:
+    """Which of the runs that reused a training the compute line also counts as copied or carried over, so
+    that its counts do not read as adding up: ' (of these, 3 among the copied runs below)'."""
+    parts = [f"{n} among the {what} runs" for n, what in ((sum("reused_from" in r for r in loaded), "copied"),
+                                                          (sum("carried_from" in r for r in loaded), "carried-over"))
+             if n]
+    return f" (of these, {' and '.join(parts)} below)" if parts else ""
+
+
 def compute_line(results: list[dict]) -> str:
     seconds = [run_seconds(r) for r in results]
     threads = sorted({r.get("timing", {}).get("threads") for r in results} - {None})
     devices = sorted({r["config"].get("device", "cpu") for r in results})
-    reused = sum(bool(r["train"].get("loaded")) for r in results)
+    loaded = [r for r in results if r["train"].get("loaded")]
+    reused = len(loaded)
     elsewhere = Counter(f"{r['timing']['train_device']} and analysed on {r['config'].get('device', 'cpu')}"
                         for r in results if r.get("timing", {}).get("train_device", r["config"].get("device", "cpu"))
                         != r["config"].get("device", "cpu"))
@@ -270,7 +280,8 @@ def compute_line(results: list[dict]) -> str:
     return (f"**Compute.** {sum(seconds) / 60:.1f} min of run time in all (training, evaluation and analysis, "
             f"summed over the runs; {min(seconds) / 60:.1f} to {max(seconds) / 60:.1f} min per run), with "
             f"{'/'.join(map(str, threads)) or '?'} torch thread(s) per run on {'/'.join(devices)}"
-            + (f"; {reused} run(s) reused an earlier training of the same config" if reused else "")
+            + (f"; {reused} run(s) reused an earlier training of the same config{_among(loaded)}"
+               if reused else "")
             + "".join(f"; {n} run(s) trained on {where}" for where, n in sorted(elsewhere.items()))
             + (f"; {copied} run(s) copied from another study's run of the same config and evaluation (--reuse; "
                "their time is counted here as well)" if copied else "")
