@@ -329,7 +329,9 @@ def add_compare_parser(sub) -> None:
                         "evaluation settings as one finished there (same fingerprint) is copied instead of computed "
                         "again (from a results.json: its results, without the checkpoint)")
     p.add_argument("--dry-run", action="store_true",
-                   help="check the study and list its runs (done / pending / stale) without running anything")
+                   help="check the study and list its runs (done / pending / failed / stale) without running anything; under a "
+                        "run started in OUT: the step of its checkpoint, its error, and its log's last line and age "
+                        "(minutes old: it is running; hours: it stopped, and a re-run goes on from the checkpoint)")
     p.add_argument("--report-only", action="store_true",
                    help="write the report from the runs already finished (and the ones --reuse copies in); train nothing")
     p.add_argument("--train-only", action="store_true",

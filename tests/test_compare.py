@@ -278,6 +278,39 @@ def test_dry_run_lists_runs_and_runs_nothing(finished, tmp_path, capsys):
     assert "[done   ] fusion.query=text,seed=0" in capsys.readouterr().out
 
 
+def test_dry_run_says_where_each_started_run_stands(finished, tmp_path, capsys):
+    """Under a run started in OUT the listing gives its checkpoint (a finished training waiting for its
+    analysis, or the step a re-run goes on from), its error and its log's last line with that line's age."""
+    toml, out = finished
+    watch = tmp_path / "watch"
+    for run_id in ("fusion.query=text,seed=0", "fusion.query=latents,seed=0"):
+        shutil.copytree(out / "runs" / run_id / "model", watch / "runs" / run_id / "model")
+    trained = watch / "runs" / "fusion.query=text,seed=0"
+    (trained / "log.txt").write_text("step 2: val pairwise accuracy 0.500\n\n")
+    cut = watch / "runs" / "fusion.query=latents,seed=0"
+    (cut / "model" / "train_summary.json").unlink()  # the training stopped after its step-1 checkpoint
+    state = json.loads((cut / "model" / "train_state.json").read_text())
+    (cut / "model" / "train_state.json").write_text(json.dumps({**state, "step": 1}))
+    (cut / "error.txt").write_text("Traceback (most recent call last):\nRuntimeError: worker killed at step 2\n")
+    (cut / "log.txt").write_text("step 1/2: loss 4.000, train acc 0.500; 3.00 s a step, about 0 min to go\n")
+    os.utime(cut / "log.txt", (time.time() - 3 * 3600, time.time() - 3 * 3600))
+    assert main(["compare", str(toml), "--out", str(watch), "--dry-run"]) == 0
+    listing = capsys.readouterr().out
+    text, latents = listing.split("[pending] fusion.query=text,seed=0")[1].split("[failed ] fusion.query=latents")
+    assert "trained; its evaluation and analysis are still to run" in text
+    assert re.search(r"log, \d+ s ago: step 2: val pairwise accuracy 0.500\n", text)
+    assert "checkpoint at step 1 of 2: a re-run goes on from there" in latents
+    assert "failed: RuntimeError: worker killed at step 2" in latents
+    assert "log, 3.0 h ago: step 1/2: loss 4.000" in latents
+    assert "to run: 2 (1 to go on from a checkpoint, 1 trained, to analyse); done: 0" in listing
+    shutil.rmtree(cut / "model")  # nothing of this config left to go on from
+    assert main(["compare", str(toml), "--out", str(watch), "--dry-run"]) == 0
+    listing = capsys.readouterr().out
+    assert "nothing to go on from (no checkpoint of this config yet): a re-run starts at step 0" in listing
+    assert "to run: 2 (1 trained, to analyse); done: 0" in listing
+    assert not (cut / "model").exists() and (cut / "error.txt").is_file()  # the listing changes nothing
+
+
 def test_help_and_shipped_studies_are_valid(capsys):
     with pytest.raises(SystemExit):
         main(["compare", "--help"])

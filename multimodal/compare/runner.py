@@ -23,16 +23,14 @@ import torch
 from tqdm import tqdm
 
 from multimodal.compare.analyse import analyse_model, initial_model, seed_everything
-from multimodal.compare.study import (DONE, ERROR, RESULT_FORMAT, RUN_ONLY_KEYS, ReportedRun, Run, Study,
-                                      comparable_config, fingerprint, load_study, plan_runs, reusable_source,
-                                      run_status, source_study, copy_kind)
+from multimodal.compare.study import (DONE, ERROR, LOG, MODEL, RESULT_FORMAT, RUN_ONLY_KEYS, ReportedRun, Run,
+                                      Study, copy_kind, finished_training, fingerprint, interrupted_training,
+                                      load_study, plan_runs, reusable_source, run_status, source_study)
 from multimodal.errors import CheckpointError
 from multimodal.model import MultimodalModel
-from multimodal.train import TRAIN_STATE, TrainConfig, train
+from multimodal.train import train
 from multimodal.types import InputError
 
-MODEL = "model"  # checkpoint folder inside a run folder
-LOG = "log.txt"  # what a run printed, inside its folder
 
 
 class _RunOutput:
@@ -78,32 +76,6 @@ def run_output(folder: Path, run_id: str):
 # ---------------------------------------------------------------------------------------
 
 
-def _finished_training(model_dir: Path, tc: TrainConfig) -> dict | None:
-    """The train summary of a finished training of this very config, or None."""
-    path = model_dir / "train_summary.json"
-    if not path.is_file() or not (model_dir / "model.safetensors").is_file():
-        return None
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    same_config = comparable_config(summary.get("config", {})) == comparable_config(tc.to_dict())
-    if not same_config or summary.get("steps") != tc.steps:
-        return None
-    return summary
-
-
-def _interrupted_training(model_dir: Path, tc: TrainConfig) -> int | None:
-    """The step of an interrupted training of this very config in `model_dir` (a checkpoint with its training
-    state, saved with the same comparable config), or None."""
-    try:
-        saved = json.loads((model_dir / "config.json").read_text())["meta"]["train_config"]
-        step = int(json.loads((model_dir / f"{TRAIN_STATE}.json").read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return step if comparable_config(saved) == comparable_config(tc.to_dict()) else None
-
-
 def execute_run(run: Run, study: Study, runs_dir: str | Path, progress: bool = True,
                 train_only: bool = False) -> dict | None:
     """Train (or load), evaluate and analyse one run; write and return its done.json results. `train_only`:
@@ -117,8 +89,8 @@ def execute_run(run: Run, study: Study, runs_dir: str | Path, progress: bool = T
     if run_status(run, study, Path(runs_dir)) == "done":
         return json.loads((folder / DONE).read_text())
     model_dir = folder / MODEL
-    summary = _finished_training(model_dir, run.config)
-    step = None if summary is not None else _interrupted_training(model_dir, run.config)
+    summary = finished_training(model_dir, run.config)
+    step = None if summary is not None else interrupted_training(model_dir, run.config)
     if summary is None and step is None and folder.exists():
         shutil.rmtree(folder)  # a half-finished run of another config, or one with no checkpoint yet
     if train_only and summary is not None:

@@ -10,6 +10,7 @@ import hashlib
 import itertools
 import json
 import re
+import time
 import tomllib
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, fields
@@ -18,7 +19,7 @@ from typing import Any, Mapping
 
 from multimodal.data.scenes import ONE_OBJECT, SceneConfig
 from multimodal.fusion import FusionConfig
-from multimodal.train import PRESETS, TrainConfig, build_model, load_config
+from multimodal.train import PRESETS, TRAIN_STATE, TrainConfig, build_model, load_config
 from multimodal.types import InputError
 
 STUDY_DIR = Path(__file__).resolve().parents[1] / "studies"  # the shipped studies (multimodal/studies/)
@@ -26,6 +27,8 @@ RESULT_FORMAT = "multimodal-compare-run/2"  # bump when done.json changes meanin
 # /2: the untrained baseline is each run's own initial weights; heads record a uniform head's shares
 DONE = "done.json"
 ERROR = "error.txt"
+MODEL = "model"  # checkpoint folder inside a run folder
+LOG = "log.txt"  # what a run printed, inside its folder
 RUN_ONLY_KEYS = ("device", "workers")  # how a run executes, not what it computes: not in its fingerprint
 # TrainConfig fields added after runs were published, at the value that reproduces those runs: left out of
 # the fingerprint at that value, so adding a field does not make every finished run stale
@@ -361,6 +364,32 @@ def run_status(run: Run, study: Study, runs_dir: Path) -> str:
     return "failed" if (folder / ERROR).is_file() else "pending"
 
 
+def finished_training(model_dir: Path, tc: TrainConfig) -> dict | None:
+    """The train summary of a finished training of this very config, or None."""
+    path = model_dir / "train_summary.json"
+    if not path.is_file() or not (model_dir / "model.safetensors").is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    same_config = comparable_config(summary.get("config", {})) == comparable_config(tc.to_dict())
+    if not same_config or summary.get("steps") != tc.steps:
+        return None
+    return summary
+
+
+def interrupted_training(model_dir: Path, tc: TrainConfig) -> int | None:
+    """The step of an interrupted training of this very config in `model_dir` (a checkpoint with its training
+    state, saved with the same comparable config), or None."""
+    try:
+        saved = json.loads((model_dir / "config.json").read_text())["meta"]["train_config"]
+        step = int(json.loads((model_dir / f"{TRAIN_STATE}.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return step if comparable_config(saved) == comparable_config(tc.to_dict()) else None
+
+
 @dataclass(frozen=True, eq=False)
 class ReportedRun:
     """A finished run known from a report's results.json alone (a committed report, whose run folders,
@@ -405,11 +434,55 @@ def reusable_source(run: Run, study: Study, runs_dir: Path,
     return None if run_status(run, study, runs_dir) == "done" else source
 
 
+def _ago(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(0, round(seconds))} s ago"
+    if seconds < 90 * 60:
+        return f"{round(seconds / 60)} min ago"
+    return f"{seconds / 3600:.1f} h ago"
+
+
+def _last_line(path: Path, tail: int = 4096) -> str:
+    """The last non-empty line of a text file (read from its last `tail` bytes), or ''."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - tail))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return ""
+    return next((line.strip() for line in reversed(lines) if line.strip()), "")
+
+
+def run_progress(run: Run, runs_dir: Path, now: float | None = None) -> tuple[str | None, list[str]]:
+    """Where a run that is not done stands in its folder: (state, notes). state is 'resume' (a checkpoint of
+    this config: a re-run goes on from its step), 'analyse' (a finished training: only the evaluation and
+    analysis are left), 'restart' (its folder holds nothing of this config to go on from) or None (never
+    started). The notes say so, give the error of a failed run, and the last line of its log with its age:
+    minutes old while the run goes on, hours old when it has stopped."""
+    folder = Path(runs_dir) / run.run_id
+    if not folder.is_dir():
+        return None, []
+    model_dir = folder / MODEL
+    if finished_training(model_dir, run.config) is not None:
+        state, notes = "analyse", ["trained; its evaluation and analysis are still to run"]
+    elif (step := interrupted_training(model_dir, run.config)) is not None:
+        state, notes = "resume", [f"checkpoint at step {step} of {run.config.steps}: a re-run goes on from there"]
+    else:
+        state, notes = "restart", ["nothing to go on from (no checkpoint of this config yet): a re-run starts at step 0"]
+    if error := _last_line(folder / ERROR):
+        notes.append(f"failed: {error[:200]}")
+    if line := _last_line(folder / LOG):
+        age = (time.time() if now is None else now) - (folder / LOG).stat().st_mtime
+        notes.append(f"log, {_ago(age)}: {line[:200]}")
+    return state, notes
+
+
 def describe_runs(study: Study, out: str | Path, reusable: Mapping[str, Path | ReportedRun] | None = None) -> str:
     """The dry-run listing: every run, its status and its fusion parameter count. `reusable`: fingerprint ->
     another study's finished run (`runner.reuse_index`); a run not done here that one of them matches is
     listed as 'copy' (run_study would copy it), or 'carry' when it is this study's own run from an earlier
-    output."""
+    output. Under a pending or failed run started here: its checkpoint, error and last log line
+    (`run_progress`), so a long study can be watched, or its stopped runs found, from the listing."""
     runs = plan_runs(study, check_models=False)
     runs_dir = Path(out) / "runs"
     params = {}
@@ -430,8 +503,15 @@ def describe_runs(study: Study, out: str | Path, reusable: Mapping[str, Path | R
             status = copy_kind(source, study)
         counts[status] += 1
         lines.append(f"  [{status:7s}] {r.run_id}  (steps {r.config.steps}, fusion params {params[arch]:,})")
-    lines.append("to run: " + str(sum(v for k, v in counts.items() if k not in ("done", "copy", "carry"))) +
-                 f"; done: {counts['done']}"
+        if status in ("pending", "failed"):
+            state, notes = run_progress(r, runs_dir)
+            counts[state] += 1
+            lines.extend(f"            {note}" for note in notes)
+    started = [f"{counts[k]} {label}" for k, label in (("resume", "to go on from a checkpoint"),
+                                                       ("analyse", "trained, to analyse")) if counts[k]]
+    lines.append("to run: " + str(sum(counts[k] for k in ("pending", "failed", "stale")))
+                 + (f" ({', '.join(started)})" if started else "")
+                 + f"; done: {counts['done']}"
                  + (f"; copied from another study (--reuse): {counts['copy']}" if counts["copy"] else "")
                  + (f"; carried over from this study's earlier output (--reuse): {counts['carry']}"
                     if counts["carry"] else "")
