@@ -12,8 +12,8 @@
 #   models-N.tar.gz  the trained runs' model folders (weights, config, train summary; no optimiser state), two
 #                    a file (16 MB a file, 64 MB in all come back: 8 models). Unpack them into the study's
 #                    folder here and run `multimodal compare STUDY --out THAT_FOLDER --reuse
-#                    multimodal/studies/reports/size --workers 2`: it analyses them (about 3 min a run at one
-#                    thread) without training again.
+#                    multimodal/studies/reports/size --reuse multimodal/studies/reports/competition
+#                    --workers 2`: it analyses them (about 3 min a run at one thread) without training again.
 # The studies train side by side with --train-only until BUDGET - 60 s: each chain
 # "STUDY[,STUDY...]:CORES:WORKERS" of STUDIES runs pinned to its cores (taskset). The GPU does the training
 # alone because evaluation and analysis after it did not fit: on 2026-12-04, 12 runs side by side kept the H200
@@ -31,8 +31,9 @@ mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 BUDGET=${BUDGET:-575}
-# 8 runs at a time on 16 cores: competition's 6 and task variety's first 2 (the rest of it waits)
-STUDIES=${STUDIES:-"competition:0-11:6 task_variety:12-15:2"}
+# 8 runs at a time on 16 cores (the models that can come back): positional's 3 and queries' 3 (their base point
+# is copied from size) and task variety's first 2 (the rest of it waits). Competition is done on the CPU.
+STUDIES=${STUDIES:-"positional:0-5:3 queries:6-11:3 task_variety:12-15:2"}
 if ls .whl/*.whl > /dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -101,7 +102,8 @@ chain() {  # STUDY[,STUDY...] CORES WORKERS: one study after another on those co
     command -v taskset > /dev/null && taskset -c "$cores" true 2> /dev/null && pin=(taskset -c "$cores")
     for st in ${studies//,/ }; do
         "${pin[@]}" "$PY" -m multimodal compare "$st" --out "$WORK/studies/$st" --workers "$workers" --quiet \
-            --train-only --reuse multimodal/studies/reports/size "${extra[@]}" 2>&1 | sed -u "s/^/[$st] /"
+            --train-only --reuse multimodal/studies/reports/size --reuse multimodal/studies/reports/competition \
+            "${extra[@]}" 2>&1 | sed -u "s/^/[$st] /"
     done
 }
 export -f chain
