@@ -46,7 +46,6 @@ from multimodal.compare.analyse import (
     seed_everything,
 )
 from multimodal.compare.runner import (
-    MODEL,
     check_output_folder,
     copy_reusable,
     execute_run,
@@ -58,6 +57,7 @@ from multimodal.compare.runner import (
 from multimodal.compare.study import (
     DONE,
     ERROR,
+    MODEL,
     NEUTRAL_FUSION_KEYS,
     NEUTRAL_KEYS,
     RESULT_FORMAT,

@@ -32,7 +32,6 @@ from multimodal.train import train
 from multimodal.types import InputError
 
 
-
 class _RunOutput:
     """A text stream for `redirect_stdout`: each whole line goes to the run's log file and, with the run id in
     front, to the stream that was stdout before."""

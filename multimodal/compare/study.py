@@ -453,7 +453,7 @@ def _last_line(path: Path, tail: int = 4096) -> str:
     return next((line.strip() for line in reversed(lines) if line.strip()), "")
 
 
-def run_progress(run: Run, runs_dir: Path, now: float | None = None) -> tuple[str | None, list[str]]:
+def run_progress(run: Run, runs_dir: Path) -> tuple[str | None, list[str]]:
     """Where a run that is not done stands in its folder: (state, notes). state is 'resume' (a checkpoint of
     this config: a re-run goes on from its step), 'analyse' (a finished training: only the evaluation and
     analysis are left), 'restart' (its folder holds nothing of this config to go on from) or None (never
@@ -472,7 +472,7 @@ def run_progress(run: Run, runs_dir: Path, now: float | None = None) -> tuple[st
     if error := _last_line(folder / ERROR):
         notes.append(f"failed: {error[:200]}")
     if line := _last_line(folder / LOG):
-        age = (time.time() if now is None else now) - (folder / LOG).stat().st_mtime
+        age = time.time() - (folder / LOG).stat().st_mtime
         notes.append(f"log, {_ago(age)}: {line[:200]}")
     return state, notes
 
