@@ -41,6 +41,11 @@ def _f(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+def _gain(x: float | None) -> str:
+    """Per-phrase energy over the region's share ("-" where an older eval.json has no such figure)."""
+    return "-" if x is None else f"{x:.2f}x"
+
+
 def _met(value: float, target: float) -> str:
     return f"**{value:.3f}** (target {target:g}: {'met' if value >= target else f'missed by {target - value:.3f}'})"
 
@@ -215,7 +220,7 @@ def model_card(checkpoint: str | Path, control: str | Path | None = None) -> str
                   f"share, as in the table below; the ratio of the means is {ratio:.2f} x the uniform map's "
                   f"{uniform:.3f})" if uniform else "", "",
                   "| source | best-head pointing, strict | best-head pointing | mean pointing, strict | mean pointing "
-                  "| mean energy |", "|---|---|---|---|---|---|"]
+                  "| mean energy | mean energy / uniform |", "|---|---|---|---|---|---|---|"]
         heads = [r for r in result["heads"] if r["modality"] == mod]
 
         def _mean(key):
@@ -223,10 +228,11 @@ def model_card(checkpoint: str | Path, control: str | Path | None = None) -> str
             return f"{sum(values) / len(values):.3f}" if values else "-"
 
         lines.append(f"| this model | {_f(strict)} | {s['best_pointing']:.3f} | {_mean('pointing_strict')} | "
-                     f"{_mean('pointing')} | {s['mean_energy']:.3f} |")
+                     f"{_mean('pointing')} | {s['mean_energy']:.3f} | {_gain(s.get('mean_energy_gain'))} |")
         for src, b in base.items():
             lines.append(f"| {src.replace('_', ' ')} | {_f(b.get('best_pointing_strict'))} | {b['best_pointing']:.3f} | "
-                         f"{_f(b.get('mean_pointing_strict'))} | {b['mean_pointing']:.3f} | {b['mean_energy']:.3f} |")
+                         f"{_f(b.get('mean_pointing_strict'))} | {b['mean_pointing']:.3f} | {b['mean_energy']:.3f} | "
+                         f"{_gain(b.get('mean_energy_gain'))} |")
         lines += ["", "| layer | head | pointing, strict | pointing | energy | energy / region share |",
                   "|---|---|---|---|---|---|"]
         for r in heads:

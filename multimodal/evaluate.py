@@ -278,10 +278,11 @@ def summarise(model, tally: GroundingTally, wins, scenes: int, seconds: float) -
             pts = [tally.mean(k) for k in keys]
             strict = [tally.mean(k[:4] + ("pointing_strict",)) for k in keys]
             ens = [tally.mean(k[:4] + ("energy",)) for k in keys]
+            gains = [tally.mean(k[:4] + ("energy_gain",)) for k in keys]
             result["baselines"].setdefault(mod, {})[source] = {
                 "best_pointing": float(np.max(pts)), "mean_pointing": float(np.mean(pts)),
                 "best_pointing_strict": float(np.max(strict)), "mean_pointing_strict": float(np.mean(strict)),
-                "mean_energy": float(np.mean(ens))}
+                "mean_energy": float(np.mean(ens)), "mean_energy_gain": float(np.mean(gains))}
     return result
 
 
@@ -295,6 +296,11 @@ TOLERANCE = {"image": f"within {POINTING_TOLERANCE_PX} px of the mask",
 
 def _f(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
+
+
+def _gain(x: float | None) -> str:
+    """A per-phrase energy gain over the uniform map ("-" in reports written before baselines had one)."""
+    return "-" if x is None else f"{x:.2f}x"
 
 
 def markdown(result: dict) -> str:
@@ -334,10 +340,11 @@ def markdown(result: dict) -> str:
                   f"H{s['best_head']['head']}, {s['best_pointing']:.3f}. Mean over heads of energy inside the "
                   f"region {s['mean_energy']:.3f} ({s['mean_energy_gain']:.2f}x the uniform map).", "",
                   "| source | best pointing, strict | best pointing | mean pointing, strict | mean pointing "
-                  "| mean energy |", "|---|---|---|---|---|---|"]
+                  "| mean energy | mean energy / uniform |", "|---|---|---|---|---|---|---|"]
         for src, b in result["baselines"].get(mod, {}).items():
             lines.append(f"| {BASELINE_NAMES.get(src, src)} | {_f(b.get('best_pointing_strict'))} | {b['best_pointing']:.3f} | "
-                         f"{_f(b.get('mean_pointing_strict'))} | {b['mean_pointing']:.3f} | {b['mean_energy']:.3f} |")
+                         f"{_f(b.get('mean_pointing_strict'))} | {b['mean_pointing']:.3f} | {b['mean_energy']:.3f} | "
+                         f"{_gain(b.get('mean_energy_gain'))} |")
         lines += ["", "| layer | head | pointing, strict | pointing | energy | energy / uniform |",
                   "|---|---|---|---|---|---|"]
         for r in result["heads"]:

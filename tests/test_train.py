@@ -267,6 +267,14 @@ def test_eval_reports_every_head_and_the_baselines(tmp_path):
         assert f"**{s['mean_energy_gain']:.3f}**" in section, mod
         ratio = s["mean_energy"] / saved["baselines"][mod]["uniform"]["mean_energy"]
         assert f"the ratio of the means is {ratio:.2f} x" in section, mod
+        # every source's per-phrase gain beside its energy: the uniform map's is 1 by construction (its energy
+        # in a region is the region's share), and the card's table shows each source's as eval.md does
+        base = saved["baselines"][mod]
+        assert base["uniform"]["mean_energy_gain"] == pytest.approx(1.0, abs=1e-6), mod
+        assert base["region"]["mean_energy_gain"] > 1.0, mod
+        for source in ("uniform", "region"):
+            assert f"{base[source]['mean_energy_gain']:.2f}x |" in section, (mod, source)
+        assert f"| {base['region']['mean_energy_gain']:.2f}x |" in text.split(f"## {mod} grounding")[1]
 
 
 def test_train_command_line(tmp_path, capsys):
