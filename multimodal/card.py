@@ -233,6 +233,14 @@ def model_card(checkpoint: str | Path, control: str | Path | None = None) -> str
             lines.append(f"| {src.replace('_', ' ')} | {_f(b.get('best_pointing_strict'))} | {b['best_pointing']:.3f} | "
                          f"{_f(b.get('mean_pointing_strict'))} | {b['mean_pointing']:.3f} | {b['mean_energy']:.3f} | "
                          f"{_gain(b.get('mean_energy_gain'))} |")
+        layers = [r for r in result.get("layers", []) if r["modality"] == mod]  # eval.json before 2026-12-06: none
+        if layers:
+            lines += ["", "Per fusion layer (best head by strict pointing; means over the layer's heads):", "",
+                      "| layer | best head | strict | tolerant | mean strict | mean tolerant | mean energy / region share |",
+                      "|---|---|---|---|---|---|---|"]
+            lines += [f"| {r['layer']} | H{r['best_head_strict']} | {_f(r['best_pointing_strict'])} | "
+                      f"{_f(r['best_pointing'])} | {_f(r['mean_pointing_strict'])} | {_f(r['mean_pointing'])} | "
+                      f"{_gain(r['mean_energy_gain'])} |" for r in layers]
         lines += ["", "| layer | head | pointing, strict | pointing | energy | energy / region share |",
                   "|---|---|---|---|---|---|"]
         for r in heads:

@@ -240,6 +240,24 @@ def evaluate(model: MultimodalModel, scenes: int = 500, seed: int = 0, batch_siz
     return result
 
 
+def layer_summary(heads: list[dict]) -> list[dict]:
+    """Per modality and fusion layer, from eval's per-head rows: the best head by strict pointing, the best
+    strict and tolerant pointing among the layer's heads, and the means over them (pointing both ways, energy
+    gain per phrase)."""
+    out = []
+    for mod in dict.fromkeys(r["modality"] for r in heads):
+        for layer in sorted({r["layer"] for r in heads if r["modality"] == mod}):
+            rows = [r for r in heads if r["modality"] == mod and r["layer"] == layer]
+            best = max(rows, key=lambda r: r["pointing_strict"])
+            out.append({"modality": mod, "layer": layer, "heads": len(rows), "best_head_strict": best["head"],
+                        "best_pointing_strict": best["pointing_strict"],
+                        "best_pointing": max(r["pointing"] for r in rows),
+                        "mean_pointing_strict": float(np.mean([r["pointing_strict"] for r in rows])),
+                        "mean_pointing": float(np.mean([r["pointing"] for r in rows])),
+                        "mean_energy_gain": float(np.mean([r["energy_gain"] for r in rows]))})
+    return out
+
+
 def summarise(model, tally: GroundingTally, wins, scenes: int, seconds: float) -> dict:
     L, H = model.cfg.layers, model.cfg.heads
     result = {"scenes": scenes, "seconds": seconds,
@@ -283,10 +301,11 @@ def summarise(model, tally: GroundingTally, wins, scenes: int, seconds: float) -
                 "best_pointing": float(np.max(pts)), "mean_pointing": float(np.mean(pts)),
                 "best_pointing_strict": float(np.max(strict)), "mean_pointing_strict": float(np.mean(strict)),
                 "mean_energy": float(np.mean(ens)), "mean_energy_gain": float(np.mean(gains))}
+    result["layers"] = layer_summary(result["heads"])
     return result
 
 
-BASELINE_NAMES = {"region": "region share (the grid's ceiling)"}
+BASELINE_NAMES = {"region": "region share (the grid's ceiling for pointing)"}
 # grounding baselines, in the tables' order: chance, the untrained model, gradient relevance, and the ceiling
 BASELINES = ("uniform", "random_init", "grad_relevance", "region")
 
@@ -301,6 +320,19 @@ def _f(x: float | None) -> str:
 def _gain(x: float | None) -> str:
     """A per-phrase energy gain over the uniform map ("-" in reports written before baselines had one)."""
     return "-" if x is None else f"{x:.2f}x"
+
+
+def _layer_table(result: dict, mod: str) -> list[str]:
+    """Per fusion layer: best and mean pointing, strict and tolerant, and mean energy gain (reports written
+    before eval.json had `layers` have no such table)."""
+    rows = [r for r in result.get("layers", []) if r["modality"] == mod]
+    if not rows:
+        return []
+    lines = ["", "| layer | best head, strict | best pointing, strict | best pointing | mean pointing, strict "
+             "| mean pointing | mean energy / uniform |", "|---|---|---|---|---|---|---|"]
+    return lines + [f"| {r['layer']} | H{r['best_head_strict']} | {r['best_pointing_strict']:.3f} | "
+                    f"{r['best_pointing']:.3f} | {r['mean_pointing_strict']:.3f} | {r['mean_pointing']:.3f} | "
+                    f"{_gain(r['mean_energy_gain'])} |" for r in rows]
 
 
 def markdown(result: dict) -> str:
@@ -345,6 +377,7 @@ def markdown(result: dict) -> str:
             lines.append(f"| {BASELINE_NAMES.get(src, src)} | {_f(b.get('best_pointing_strict'))} | {b['best_pointing']:.3f} | "
                          f"{_f(b.get('mean_pointing_strict'))} | {b['mean_pointing']:.3f} | {b['mean_energy']:.3f} | "
                          f"{_gain(b.get('mean_energy_gain'))} |")
+        lines += _layer_table(result, mod)
         lines += ["", "| layer | head | pointing, strict | pointing | energy | energy / uniform |",
                   "|---|---|---|---|---|---|"]
         for r in result["heads"]:

@@ -275,6 +275,22 @@ def test_eval_reports_every_head_and_the_baselines(tmp_path):
         for source in ("uniform", "region"):
             assert f"{base[source]['mean_energy_gain']:.2f}x |" in section, (mod, source)
         assert f"| {base['region']['mean_energy_gain']:.2f}x |" in text.split(f"## {mod} grounding")[1]
+        # per layer: recomputed here from the per-head rows, and the card's and eval.md's tables show it
+        heads = [r for r in saved["heads"] if r["modality"] == mod]
+        layers = [r for r in saved["layers"] if r["modality"] == mod]
+        assert [r["layer"] for r in layers] == sorted({r["layer"] for r in heads})
+        for r in layers:
+            mine = [h for h in heads if h["layer"] == r["layer"]]
+            best = max(mine, key=lambda h: h["pointing_strict"])
+            assert (r["heads"], r["best_head_strict"], r["best_pointing_strict"]) == (
+                len(mine), best["head"], best["pointing_strict"])
+            assert r["best_pointing"] == max(h["pointing"] for h in mine)
+            for key in ("pointing_strict", "pointing", "energy_gain"):
+                assert r[f"mean_{key}"] == pytest.approx(sum(h[key] for h in mine) / len(mine)), key
+            row = (f"| {r['layer']} | H{r['best_head_strict']} | {r['best_pointing_strict']:.3f} | "
+                   f"{r['best_pointing']:.3f} | {r['mean_pointing_strict']:.3f} | {r['mean_pointing']:.3f} | "
+                   f"{r['mean_energy_gain']:.2f}x |")
+            assert row in section and row in text.split(f"## {mod} grounding")[1], (mod, r["layer"])
 
 
 def test_train_command_line(tmp_path, capsys):
