@@ -101,9 +101,11 @@ chain() {  # STUDY[,STUDY...] CORES WORKERS: one study after another on those co
     [ "$SMOKE" = 1 ] && extra=(--dry-run)
     command -v taskset > /dev/null && taskset -c "$cores" true 2> /dev/null && pin=(taskset -c "$cores")
     for st in ${studies//,/ }; do
+        local own=()  # the study's own committed report: its runs on this recipe are carried over, not retrained
+        [ -f "multimodal/studies/reports/$st/results.json" ] && own=(--reuse "multimodal/studies/reports/$st")
         "${pin[@]}" "$PY" -m multimodal compare "$st" --out "$WORK/studies/$st" --workers "$workers" --quiet \
             --train-only --reuse multimodal/studies/reports/size --reuse multimodal/studies/reports/competition \
-            "${extra[@]}" 2>&1 | sed -u "s/^/[$st] /"
+            "${own[@]}" "${extra[@]}" 2>&1 | sed -u "s/^/[$st] /"
     done
 }
 export -f chain
