@@ -14,6 +14,7 @@ Columns are spaced 0.1 s apart but each token reads 0.16 s of sound, so a column
 still holds most of it: the last two rows show what that overlap costs a map that follows the sound.
 
     python benchmarks/audio_energy_ceiling.py --scenes 500
+    python benchmarks/audio_energy_ceiling.py --scenes 500 --patch 8 --stride 8   # a finer grid, for comparison
 """
 
 from __future__ import annotations
@@ -48,8 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenes", type=int, default=500, help="held-out test scenes (default 500, as eval)")
     parser.add_argument("--seed", type=int, default=0, help="test seed range, as eval --seed (default 0)")
+    parser.add_argument("--patch", type=int, default=16,
+                        help="patch size in fbank frames and mel bins (default 16, the default encoder's)")
+    parser.add_argument("--stride", type=int, default=10,
+                        help="frames between columns (default 10, the default encoder's); the mel stride is the patch")
     args = parser.parse_args(argv)
-    encoder = ast_window_scenes()  # random init: only its column grid is read
+    # random init: only its column grid is read (another grid: the same AST built with that patch and stride)
+    encoder = ast_window_scenes(patch_size=args.patch, frequency_stride=args.patch, time_stride=args.stride)
     scenes = [generate_scene(s, SceneConfig()) for s in split_seeds("test", args.scenes, args.seed)]
     gains: dict[str, list[float]] = {}
     for first in range(0, len(scenes), 50):
