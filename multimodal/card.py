@@ -24,7 +24,9 @@ IMAGE_ENCODERS = {"vit-tiny-scenes": "timm ViT, 128 px, 16 px patches",
 AUDIO_ENCODERS = {"ast-tiny-scenes": "AST, 64 mel bins, 2 layers",
                   "ast-local-scenes": "AST patch embedding with no layers: one local token per 16x16 patch",
                   "ast-window-scenes": "AST, 2 layers attending within one time column either side (LayerScale-"
-                                       "small residual branches): one token per 16x16 patch"}
+                                       "small residual branches): one token per 16x16 patch",
+                  "ast-window-fine-scenes": "AST, 2 layers attending within one time column either side (LayerScale-"
+                                            "small residual branches): one token per 8x8 patch, 0.08 s apart"}
 MATCH_HEADS = {
     "bilinear": "each caption token scores how well what it gathered (its fused query) agrees with what it "
                 "asked for; a soft minimum over tokens gives the caption/scene logit",

@@ -272,3 +272,14 @@ def ast_window_scenes(branch_scale: float = 1e-4, **overrides) -> AudioEncoder:
     from at most 0.2 s around its own patch, so tokens stay about when they are."""
     encoder = ast_layerscale_scenes(branch_scale, **{"time_window": 1, **overrides})
     return AudioEncoder(encoder.model, "ast-window-scenes").eval()
+
+
+@register_builtin("audio", "ast-window-fine-scenes")
+def ast_window_fine_scenes(branch_scale: float = 1e-4, **overrides) -> AudioEncoder:
+    """`ast-window-scenes` on a finer grid: 8x8 patches 8 frames apart (one token per 8 mel bins x 0.08 s,
+    8 bands x 37 columns in a 3 s window where the default has 4 x 29 of 16x16 patches 0.1 s apart), each
+    layer attending within one column (0.08 s) either side. A token reads 0.08 s of sound, so a column just
+    outside an event holds less of it (`benchmarks/audio_energy_ceiling.py --patch 8 --stride 8`)."""
+    encoder = ast_window_scenes(branch_scale, **{"patch_size": 8, "frequency_stride": 8, "time_stride": 8,
+                                                 **overrides})
+    return AudioEncoder(encoder.model, "ast-window-fine-scenes").eval()
