@@ -26,7 +26,10 @@ AUDIO_ENCODERS = {"ast-tiny-scenes": "AST, 64 mel bins, 2 layers",
                   "ast-window-scenes": "AST, 2 layers attending within one time column either side (LayerScale-"
                                        "small residual branches): one token per 16x16 patch",
                   "ast-window-fine-scenes": "AST, 2 layers attending within one time column either side (LayerScale-"
-                                            "small residual branches): one token per 8x8 patch, 0.08 s apart"}
+                                            "small residual branches): one token per 8x8 patch, 0.08 s apart",
+                  "ast-window-fine-mel32-scenes": "AST on 32 mel bins, 2 layers attending within one time column either "
+                                                  "side (LayerScale-small residual branches): one token per 8x8 patch "
+                                                  "(a quarter of the spectrum), 0.08 s apart"}
 MATCH_HEADS = {
     "bilinear": "each caption token scores how well what it gathered (its fused query) agrees with what it "
                 "asked for; a soft minimum over tokens gives the caption/scene logit",
