@@ -55,6 +55,10 @@ def rich(**overrides):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
+    # pin the thread count this process runs at, as the command-line test's child pins it: on some hosts a
+    # process that has called set_num_threads (even with the count it had) sums some gradients in another
+    # order than one that has not (2026-12-06, 2 vCPUs: the AST patch embedding differed by 2e-9 after 5 steps)
+    torch.set_num_threads(torch.get_num_threads())
     out = tmp_path_factory.mktemp("uninterrupted") / "run"
     train(rich(), out, progress=False)
     return out
