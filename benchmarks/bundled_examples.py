@@ -13,9 +13,8 @@ import argparse
 
 import torch
 
-from multimodal.inference import ASSETS, Inputs, run
+from multimodal.inference import ASSETS, Inputs, load_model, run
 from multimodal.io import load_audio, load_image
-from multimodal.model import MultimodalModel
 
 # (true caption, [(words, replaced by)]): each change replaces the first occurrence of `words`
 CHANGES = {
@@ -33,10 +32,10 @@ CHANGES = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", nargs="+", help="checkpoint folders (or 'default' / 'local')")
+    parser.add_argument("models", nargs="+", help="checkpoint folders or embedded models' names, as --model takes")
     args = parser.parse_args()
     for name in args.models:
-        model = MultimodalModel.from_pretrained(ASSETS / name if name in ("default", "local") else name).eval()
+        model, _ = load_model(name)  # a folder, or an embedded model's name ('default', 'local')
         accepted = total = 0
         print(name)
         for stem, (true, swaps) in CHANGES.items():
@@ -49,9 +48,10 @@ def main() -> None:
             for words, other in swaps:
                 changed = true.replace(words, other, 1)
                 q = p(changed)
-                accepted += q > 0.5
+                match = q > 0.5
+                accepted += match
                 total += 1
-                print(f"    {'ACCEPTED' if q > 0.5 else 'rejected'} {q:.3f}  {changed}")
+                print(f"    {'ACCEPTED' if match else 'rejected'} {q:.3f}  {changed}")
         print(f"  {accepted} of {total} changes accepted")
 
 
