@@ -431,6 +431,19 @@ def test_negative_mining_tracks_errors_per_kind_and_weights_by_them():
     assert NegativeMining(0.0).weights() is None  # off: hard_negative draws uniformly, as before
 
 
+def test_mining_that_counts_matches_also_counts_a_negative_ranked_below_the_truth_but_scored_a_match():
+    """mining_counts = "match": a negative the app would show as "match" (logit > 0) is got wrong even when its
+    scene's true caption outscores it; "rank" (the default) counts only the ranking."""
+    scores = torch.tensor([[3.0, 1.0, -1.0, 4.0]])  # true, colour (below the truth but p > 0.5), shape, easy
+    rank, match = NegativeMining(1.0), NegativeMining(1.0, counts="match")
+    for mining in (rank, match):
+        mining.update(scores, ["colour", "shape", None])
+    assert rank.error["colour"] == pytest.approx(0.98 * 0.5) and match.error["colour"] == pytest.approx(0.98 * 0.5 + 0.02)
+    assert rank.error["shape"] == match.error["shape"] == pytest.approx(0.98 * 0.5)  # below the truth and p < 0.5
+    with pytest.raises(InputError, match="mining_counts"):
+        smoke(mining_counts="sometimes")
+
+
 def test_curriculum_trains_on_one_object_scenes_first_then_the_full_config(tmp_path, monkeypatch):
     import multimodal.train.loop as train_module
 
@@ -658,6 +671,7 @@ def test_a_frozen_recipe_writes_out_every_field_and_is_what_the_shipped_default_
     itself, at the values assets/default was trained with."""
     from dataclasses import fields
 
+    from multimodal.compare.study import NEUTRAL_KEYS
     from multimodal.inference import DEFAULT_CHECKPOINT
     from multimodal.train import PRESETS, TrainConfig
     from multimodal.train.config import RECIPES
@@ -667,7 +681,10 @@ def test_a_frozen_recipe_writes_out_every_field_and_is_what_the_shipped_default_
         assert set(PRESETS[path.stem]) == {f.name for f in fields(TrainConfig)} - run_only, path.name
     saved = json.loads((DEFAULT_CHECKPOINT / "config.json").read_text())["meta"]["train_config"]
     frozen = json.loads(json.dumps(load_config("default-2026-12-03").to_dict()))
-    assert {k: v for k, v in frozen.items() if k not in run_only} == {k: v for k, v in saved.items() if k not in run_only}
+    added = set(frozen) - set(saved)  # fields added since: at the value that reproduces the shipped training
+    assert added <= set(NEUTRAL_KEYS) and all(frozen[k] == NEUTRAL_KEYS[k] for k in added), added
+    assert {k: v for k, v in frozen.items() if k not in run_only | added} == {
+        k: v for k, v in saved.items() if k not in run_only}
     with pytest.raises(InputError, match="default-2026-12-03"):  # listed where an unknown preset is refused
         load_config("default-2026-12-02")
 

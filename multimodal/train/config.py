@@ -71,6 +71,8 @@ class TrainConfig:
     contrastive_per_modality: bool = True  # the term per modality (image, audio) rather than over both at once
     binding_negatives: float = 0.0  # share of colour/shape negatives whose new value another object has
     negative_mining: float = 2.0  # > 0: draw the kinds of hard negative still got wrong more often (NegativeMining)
+    # what mining counts as wrong: "rank" (scored at or above the true caption) or "match" (that, or p > 0.5)
+    mining_counts: str = "rank"
     masked_word_weight: float = 0.0  # masked caption words predicted from the fused scene (masked_word_loss)
     masked_word_rate: float = 0.3  # share of each true caption's content tokens masked for that term
     curriculum_steps: int = 400  # first N steps: scenes with `curriculum_scene` over `scene` (not for a manifest)
@@ -118,6 +120,8 @@ class TrainConfig:
             raise InputError("masked_word_weight scores words with the bilinear match head: set match = \"bilinear\"")
         if not 0 < self.masked_word_rate <= 1:
             raise InputError(f"masked_word_rate={self.masked_word_rate} must be in (0, 1]")
+        if self.mining_counts not in MINING_COUNTS:
+            raise InputError(f"mining_counts={self.mining_counts!r}: choose one of {', '.join(MINING_COUNTS)}")
         if self.match_order not in MATCH_ORDER:
             raise InputError(f"match_order={self.match_order!r}: choose one of {', '.join(MATCH_ORDER)}")
         if self.captions not in CAPTIONS:
@@ -140,6 +144,7 @@ class TrainConfig:
 
 
 MATCH_ORDER = ("off", "after", "train")
+MINING_COUNTS = ("rank", "match")  # NegativeMining.counts
 
 # what `captions` leaves out of every caption (over `scene` and `curriculum_scene`): the task-variety study
 CAPTIONS: dict[str, dict[str, int]] = {"both": {}, "image": {"max_mentioned_events": 0},

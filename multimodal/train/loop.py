@@ -530,7 +530,7 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
             return tc.lr * (s + 1) / tc.warmup
         return tc.lr * 0.5 * (1 + math.cos(math.pi * (s - tc.warmup) / max(1, tc.steps - tc.warmup)))
 
-    mining = NegativeMining(tc.negative_mining)
+    mining = NegativeMining(tc.negative_mining, tc.mining_counts)
     ema_loss = ema_acc = None
     if loop:  # exact resume: the data order, the generators and the running statistics as saved
         order, cursor = tensors["data.order"].numpy(), int(loop["cursor"])
@@ -605,7 +605,7 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
                           f"(stall_step / stall_loss). Restarting from step 0 with fresh weights and data draws "
                           f"(start {attempt + 1} of at most {tc.stall_restarts + 1})")
                 model, opt, np_rng = start(attempt)
-                mining = NegativeMining(tc.negative_mining)
+                mining = NegativeMining(tc.negative_mining, tc.mining_counts)
                 step, history, ema_loss, ema_acc = 0, [], None, None
                 first, t_loop = 0, time.perf_counter()
                 last_line = (t_loop, 0)

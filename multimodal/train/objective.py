@@ -51,10 +51,13 @@ class NegativeMining:
     A kind's weight is (error + 0.02) ** strength: strength 0 draws kinds uniformly (and draws
     no differently from plain `hard_negative`), 1 in proportion to the error. Errors are
     exponential moving averages (factor 0.98 per negative seen) starting at 0.5 (chance).
+    `counts` says what is wrong: "rank", a negative scored at or above its scene's true caption;
+    "match", that or a negative scored as a match (logit > 0, p > 0.5: what the app reads).
     """
 
-    def __init__(self, strength: float):
+    def __init__(self, strength: float, counts: str = "rank"):
         self.strength = strength
+        self.counts = counts
         self.error: dict[str, float] = {}
 
     def weights(self) -> dict[str, float] | None:
@@ -64,7 +67,10 @@ class NegativeMining:
 
     def update(self, scores: Tensor, kinds: list[str | None]) -> None:
         """scores (B, per_scene), true caption first; kinds: per scene its negatives' kinds, flattened."""
-        wrong = (scores[:, 1:] >= scores[:, :1]).flatten().tolist()
+        wrong = scores[:, 1:] >= scores[:, :1]
+        if self.counts == "match":
+            wrong |= scores[:, 1:] > 0
+        wrong = wrong.flatten().tolist()
         for kind, w in zip(kinds, wrong):
             if kind is not None:
                 self.error[kind] = 0.98 * self.error.get(kind, 0.5) + 0.02 * float(w)
