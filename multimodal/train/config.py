@@ -60,9 +60,11 @@ class TrainConfig:
     # heard: data.scenes.REPEAT), drawn like the other kinds (and mined); the calibration sees them too
     repeat_negatives: bool = True
     phrase_queries: bool = True  # the text encoder pools each caption phrase into one query (TextEncoder.phrase_pooling)
+    # positional=False: the encoders carry their own positions; the fusion block's own sinusoids change nothing
+    # beyond seed noise (multimodal/studies/reports/positional)
     fusion: Mapping[str, Any] = field(default_factory=lambda: dict(
         dim=128, heads=4, layers=2, query="text", query_self_attention=True, attention="softmax",
-        positional=False, compete=True, sinks=8))  # the encoders carry their own positions; sinusoids over text x key indices mislead
+        positional=False, compete=True, sinks=8))
     scene: Mapping[str, Any] = field(default_factory=dict)
     captions: str = "both"  # what captions name: "image" (objects only), "audio" (events only) or "both"
     contrastive_weight: float = 1.0  # in-batch token-level (FILIP-style) contrastive term on the encoders
