@@ -338,8 +338,19 @@ def add_compare_parser(sub) -> None:
                    help="train the pending runs and stop: no evaluation, analysis or report (for a GPU machine "
                         "whose time is short). Copy OUT/runs/*/model to another machine's study folder and run "
                         "compare there: it analyses them without training again")
+    p.add_argument("--seeds", type=_seed_list, default=None, metavar="S[,S...]",
+                   help="run only the pending runs of these seeds (some of the study's) and leave the rest: to split "
+                        "a study between processes or machines sharing OUT, e.g. taskset -c 0 ... --seeds 0,1 beside "
+                        "taskset -c 1 ... --seeds 2. The report covers every run finished in OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compare)
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give seeds as integers separated by commas, e.g. 0,2") from None
 
 
 def cmd_compare(args) -> int:
@@ -352,6 +363,9 @@ def cmd_compare(args) -> int:
         print(describe_runs(study, out, reuse_index(args.reuse) if args.reuse else None))
         return 0
     if args.report_only:
+        if args.seeds is not None:
+            raise InputError("--seeds chooses which runs to run: --report-only runs none (it reports every run "
+                             "finished in OUT); drop one of the two")
         runs = plan_runs(study, check_models=False)
         check_output_folder(study, out)
         copied = copy_reusable(study, runs, out / "runs", args.reuse)
@@ -368,11 +382,12 @@ def cmd_compare(args) -> int:
         raise InputError("--address, --cpus-per-run and --gpus-per-run go with --engine ray")
     result = run_study(study, out, workers=args.workers, progress=not args.quiet, engine=args.engine,
                        address=args.address, cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run,
-                       reuse=args.reuse, train_only=args.train_only)
+                       reuse=args.reuse, train_only=args.train_only, seeds=args.seeds)
     verb = "trained" if args.train_only else "ran"
     print(f"{verb} {len(result['ran'])}, skipped {len(result['skipped'])} (already done), "
           f"copied {len(result['reused'])} (--reuse), "
-          f"failed {len(result['failed'])}")
+          + (f"left {len(result['left'])} (other seeds than --seeds), " if args.seeds is not None else "")
+          + f"failed {len(result['failed'])}")
     for run_id in result["failed"]:
         print(f"  failed: {run_id} (see {out / 'runs' / run_id / ERROR})", file=sys.stderr)
     if args.train_only:

@@ -764,6 +764,28 @@ def test_train_only_then_analysed_elsewhere_gives_the_runs_results(finished, tmp
     assert {p: p.read_text() for p in gpu.glob("runs/*/log.txt")} == logs
 
 
+def test_a_study_split_by_seeds_runs_each_part_once_and_reports_the_whole(tmp_path, capsys):
+    """--seeds runs only those seeds' pending runs and leaves the others pending (a study split between two
+    processes sharing OUT); the part that ends last writes the report over every run finished there."""
+    toml = tmp_path / "two_seeds.toml"
+    toml.write_text(STUDY_TOML.replace("seeds = [0]", "seeds = [0, 1]").replace("snapshots = [0, 1, 2]", "")
+                    .replace('["text", "latents"]', '["text"]'))
+    out = tmp_path / "report"
+    assert main(["compare", str(toml), "--out", str(out), "--seeds", "1", "--quiet"]) == 0
+    assert "ran 1, skipped 0 (already done), copied 0 (--reuse), left 1 (other seeds" in capsys.readouterr().out
+    assert [p.parent.name for p in out.glob("runs/*/done.json")] == ["fusion.query=text,seed=1"]
+    assert "**Incomplete:** 1 of 2 runs finished; missing: fusion.query=text,seed=0." in (out / "report.md").read_text()
+    assert main(["compare", str(toml), "--out", str(out), "--seeds", "0", "--quiet"]) == 0
+    assert "ran 1, skipped 1 (already done)" in capsys.readouterr().out
+    assert [r["run_id"] for r in json.loads((out / "results.json").read_text())["runs"]] == [
+        "fusion.query=text,seed=0", "fusion.query=text,seed=1"]
+    assert "Incomplete" not in (out / "report.md").read_text()
+    assert main(["compare", str(toml), "--out", str(out), "--seeds", "0,5", "--quiet"]) != 0
+    assert "seeds [0, 5]: give some of study tiny's seeds (0, 1)" in capsys.readouterr().err
+    assert main(["compare", str(toml), "--out", str(out), "--seeds", "0", "--report-only"]) != 0
+    assert "--report-only runs none" in capsys.readouterr().err
+
+
 def test_the_same_nonzero_difference_in_every_pair_is_not_called_a_difference():
     """Pointing moves in steps of one phrase, so two seed pairs can differ by exactly the same amount: the
     paired t is then infinite, which is no evidence (the size study's 8 vs 2 heads, strict audio pointing,

@@ -336,7 +336,7 @@ def usable_cores() -> int:
 
 def run_study(study: Study | str | Path, out: str | Path | None = None, workers: int = 1, progress: bool = True,
               report: bool = True, engine: str = "local", address: str | None = None, cpus_per_run: float = 1,
-              gpus_per_run: float = 0, reuse=(), train_only: bool = False) -> dict:
+              gpus_per_run: float = 0, reuse=(), train_only: bool = False, seeds=None) -> dict:
     """Run every run of a study that is not done yet, then write the report.
 
     `study` is a `Study`, a TOML path or a shipped study's name; `out` the report folder
@@ -348,9 +348,12 @@ def run_study(study: Study | str | Path, out: str | Path | None = None, workers:
     output folders; a pending run whose fingerprint (config and evaluation settings) matches one of
     their finished runs is copied from there instead of computed again. `train_only` (local engine): train
     the pending runs and stop, with no evaluation, analysis or report; a later call (here, or where their
-    runs/<id>/model folders are copied) analyses them without training again. Returns
+    runs/<id>/model folders are copied) analyses them without training again. `seeds`: run only the pending
+    runs of these seeds (some of the study's), and leave the rest pending: a study split between processes or
+    machines (one per core with `taskset`, each its own seeds, the same `out`); the report covers every run
+    finished in `out`, so the last part to end writes the whole study's. Returns
     `{"runs": [done.json results in plan order], "ran": [...], "skipped": [...], "reused": [...],
-    "failed": {run_id: traceback}, "report": {name: path}}`.
+    "left": [pending runs of other seeds], "failed": {run_id: traceback}, "report": {name: path}}`.
     """
     if not isinstance(study, Study):
         study = load_study(study)
@@ -361,6 +364,11 @@ def run_study(study: Study | str | Path, out: str | Path | None = None, workers:
     if train_only and engine != "local":
         raise InputError("--train-only works with the local engine: a Ray task's model stays on the node that "
                          "trained it")
+    if seeds is not None:
+        seeds = set(seeds)
+        if not seeds or not seeds <= set(study.seeds):
+            raise InputError(f"seeds {sorted(seeds)}: give some of study {study.name}'s seeds "
+                             f"({', '.join(map(str, study.seeds))})")
     out = Path(out or Path("reports") / study.name)
     runs = plan_runs(study)  # every config checked before anything is created
     check_output_folder(study, out)
@@ -368,11 +376,13 @@ def run_study(study: Study | str | Path, out: str | Path | None = None, workers:
     reused = copy_reusable(study, runs, runs_dir, reuse)
     status = {r.run_id: run_status(r, study, runs_dir) for r in runs}
     pending = [r for r in runs if status[r.run_id] != "done"]
+    left = [r.run_id for r in pending if seeds is not None and r.seed not in seeds]
+    pending = [r for r in pending if r.run_id not in left]
     skipped = [r.run_id for r in runs if status[r.run_id] == "done" and r.run_id not in reused]
     out.mkdir(parents=True, exist_ok=True)
     (out / "study.json").write_text(json.dumps(study.to_dict(), indent=1))
     failed: dict[str, str] = {}
-    bar = tqdm(total=len(runs), initial=len(skipped) + len(reused), desc=f"study {study.name}: runs", disable=not progress,
+    bar = tqdm(total=len(runs) - len(left), initial=len(skipped) + len(reused), desc=f"study {study.name}: runs", disable=not progress,
                position=0)
     if skipped and progress:
         bar.write(f"{len(skipped)} of {len(runs)} runs already done: skipped")
@@ -425,7 +435,7 @@ def run_study(study: Study | str | Path, out: str | Path | None = None, workers:
     results = finished_results(study, runs, runs_dir)
     paths = report_from(study, results, runs, out) if report and not train_only else {}
     return {"runs": results, "ran": [r.run_id for r in pending if r.run_id not in failed], "skipped": skipped,
-            "reused": reused, "failed": failed, "report": paths}
+            "reused": reused, "left": left, "failed": failed, "report": paths}
 
 
 def finished_results(study: Study, runs: list[Run], runs_dir: Path) -> list[dict]:
