@@ -388,6 +388,26 @@ def test_conclusions_use_only_the_runs_that_ground(finished, tmp_path):
     assert "(0.707 ± 0.010 vs 0.505 ± 0.007; paired difference +0.202 ± 0.003 over 2 seed-matched pairs" in text
 
 
+def test_the_grounding_table_counts_each_runs_starts(finished, tmp_path):
+    """A run whose first start stalled says it began twice; a run copied from before starts were recorded
+    says '?', not 1."""
+    _, out = finished
+    base = done(out, "fusion.query=text,seed=0")
+    assert base["train"]["restarts"] == []  # the runner records them (none in this tiny run)
+    study = study_from_dict(tiny_study(seeds=[0, 1, 2], snapshots=[]))
+    runs = [fabricate(base, seed, {"fusion.query": "text"}) for seed in range(3)]
+    runs[1]["train"]["restarts"] = [{"step": 200, "loss": 4.3, "start": 1}]
+    del runs[2]["train"]["restarts"]
+    text = write_report(study, runs, tmp_path)["report"].read_text()
+    table = text[text.index("## Grounding per run"):text.index("## Results per grid point")]
+    rows = [line for line in table.splitlines() if line.startswith("| fusion.query=text,seed=")]
+    assert [row.rstrip(" |").rsplit("| ", 1)[1] for row in rows] == ["1", "2", "?"]
+    assert "| starts |" in table and "*starts*: how often the run's training began" in table
+    del runs[0]["train"]["restarts"], runs[1]["train"]["restarts"]  # none recorded: no column
+    text = write_report(study, runs, tmp_path / "old")["report"].read_text()
+    assert "| starts |" not in text
+
+
 def with_shares(run, shares, chance):
     """The run with its head table replaced by heads of the given (text, image, audio) shares, each
     with a uniform head's shares `chance` (text, image, audio) for the same key counts."""

@@ -297,6 +297,9 @@ def grounding_lines(results: list[dict], grid_keys: list[str], threshold: float)
     for mod in MODALITIES:
         header += [f"{mod} strict", f"{mod} tolerant"]
     header.append(f"grounds (strict >= {threshold:g} on each scored)")
+    starts = any("restarts" in r.get("train", {}) for r in results)  # recorded since 2026-12-06
+    if starts:
+        header.append("starts")
     rows, left_out = [], []
     for r in results:
         g = grounds(r, threshold)
@@ -307,6 +310,9 @@ def grounding_lines(results: list[dict], grid_keys: list[str], threshold: float)
             v = value(r, key)
             cells.append("n/a" if v is None else f"{v:.3f}")
         cells.append({True: "yes", False: "**no**", None: "n/a"}[g])
+        if starts:
+            restarts = r.get("train", {}).get("restarts")
+            cells.append("?" if restarts is None else str(1 + len(restarts)))
         rows.append(cells)
     L = ["## Grounding per run", "",
          "Best-head pointing on the evaluation scenes: strict (the map's peak on the object / inside the event) "
@@ -315,6 +321,11 @@ def grounding_lines(results: list[dict], grid_keys: list[str], threshold: float)
          "the other is n/a); the comparisons of heads below use only those runs (a run with no strict reading, "
          "e.g. latent queries, is kept).", ""]
     L += _md_table(header, rows) + [""]
+    if starts:
+        L += ["*starts*: how often the run's training began. A start whose loss is still above the recipe's "
+              "`stall_loss` at `stall_step` begins again from fresh weights and data draws (at most "
+              "`stall_restarts` times); the last start is the model reported, its untrained baseline that start's "
+              "step 0. ? = not recorded (a run from before 2026-12-06, e.g. copied with --reuse).", ""]
     if left_out:
         L += [f"**Left out of the conclusions ({len(left_out)} of {len(results)} runs do not ground):** "
               f"{', '.join(left_out)}. Their numbers stay in the tables; the paired tests skip them (and their "

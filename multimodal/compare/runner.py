@@ -139,7 +139,8 @@ def _train_and_analyse(run: Run, study: Study, folder: Path, summary: dict | Non
         "seed": run.seed, "fingerprint": fingerprint(run, study), "config": run.config.to_dict(),
         "fusion_params": sum(p.numel() for p in model.fusion.parameters()),
         "query": model.cfg.query, "attention": model.cfg.attention,
-        "train": {"steps": summary["steps"], "history": history, "loaded": loaded},
+        "train": {"steps": summary["steps"], "history": history, "loaded": loaded,
+                  "restarts": summary.get("restarts", [])},  # stalled starts before the one kept
         **{k: final[k] for k in ("matching", "grounding", "heads", "redundancy", "importance", "summary")},
         "snapshots": snapshots,
         "timing": {"train_s": summary["wall_time_s"], **final["timing"], "threads": threads,
