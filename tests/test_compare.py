@@ -11,7 +11,7 @@ import time
 import pytest
 
 from multimodal.cli import main
-from multimodal.compare.runner import reuse_index, run_output, usable_cores
+from multimodal.compare.runner import finished_results, reuse_index, run_output, usable_cores
 from multimodal.compare.study import describe_runs
 from multimodal.compare.summary import pointing_best_strict
 from multimodal.compare import (DONE, load_study, plan_runs, run_study, shipped_studies, study_from_dict,
@@ -406,6 +406,25 @@ def test_the_grounding_table_counts_each_runs_starts(finished, tmp_path):
     del runs[0]["train"]["restarts"], runs[1]["train"]["restarts"]  # none recorded: no column
     text = write_report(study, runs, tmp_path / "old")["report"].read_text()
     assert "| starts |" not in text
+
+
+def test_a_result_from_before_starts_were_recorded_takes_them_from_its_models_training_summary(finished,
+                                                                                                tmp_path):
+    toml, out = finished
+    shutil.copytree(out / "runs", tmp_path / "runs")
+    study = load_study(toml)
+    runs = plan_runs(study)
+    first = tmp_path / "runs" / runs[0].run_id
+    record = json.loads((first / DONE).read_text())
+    del record["train"]["restarts"]
+    (first / DONE).write_text(json.dumps(record))
+    summary = json.loads((first / "model" / "train_summary.json").read_text())
+    summary["restarts"] = [{"step": 1, "loss": 9.0, "start": 1}]
+    (first / "model" / "train_summary.json").write_text(json.dumps(summary))
+    results = finished_results(study, runs, tmp_path / "runs")
+    assert [r["train"]["restarts"] for r in results] == [summary["restarts"], []]
+    shutil.rmtree(first / "model")  # no model kept: nothing to take them from, so they stay unrecorded
+    assert "restarts" not in finished_results(study, runs, tmp_path / "runs")[0]["train"]
 
 
 def with_shares(run, shares, chance):

@@ -440,9 +440,17 @@ def run_study(study: Study | str | Path, out: str | Path | None = None, workers:
 
 
 def finished_results(study: Study, runs: list[Run], runs_dir: Path) -> list[dict]:
-    """The done.json results of the runs that are done (current fingerprint), in plan order."""
-    return [json.loads((runs_dir / r.run_id / DONE).read_text()) for r in runs
-            if run_status(r, study, runs_dir) == "done"]
+    """The done.json results of the runs that are done (current fingerprint), in plan order; a result from
+    before runs recorded their stalled starts takes them from its model's own training summary, when kept."""
+    results = []
+    for run in runs:
+        if run_status(run, study, runs_dir) == "done":
+            result = json.loads((runs_dir / run.run_id / DONE).read_text())
+            summary = finished_training(runs_dir / run.run_id / MODEL, run.config)
+            if "restarts" not in result["train"] and summary is not None:
+                result["train"]["restarts"] = summary.get("restarts", [])
+            results.append(result)
+    return results
 
 
 def report_from(study: Study, results: list[dict], runs: list[Run], out: Path) -> dict[str, Path]:
