@@ -396,7 +396,7 @@ def test_the_grounding_table_counts_each_runs_starts(finished, tmp_path):
     assert base["train"]["restarts"] == []  # the runner records them (none in this tiny run)
     study = study_from_dict(tiny_study(seeds=[0, 1, 2], snapshots=[]))
     runs = [fabricate(base, seed, {"fusion.query": "text"}) for seed in range(3)]
-    runs[1]["train"]["restarts"] = [{"step": 200, "loss": 4.3, "start": 1}]
+    runs[1]["train"]["restarts"] = [{"step": 200, "loss": 4.3, "start": 2}]  # the start it began
     del runs[2]["train"]["restarts"]
     text = write_report(study, runs, tmp_path)["report"].read_text()
     table = text[text.index("## Grounding per run"):text.index("## Results per grid point")]
@@ -419,7 +419,7 @@ def test_a_result_from_before_starts_were_recorded_takes_them_from_its_models_tr
     del record["train"]["restarts"]
     (first / DONE).write_text(json.dumps(record))
     summary = json.loads((first / "model" / "train_summary.json").read_text())
-    summary["restarts"] = [{"step": 1, "loss": 9.0, "start": 1}]
+    summary["restarts"] = [{"step": 1, "loss": 9.0, "start": 2}]
     (first / "model" / "train_summary.json").write_text(json.dumps(summary))
     results = finished_results(study, runs, tmp_path / "runs")
     assert [r["train"]["restarts"] for r in results] == [summary["restarts"], []]
