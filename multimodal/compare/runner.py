@@ -446,9 +446,10 @@ def finished_results(study: Study, runs: list[Run], runs_dir: Path) -> list[dict
     for run in runs:
         if run_status(run, study, runs_dir) == "done":
             result = json.loads((runs_dir / run.run_id / DONE).read_text())
-            summary = finished_training(runs_dir / run.run_id / MODEL, run.config)
-            if "restarts" not in result["train"] and summary is not None:
-                result["train"]["restarts"] = summary.get("restarts", [])
+            if "restarts" not in result["train"]:  # only then is the training summary read
+                summary = finished_training(runs_dir / run.run_id / MODEL, run.config)
+                if summary is not None:
+                    result["train"]["restarts"] = summary.get("restarts", [])
             results.append(result)
     return results
 
