@@ -813,7 +813,9 @@ def test_a_study_split_by_seeds_runs_each_part_once_and_reports_the_whole(tmp_pa
     assert main(["compare", str(toml), "--out", str(out), "--seeds", "1", "--quiet"]) == 0
     assert "ran 1, skipped 0 (already done), copied 0 (--reuse), left 1 (other seeds" in capsys.readouterr().out
     assert [p.parent.name for p in out.glob("runs/*/done.json")] == ["fusion.query=text,seed=1"]
-    assert "**Incomplete:** 1 of 2 runs finished; missing: fusion.query=text,seed=0." in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "**Incomplete:** 1 of 2 runs finished; missing: fusion.query=text,seed=0." in report
+    assert "**Setup.** 2 runs (1 grid point x 2 seeds: 0, 1)" in report  # the study's runs, not those finished
     assert main(["compare", str(toml), "--out", str(out), "--seeds", "0", "--quiet"]) == 0
     assert "ran 1, skipped 1 (already done)" in capsys.readouterr().out
     assert [r["run_id"] for r in json.loads((out / "results.json").read_text())["runs"]] == [
