@@ -429,7 +429,7 @@ def write_report(study, results: list[dict], out: str | Path, planned: Sequence[
         L += [f"**Question.** {study.question}", ""]
     steps = sorted({r["train"]["steps"] for r in results})
     n_planned = len(planned) if planned is not None else len(results)
-    n_points = n_planned // len(study.seeds) if planned is not None else len(groups)
+    n_points = len(study.points()) if planned is not None else len(groups)
     L += [f"**Setup.** {n_planned} runs ({_count(n_points, 'grid point')} x "
           f"{_count(len(study.seeds), 'seed')}: "
           f"{', '.join(map(str, study.seeds))}), trained {'/'.join(map(str, steps))} steps each"
