@@ -11,6 +11,7 @@ import time
 import pytest
 
 from multimodal.cli import main
+from multimodal.compare.report import factor_conclusions
 from multimodal.compare.runner import finished_results, reuse_index, run_output, usable_cores
 from multimodal.compare.study import describe_runs
 from multimodal.compare.summary import pointing_best_strict
@@ -383,9 +384,40 @@ def test_conclusions_use_only_the_runs_that_ground(finished, tmp_path):
     table = text[first:text.index("## Results per grid point")]
     assert "| fusion.dim=32,seed=2 | 32 | 2 |" in table and "| 0.600 |" in table and "**no**" in table
     assert table.count("| yes |") == 5
-    assert "Left out of the conclusions (1 of 6 runs do not ground):** fusion.dim=32,seed=2" in table
+    assert "Left out of the conclusions about heads (1 of 6 runs do not ground):** fusion.dim=32,seed=2" in table
     # entropy 0.50/0.51 vs 0.70/0.714 over seeds 0 and 1: +0.200 and +0.204; seed 2's +0.728 is not in it
-    assert "(0.707 ± 0.010 vs 0.505 ± 0.007; paired difference +0.202 ± 0.003 over 2 seed-matched pairs" in text
+    assert "(0.707 ± 0.010 vs 0.505 ± 0.007; paired difference +0.202 ± 0.003 over 2 grounded pairs" in text
+    # grounding itself is compared over all three seeds, the one that does not ground included: 0 / 0 / +0.3
+    assert ("Best-head strict pointing (image): no difference beyond seed noise between fusion.dim=64 and "
+            "fusion.dim=32 (0.900 ± 0.000 vs 0.800 ± 0.173; paired difference +0.100 ± 0.173 over 3 seed-matched "
+            "pairs") in text
+
+
+def test_a_level_that_never_grounds_is_compared_on_grounding_but_not_on_its_heads(finished, tmp_path):
+    """Sparse heads that never point strictly at sounds: the report says their grounding is worse (every run
+    counts) and declines to compare their heads' entropy (no seed has both runs grounding)."""
+    _, out = finished
+    base = done(out, "fusion.query=text,seed=0")
+    study = study_from_dict(tiny_study(seeds=[0, 1, 2], grid={"fusion.attention": ["softmax", "topk"]},
+                                       snapshots=[], grounded_pointing=0.85))
+    runs = []
+    for seed in range(3):
+        runs.append(fabricate(base, seed, {"fusion.attention": "softmax"}, pointing_image_best_strict=0.95,
+                              pointing_audio_best_strict=0.86 + 0.01 * seed, entropy_mean=0.6))
+        runs.append(fabricate(base, seed, {"fusion.attention": "topk"}, pointing_image_best_strict=0.94,
+                              pointing_audio_best_strict=0.66 + 0.02 * seed, entropy_mean=0.3))
+    report = write_report(study, runs, tmp_path)
+    text = report["report"].read_text()
+    assert ("**Best-head strict pointing (audio) was lower with fusion.attention=topk than with "
+            "fusion.attention=softmax** (0.680 ± 0.020 vs 0.870 ± 0.010; paired difference -0.190 ± 0.010 over 3 "
+            "seed-matched pairs") in text
+    section = text[text.index("### fusion.attention"):text.index("### Grounding against chance")]
+    assert "- Mean normalised entropy:" not in section and "(0.300" not in section
+    assert ("- Not compared between fusion.attention=softmax and fusion.attention=topk, as no seed has both runs "
+            "grounding: mean normalised entropy") in text
+    records = json.loads(report["json"].read_text())["tests"]["factors"]
+    assert {r["runs"] for r in records if r["metric"] == "pointing_audio_best_strict"} == {"all"}
+    assert not [r for r in records if r["metric"] == "entropy_mean"]
 
 
 def test_the_grounding_table_counts_each_runs_starts(finished, tmp_path):
@@ -844,3 +876,34 @@ def test_the_same_nonzero_difference_in_every_pair_is_not_called_a_difference():
     assert rounded["diff_std"] == 0 and not rounded["significant"]
     spread = paired_test([0.884, 0.908, 0.90], [0.896, 0.921, 0.913])  # a real spread: tested as before
     assert spread["significant"] and spread["diff_std"] > 0
+
+
+def test_a_levels_mean_is_over_the_runs_that_share_the_compared_pairs_other_values():
+    """size's [zip]: layers 1/2/4 at 4 heads beside heads 2/4/8 at 2 layers. Comparing heads 2 with 8 (both at
+    2 layers), the heads=4 mean is the 2-layer runs' (0.90), not a pool with the 1- and 4-layer runs (0.60)."""
+    accuracy = {(1, 4): 0.30, (2, 4): 0.90, (4, 4): 0.60, (2, 2): 0.80, (2, 8): 0.96}
+    runs = [{"point": {"fusion.layers": layers, "fusion.heads": heads}, "seed": seed,
+             "summary": {"matching_accuracy": acc + 0.01 * seed}}
+            for (layers, heads), acc in accuracy.items() for seed in range(3)]
+    lines, records, _ = factor_conclusions(runs, {"fusion.heads": [2, 4, 8]})
+    accuracy_line = next(line for line in lines if line.startswith("- Matching accuracy"))
+    assert accuracy_line.endswith("Mean by level: 2: 0.810, 4: 0.910, 8: 0.970.")
+    assert [(r["a"], r["b"], r["n"]) for r in records] == [(2, 8, 3)]
+
+
+def test_the_default_encoders_layers_written_out_are_the_same_run_as_the_encoders_own():
+    """encoder_depth = 2 and encoder_window = 1 build the default's own encoders (2 windowed blocks): the same
+    initial weights as -1 / -1, so the same fingerprint and a run to copy, not to train again; 2 blocks
+    attending globally (window 0) are another model."""
+    import torch
+    from multimodal.compare.study import Run, fingerprint
+    from multimodal.train import TrainConfig, build_model
+
+    study = study_from_dict(tiny_study())
+    own, written, wide = (TrainConfig(steps=2, encoder_depth=d, encoder_window=w)
+                          for d, w in ((-1, -1), (2, 1), (2, 0)))
+    runs = [Run("r", (), 0, tc) for tc in (own, written, wide)]
+    assert fingerprint(runs[0], study) == fingerprint(runs[1], study) != fingerprint(runs[2], study)
+    a, b = build_model(own).state_dict(), build_model(written).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert build_model(wide).encoders["image"].model.__class__.__name__ == "VisionTransformer"

@@ -19,8 +19,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from multimodal.compare.plots import plot_attention_kinds, plot_dynamics, plot_heads, plot_size, plot_summary
-from multimodal.compare.summary import (BASELINE_SOURCES, DYNAMICS, HEAD_COLUMNS, METRICS, MODALITIES, SIZE_METRICS,
-                                        TIMING, Group,
+from multimodal.compare.summary import (BASELINE_SOURCES, DYNAMICS, HEAD_COLUMNS, METRICS, MODALITIES,
+                                        OUTCOME_METRICS, SIZE_METRICS, TIMING, Group,
                                         baseline_pointing_best, grounds, group_runs, mean_std, pointing_best,
                                         pointing_best_strict, sizes_differ, snapshot_series, value)
 
@@ -87,14 +87,31 @@ def _is_numeric(values: Sequence[Any]) -> bool:
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 
 
+def _others(run: dict, key: str) -> str:
+    """The run's grid values other than `key`: runs that differ only in `key` share it."""
+    return json.dumps({k: v for k, v in run["point"].items() if k != key}, sort_keys=True)
+
+
 def _pairs(results: list[dict], key: str, a: Any, b: Any, metric: str) -> tuple[list[float], list[float]]:
     """Metric values of runs with key=a and key=b, matched on the seed and every other grid value."""
-    def other(r):
-        return json.dumps({k: v for k, v in r["point"].items() if k != key}, sort_keys=True), r["seed"]
+    at_b = {(_others(r, key), r["seed"]): r for r in results if r["point"].get(key) == b}
+    return _both_present((value(r, metric), value(at_b[_others(r, key), r["seed"]], metric))
+                         for r in results if r["point"].get(key) == a and (_others(r, key), r["seed"]) in at_b)
 
-    at_b = {other(r): r for r in results if r["point"].get(key) == b}
-    return _both_present((value(r, metric), value(at_b[other(r)], metric))
-                         for r in results if r["point"].get(key) == a and other(r) in at_b)
+
+def _level_means(results: list[dict], key: str, a: Any, b: Any, levels: Sequence[Any], metric: str,
+                 fmt: str) -> str:
+    """Each level's mean of `metric` over the runs that share their other grid values with the a-b pairs (in
+    a [zip] such as layers 1/2/4 at 4 heads beside heads 2/4/8 at 2 layers, the heads=4 mean is the 2-layer
+    runs', not a pool over every depth)."""
+    shared = ({_others(r, key) for r in results if r["point"].get(key) == a}
+              & {_others(r, key) for r in results if r["point"].get(key) == b})
+    out = []
+    for v in sorted(levels):
+        m, _, n = mean_std([value(r, metric) for r in results
+                            if r["point"].get(key) == v and _others(r, key) in shared])
+        out.append(f"{_fmt_level(v)}: {m:{fmt.lstrip('+')}}" if n else f"{_fmt_level(v)}: n/a")
+    return ", ".join(out)
 
 
 def _both_present(pairs) -> tuple[list[float], list[float]]:
@@ -146,14 +163,24 @@ def zip_row(result: dict, keys: Sequence[str]) -> dict:
     return {**result, "point": point}
 
 
-def factor_conclusions(results: list[dict], grid: dict[str, Sequence[Any]]) -> tuple[list[str], list[dict], int]:
+def _grounded(results: list[dict], threshold: float) -> list[dict]:
+    """The runs whose models ground (or have no strict reading to tell, e.g. latent queries)."""
+    return [r for r in results if grounds(r, threshold) is not False]
+
+
+def factor_conclusions(results: list[dict], grid: dict[str, Sequence[Any]],
+                       threshold: float = 0.0) -> tuple[list[str], list[dict], int]:
     """Per grid key: compare its levels on every metric, paired by seed and the other grid values.
 
-    Numeric keys compare the lowest with the highest level measured (levels no run has, as in a study
-    reported in part, are left out) and list every level's mean; other keys compare each level with the
-    first one listed. Returns sentences, the tests as records, and the number of tests made.
+    Grounding and matching (`OUTCOME_METRICS`) are compared over every run, so a level whose models do not
+    ground shows it; head specialisation only over pairs where both runs ground at `threshold`. Numeric keys
+    compare the lowest with the highest level measured (levels no run has, as in a study reported in part,
+    are left out) and list every level's mean; other keys compare each level with the first one listed.
+    Returns sentences, the tests as records (with the runs they used: "all" or "grounded"), and the number
+    of tests made.
     """
     lines, records, tests = [], [], 0
+    grounded = _grounded(results, threshold)
     for key, levels in grid.items():
         if len(levels) < 2:
             continue
@@ -164,63 +191,70 @@ def factor_conclusions(results: list[dict], grid: dict[str, Sequence[Any]]) -> t
         else:
             comparisons = [(levels[0], b) for b in levels[1:]]
         lines += ["", f"### {key}", ""]
+        not_compared: dict[tuple, list[str]] = {}
         for metric, label, fmt in METRICS:
+            outcome = metric in OUTCOME_METRICS
+            runs = results if outcome else grounded
             for a, b in comparisons:
-                xa, xb = _pairs(results, key, a, b, metric)
+                xa, xb = _pairs(runs, key, a, b, metric)
                 if not xa:
+                    if _pairs(results, key, a, b, metric)[0]:  # measured, but no pair where both runs ground
+                        not_compared.setdefault((a, b), []).append(label)
                     continue
                 test = paired_test(xa, xb)
                 tests += test["n"] > 1
-                records.append({"key": key, "metric": metric, "a": a, "b": b, **test})
+                records.append({"key": key, "metric": metric, "a": a, "b": b,
+                                "runs": "all" if outcome else "grounded", **test})
                 s = _sentence(label[0].upper() + label[1:], fmt, test, f"{key}={_fmt_level(b)}",
-                              f"{key}={_fmt_level(a)}")
+                              f"{key}={_fmt_level(a)}",
+                              pairs="grounded pairs" if threshold > 0 and not outcome else "seed-matched pairs")
                 if s and numeric and len(measured) > 2:
-                    by_level = []
-                    for v in sorted(measured):
-                        m, _, n = mean_std([value(r, metric) for r in results if r["point"].get(key) == v])
-                        by_level.append(f"{_fmt_level(v)}: {m:{fmt.lstrip('+')}}" if n else f"{_fmt_level(v)}: n/a")
-                    s += f" Mean by level: {', '.join(by_level)}."
+                    which = " (grounded runs)" if threshold > 0 and not outcome else ""
+                    s += f" Mean by level{which}: {_level_means(runs, key, a, b, measured, metric, fmt)}."
                 if s:
                     lines.append(f"- {s}")
+        for (a, b), labels in not_compared.items():
+            lines.append(f"- Not compared between {key}={_fmt_level(a)} and {key}={_fmt_level(b)}, as no seed has "
+                         f"both runs grounding: {', '.join(labels)}.")
         if lines[-2] == f"### {key}":
             lines.append("- no metric was measured at two levels of this key")
     return lines, records, tests
 
 
 def factor_sections(results: list[dict], grid: dict[str, Sequence[Any]],
-                    zipped: Mapping[str, Sequence[Any]]) -> tuple[list[str], list[dict], int]:
+                    zipped: Mapping[str, Sequence[Any]], threshold: float = 0.0) -> tuple[list[str], list[dict], int]:
     """`factor_conclusions` per key, where a [zip] key that never varies alone (no two runs differ in it
     and nothing else) is left out of the per-key sections and the [zip]'s rows are compared instead, each
     with the first (`ZIP_ROWS`), beside the keys that can be compared alone."""
-    per_key = {k: factor_conclusions(results, {k: v}) for k, v in grid.items()}
+    per_key = {k: factor_conclusions(results, {k: v}, threshold) for k, v in grid.items()}
     zkeys = list(zipped)
     together = [k for k in zkeys if not per_key[k][1]] if len(zkeys) > 1 else []
     sections = [per_key[k] for k in grid if k not in together]
     if together:
         rows = {ZIP_ROWS: [zip_label(zkeys, row) for row in zip(*(zipped[k] for k in zkeys))]}
-        sections.append(factor_conclusions([zip_row(r, zkeys) for r in results], rows))
+        sections.append(factor_conclusions([zip_row(r, zkeys) for r in results], rows, threshold))
     return ([line for lines, _, _ in sections for line in lines], [rec for _, recs, _ in sections for rec in recs],
             sum(n for _, _, n in sections))
 
 
-def size_lines(results: list[dict]) -> list[str]:
-    """Descriptive: correlation of log fusion parameter count with grounding and matching."""
+def size_lines(results: list[dict], threshold: float = 0.0) -> list[str]:
+    """Descriptive: correlation of log fusion parameter count with grounding and matching (every run) and
+    with entropy (the runs that ground)."""
     params = {r["fusion_params"] for r in results}
     if not sizes_differ(params):
         return []
-    lines = []
+    lines, grounded = [], _grounded(results, threshold)
     for metric, label, _ in [m for m in METRICS if m.key in SIZE_METRICS]:
-        xs, ys = [], []
-        for r in results:
-            v = value(r, metric)
-            if v is not None:
-                xs.append(math.log10(r["fusion_params"]))
-                ys.append(v)
+        runs = results if metric in OUTCOME_METRICS else grounded
+        used = [r for r in runs if value(r, metric) is not None]
+        xs, ys = [math.log10(r["fusion_params"]) for r in used], [value(r, metric) for r in used]
         if len(set(xs)) < 2 or len(xs) < 3 or np.std(ys) == 0:
             continue
         rho = float(np.corrcoef(xs, ys)[0, 1])
+        which = "grounded runs" if threshold > 0 and runs is grounded else "runs"
         lines.append(f"- {label[0].upper() + label[1:]} vs log10(fusion parameters): Pearson r = {rho:+.2f} over "
-                     f"{len(xs)} runs ({min(params):,} to {max(params):,} parameters). Descriptive only: the paired "
+                     f"{len(xs)} {which} ({min(r['fusion_params'] for r in used):,} to "
+                     f"{max(r['fusion_params'] for r in used):,} parameters). Descriptive only: the paired "
                      "comparisons above are the test.")
     return lines
 
@@ -318,8 +352,9 @@ def grounding_lines(results: list[dict], grid_keys: list[str], threshold: float)
          "Best-head pointing on the evaluation scenes: strict (the map's peak on the object / inside the event) "
          "and tolerant (within one patch / one column of it). A run grounds when its strict pointing is >= "
          f"{threshold:g} on each modality it is scored on (both, unless its captions name one modality only: "
-         "the other is n/a); the comparisons of heads below use only those runs (a run with no strict reading, "
-         "e.g. latent queries, is kept).", ""]
+         "the other is n/a). The conclusions compare grounding and matching over every run, and head "
+         "specialisation (entropy, sqrt-JS, modality focus, Shapley share) only between runs that both ground (a "
+         "run with no strict reading, e.g. latent queries, is kept).", ""]
     L += _md_table(header, rows) + [""]
     if starts:
         L += ["*starts*: how often the run's training began. A start whose loss is still above the recipe's "
@@ -327,9 +362,9 @@ def grounding_lines(results: list[dict], grid_keys: list[str], threshold: float)
               "`stall_restarts` times); the last start is the model reported, its untrained baseline that start's "
               "step 0. ? = not recorded (a run from before 2026-12-06, e.g. copied with --reuse).", ""]
     if left_out:
-        L += [f"**Left out of the conclusions ({len(left_out)} of {len(results)} runs do not ground):** "
-              f"{', '.join(left_out)}. Their numbers stay in the tables; the paired tests skip them (and their "
-              "partners).", ""]
+        L += [f"**Left out of the conclusions about heads ({len(left_out)} of {len(results)} runs do not ground):** "
+              f"{', '.join(left_out)}. Their numbers stay in the tables and in the tests of grounding and matching; "
+              "the tests of head specialisation skip them (and their partners).", ""]
     return L
 
 
@@ -415,13 +450,13 @@ def write_report(study, results: list[dict], out: str | Path, planned: Sequence[
         else:  # not drawn for these runs: a file left by an earlier report would be stale
             (plots / f"{name}.png").unlink(missing_ok=True)
 
-    # conclusions about heads: over the runs whose models ground only (grounding itself: over every run)
+    # grounding and matching: compared over every run; head specialisation: over the runs whose models ground
     threshold = getattr(study, "grounded_pointing", 0.0)
-    grounded = [r for r in results if grounds(r, threshold) is not False]
-    factor, factor_records, n_tests = factor_sections(grounded, grid, getattr(study, "zipped", None) or {})
+    factor, factor_records, n_tests = factor_sections(results, grid, getattr(study, "zipped", None) or {},
+                                                      threshold)
     base, n_base = baseline_lines(results)
     dyn, dyn_records, n_dyn = dynamics_lines(groups)
-    size = size_lines(grounded)
+    size = size_lines(results, threshold)
     n_tests += n_base + n_dyn
 
     L: list[str] = [f"# Study: {study.name}", ""]
@@ -500,6 +535,9 @@ def write_report(study, results: list[dict], out: str | Path, planned: Sequence[
           "degrees of freedom)" + (f"; with {len(study.seeds)} seeds that needs a large, consistent effect"
                                    if len(study.seeds) > 1 else "") +
           ". 'No difference beyond seed noise' means these runs do not show a difference, not that there is none.",
+          *([f"- Grounding and matching are compared over every run; head specialisation only between runs that "
+             f"both ground (strict pointing >= {threshold:g}), so a level whose models do not ground gets no "
+             "comparison of its heads."] if threshold > 0 else []),
           f"- This report makes {n_tests} such tests; at 95% about {n_tests / 20:.1f} of them could pass by chance.",
           f"- The numbers hold for this training budget ({'/'.join(map(str, steps))} steps); longer training can "
           "change them.", ""]

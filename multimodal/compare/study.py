@@ -20,6 +20,7 @@ from typing import Any, Mapping
 from multimodal.data.scenes import ONE_OBJECT, SceneConfig
 from multimodal.fusion import FusionConfig
 from multimodal.train import PRESETS, TRAIN_STATE, TrainConfig, build_model, load_config
+from multimodal.train.loop import own_encoder_layout
 from multimodal.types import InputError
 
 STUDY_DIR = Path(__file__).resolve().parents[1] / "studies"  # the shipped studies (multimodal/studies/)
@@ -331,6 +332,12 @@ def _architecture(tc: TrainConfig) -> dict:
 def comparable_config(config: Mapping) -> dict:
     """A config dict without the keys that change how a run executes but not its numbers."""
     d = json.loads(json.dumps(dict(config)))
+    if d.get("encoder_depth", -1) >= 0 or d.get("encoder_window", -1) >= 0:
+        # the built-in encoders' own layers and window, written out, build the same model as -1 does
+        own = own_encoder_layout(d.get("image_encoder"), d.get("audio_encoder"))
+        for key, v in zip(("encoder_depth", "encoder_window"), own or ()):
+            if d.get(key) == v:
+                d[key] = -1
     for key in RUN_ONLY_KEYS:
         d.pop(key, None)
     for key, neutral in NEUTRAL_KEYS.items():

@@ -60,6 +60,11 @@ METRICS = [
     Metric("image_led_fraction", "fraction of heads above uniform on image", ".2f"),
     Metric("shapley_top_share", "top head's share of Shapley mass", ".2f"),
 ]
+# what a model does (match a caption, point at the referent): compared between levels over every run, grounded
+# or not, so a level that fails to ground shows it. The rest of METRICS describe how its heads specialise and are
+# compared only between runs that both ground (`grounds`)
+OUTCOME_METRICS = frozenset(["matching_accuracy"] + [k for m in MODALITIES for k in (
+    pointing_best_strict(m), pointing_best(m), f"energy_gain_{m}_mean")])
 SIZE_METRICS = ("matching_accuracy", pointing_best_strict("image"), pointing_best_strict("audio"),
                 "entropy_mean")  # against the fusion block's parameter count (size_lines, plot_size)
 TIMING = [Metric("train_s", "train s", ".0f"), Metric("eval_s", "eval s", ".1f"),

@@ -17,6 +17,7 @@ into a new or empty folder, or into a training checkpoint's folder it is told to
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -84,6 +85,20 @@ def encoder_args(tc: TrainConfig) -> dict[str, dict[str, int]]:
             raise InputError(f"encoder_depth / encoder_window set the built-in encoders' layers; {m}_encoder = "
                              f"{specs[m]!r} is not a built-in (leave them at -1 for it)")
     return {m: a for m, a in args.items() if a}
+
+
+@functools.lru_cache(maxsize=None)
+def own_encoder_layout(image_encoder: str, audio_encoder: str) -> tuple[int, int] | None:
+    """(layers, window) that the named built-in image and audio encoders have on their own, when both are
+    built-ins and agree: `encoder_depth` / `encoder_window` at these values build the very model that -1
+    (the encoders' own) builds. None otherwise."""
+    if image_encoder not in BUILTINS["image"] or audio_encoder not in BUILTINS["audio"]:
+        return None
+    with torch.random.fork_rng():  # building draws initial weights: leave the caller's random state alone
+        image, audio = BUILTINS["image"][image_encoder](), BUILTINS["audio"][audio_encoder]()
+    own_image = (len(image.model.blocks), int(getattr(image.model, "window", 0)))
+    own_audio = (int(audio.model.config.num_hidden_layers), int(audio.time_window))
+    return own_image if own_image == own_audio else None
 
 
 def build_model(tc: TrainConfig, modalities: tuple[str, ...] = ("text", "image", "audio"),
