@@ -129,11 +129,10 @@ def test_rerun_skips_finished_runs(finished):
     toml, out = finished
     ids = ["fusion.query=text,seed=0", "fusion.query=latents,seed=0"]
     stamps = {i: (out / "runs" / i / DONE).stat().st_mtime_ns for i in ids}
-    t0 = time.perf_counter()
     result = run_study(toml, out, progress=False)
     assert result["skipped"] == ids and result["ran"] == [] and not result["failed"]
+    # untouched: neither trained nor evaluated again (a wall-clock bound here failed on a loaded CPU)
     assert {i: (out / "runs" / i / DONE).stat().st_mtime_ns for i in ids} == stamps
-    assert time.perf_counter() - t0 < 30  # only the model checks and the report
 
 
 def test_same_config_and_seed_give_the_same_numbers(finished, tmp_path):
