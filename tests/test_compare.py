@@ -719,6 +719,33 @@ def test_a_study_reported_in_part_compares_the_lowest_and_highest_level_measured
     assert "no metric was measured at two levels" not in text
 
 
+def test_a_numeric_key_with_three_levels_is_compared_step_by_step_as_well(finished, tmp_path):
+    """fusion.heads = [2, 4, 8] where pointing holds from 2 to 4 heads and rises from 4 to 8: the report
+    compares 2 with 8 (listing each level's mean there, once) and each level with the next, so it says
+    where along the scale the change happens."""
+    _, out = finished
+    base = done(out, "fusion.query=text,seed=0")
+    study = study_from_dict(tiny_study(seeds=[0, 1, 2], grid={"fusion.heads": [2, 4, 8]}, snapshots=[]))
+    runs = [fabricate(base, seed, {"fusion.heads": h},
+                      pointing_image_best=p + {2: 0.0, 4: JITTER[seed] / 2, 8: 0.1 + JITTER[seed]}[h])
+            for seed, p in enumerate([0.50, 0.55, 0.52]) for h in (8, 2, 4)]
+    text = write_report(study, runs, tmp_path)["report"].read_text()
+    lines = [ln for ln in text.splitlines()
+             if ln.startswith(("- **Best-head pointing (image) was", "- Best-head pointing (image): no difference"))
+             and "fusion.heads=" in ln]
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("- **Best-head pointing (image) was higher with fusion.heads=8 than with "
+                               "fusion.heads=2** (0.623 ± 0.015 vs 0.523 ± 0.025")
+    assert lines[0].endswith("Mean by level: 2: 0.523, 4: 0.523, 8: 0.623.")
+    assert lines[1].startswith("- Best-head pointing (image): no difference beyond seed noise between "
+                               "fusion.heads=4 and fusion.heads=2 (0.523 ± 0.020 vs 0.523 ± 0.025")
+    assert lines[2].startswith("- **Best-head pointing (image) was higher with fusion.heads=8 than with "
+                               "fusion.heads=4** (0.623 ± 0.015 vs 0.523 ± 0.020")
+    assert sum("Mean by level" in ln for ln in lines) == 1
+    records = json.loads((tmp_path / "results.json").read_text())["tests"]["factors"]
+    assert {(r["a"], r["b"]) for r in records if r["metric"] == "pointing_image_best"} == {(2, 8), (2, 4), (4, 8)}
+
+
 def test_zip_keys_that_never_vary_alone_are_compared_row_by_row(finished, tmp_path):
     """A [zip] whose keys always change together (a recipe of several settings): no key can be compared
     alone, so the report compares each row with the first, paired by seed."""

@@ -175,7 +175,9 @@ def factor_conclusions(results: list[dict], grid: dict[str, Sequence[Any]],
     Grounding and matching (`OUTCOME_METRICS`) are compared over every run, so a level whose models do not
     ground shows it; head specialisation only over pairs where both runs ground at `threshold`. Numeric keys
     compare the lowest with the highest level measured (levels no run has, as in a study reported in part,
-    are left out) and list every level's mean; other keys compare each level with the first one listed.
+    are left out) and list every level's mean there; with more than two levels they also compare each level
+    with the next (layers 1 -> 2 and 2 -> 4: where along the scale a change happens). Other keys compare each
+    level with the first one listed.
     Returns sentences, the tests as records (with the runs they used: "all" or "grounded"), and the number
     of tests made.
     """
@@ -187,7 +189,10 @@ def factor_conclusions(results: list[dict], grid: dict[str, Sequence[Any]],
         numeric = _is_numeric(levels)
         measured = [v for v in levels if any(r["point"].get(key) == v for r in results)]
         if numeric:
-            comparisons = [(min(measured), max(measured))] if len(measured) > 1 else []
+            steps = sorted(set(measured))
+            comparisons = [(steps[0], steps[-1])] if len(steps) > 1 else []
+            if len(steps) > 2:
+                comparisons += list(zip(steps, steps[1:]))
         else:
             comparisons = [(levels[0], b) for b in levels[1:]]
         lines += ["", f"### {key}", ""]
@@ -208,7 +213,7 @@ def factor_conclusions(results: list[dict], grid: dict[str, Sequence[Any]],
                 s = _sentence(label[0].upper() + label[1:], fmt, test, f"{key}={_fmt_level(b)}",
                               f"{key}={_fmt_level(a)}",
                               pairs="grounded pairs" if threshold > 0 and not outcome else "seed-matched pairs")
-                if s and numeric and len(measured) > 2:
+                if s and numeric and len(measured) > 2 and (a, b) == comparisons[0]:
                     which = " (grounded runs)" if threshold > 0 and not outcome else ""
                     s += f" Mean by level{which}: {_level_means(runs, key, a, b, measured, metric, fmt)}."
                 if s:
