@@ -914,7 +914,8 @@ def test_a_levels_mean_is_over_the_runs_that_share_the_compared_pairs_other_valu
     lines, records, _ = factor_conclusions(runs, {"fusion.heads": [2, 4, 8]})
     accuracy_line = next(line for line in lines if line.startswith("- Matching accuracy"))
     assert accuracy_line.endswith("Mean by level: 2: 0.810, 4: 0.910, 8: 0.970.")
-    assert [(r["a"], r["b"], r["n"]) for r in records] == [(2, 8, 3)]
+    # lowest with highest, then each level with the next, each over the 3 runs at 2 layers
+    assert [(r["a"], r["b"], r["n"]) for r in records] == [(2, 8, 3), (2, 4, 3), (4, 8, 3)]
 
 
 def test_the_default_encoders_layers_written_out_are_the_same_run_as_the_encoders_own():
