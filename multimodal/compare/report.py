@@ -213,9 +213,9 @@ def factor_conclusions(results: list[dict], grid: dict[str, Sequence[Any]],
                 s = _sentence(label[0].upper() + label[1:], fmt, test, f"{key}={_fmt_level(b)}",
                               f"{key}={_fmt_level(a)}",
                               pairs="grounded pairs" if threshold > 0 and not outcome else "seed-matched pairs")
-                if s and numeric and len(measured) > 2 and (a, b) == comparisons[0]:
+                if s and numeric and len(steps) > 2 and (a, b) == comparisons[0]:
                     which = " (grounded runs)" if threshold > 0 and not outcome else ""
-                    s += f" Mean by level{which}: {_level_means(runs, key, a, b, measured, metric, fmt)}."
+                    s += f" Mean by level{which}: {_level_means(runs, key, a, b, steps, metric, fmt)}."
                 if s:
                     lines.append(f"- {s}")
         for (a, b), labels in not_compared.items():
