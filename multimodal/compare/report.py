@@ -187,9 +187,8 @@ def factor_conclusions(results: list[dict], grid: dict[str, Sequence[Any]],
         if len(levels) < 2:
             continue
         numeric = _is_numeric(levels)
-        measured = [v for v in levels if any(r["point"].get(key) == v for r in results)]
-        if numeric:
-            steps = sorted(set(measured))
+        if numeric:  # the levels some run has, once each (a [zip] lists a level once per row)
+            steps = sorted({v for v in levels if any(r["point"].get(key) == v for r in results)})
             comparisons = [(steps[0], steps[-1])] if len(steps) > 1 else []
             if len(steps) > 2:
                 comparisons += list(zip(steps, steps[1:]))

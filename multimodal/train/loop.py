@@ -94,8 +94,9 @@ def own_encoder_layout(image_encoder: str, audio_encoder: str) -> tuple[int, int
     (the encoders' own) builds. None otherwise."""
     if image_encoder not in BUILTINS["image"] or audio_encoder not in BUILTINS["audio"]:
         return None
-    with torch.random.fork_rng(devices=[]):  # building draws CPU initial weights: leave the caller's random state
-        # alone, and forking no CUDA state keeps a fingerprint from initialising CUDA
+    # building draws CPU initial weights: leave the caller's random state alone; forking no CUDA state keeps a
+    # fingerprint from initialising CUDA
+    with torch.random.fork_rng(devices=[]):
         image, audio = BUILTINS["image"][image_encoder](), BUILTINS["audio"][audio_encoder]()
     own_image = (len(image.model.blocks), int(getattr(image.model, "window", 0)))
     own_audio = (int(audio.model.config.num_hidden_layers), int(audio.time_window))
