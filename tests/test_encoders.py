@@ -226,29 +226,36 @@ def test_window_builtins_keep_tokens_near_and_round_trip(tmp_path):
             assert diff[times < 1.5].max() > 0
 
 
-@pytest.mark.parametrize("spec,bands", [("ast-window-fine-scenes", 8), ("ast-window-fine-mel32-scenes", 4)])
-def test_fine_audio_window_builtins_give_8_frame_columns_that_stay_near(tmp_path, spec, bands):
-    """ast-window-fine-scenes: 8x8 patches 8 frames apart (8 bands x 37 columns a 3 s window; on 32 mel bins,
-    4 bands); with the branches mixing (scale 1), a burst at 2.0-2.2 s moves no token whose patch ends more
-    than two layers' windows (2 x 0.08 s) before it, and the grid round-trips through save/load."""
+@pytest.mark.parametrize("spec,bands,cols,frames", [("ast-window-fine-scenes", 8, 37, 8),
+                                                     ("ast-window-fine-mel32-scenes", 4, 37, 8),
+                                                     ("ast-window-mel40-scenes", 4, 30, 10)])
+def test_finer_audio_window_builtins_give_columns_that_stay_near(tmp_path, spec, bands, cols, frames):
+    """The audio grids whose patches read no more than their own column: ast-window-fine-scenes' 8x8 patches 8
+    frames apart (8 bands x 37 columns a 3 s window; on 32 mel bins, 4 bands), ast-window-mel40-scenes' 10x10
+    patches 10 frames apart on 40 mel bins (4 x 30). With the branches mixing (scale 1), a burst at 2.0-2.2 s
+    moves no token whose patch ends more than two layers' windows (2 columns) before it, and the grid
+    round-trips through save/load."""
     torch.manual_seed(0)
     quiet, rate = noise(3.0)
     loud = quiet.copy()
     loud[int(2.0 * rate):int(2.2 * rate)] += 0.5 * np.sin(np.arange(int(0.2 * rate)) * 0.3).astype(np.float32)
     aud = build_encoder("audio", spec, branch_scale=1.0)
-    assert (aud.freq_bins, aud.time_cols, aud.patch_size, aud.time_stride, aud.time_window) == (bands, 37, 8, 8, 1)
+    assert (aud.freq_bins, aud.time_cols, aud.patch_size, aud.time_stride, aud.time_window) == (bands, cols, frames,
+                                                                                               frames, 1)
     with torch.no_grad():
         out = aud.encode([(quiet, rate)])
         diff = (out.tokens - aud.encode([(loud, rate)]).tokens).norm(dim=-1)[0]  # (T * F,)
     times = torch.tensor(out.geometry.times)
-    assert torch.allclose(times[1:] - times[:-1], torch.tensor(0.08, dtype=times.dtype))
+    step = frames * HOP_SECONDS
+    assert torch.allclose(times[1:] - times[:-1], torch.tensor(step, dtype=times.dtype))
     centres = times.repeat_interleave(out.geometry.freq_bins)
-    # a patch centred at c reads about c +- 0.05 s; the burst (with the fbank window) starts near 1.98 s
-    assert diff[centres < 1.98 - 0.05 - 2 * 0.08].max() == 0
+    half = (frames - 1) / 2 * HOP_SECONDS + 0.0125  # a patch centred at c reads c +- this (with the fbank window)
+    # the burst (with the fbank window) starts near 1.98 s
+    assert diff[centres < 1.98 - half - 2 * step].max() == 0
     assert diff[(centres > 2.05) & (centres < 2.15)].min() > 0
     aud.save_pretrained(tmp_path / "ast")
     again = AudioEncoder.from_directory(tmp_path / "ast")
-    assert (again.freq_bins, again.time_cols, again.time_window, again.spec) == (bands, 37, 1, str(tmp_path / "ast"))
+    assert (again.freq_bins, again.time_cols, again.time_window, again.spec) == (bands, cols, 1, str(tmp_path / "ast"))
     with torch.no_grad():
         torch.testing.assert_close(again.encode([(loud, rate)]).tokens, aud.encode([(loud, rate)]).tokens)
 

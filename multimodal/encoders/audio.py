@@ -292,3 +292,14 @@ def ast_window_fine_mel32_scenes(branch_scale: float = 1e-4, **overrides) -> Aud
     spectrum, as the default's 16x16 patches read 0.16 s of a quarter."""
     encoder = ast_window_fine_scenes(branch_scale, **{"num_mel_bins": 32, **overrides})
     return AudioEncoder(encoder.model, "ast-window-fine-mel32-scenes").eval()
+
+
+@register_builtin("audio", "ast-window-mel40-scenes")
+def ast_window_mel40_scenes(branch_scale: float = 1e-4, **overrides) -> AudioEncoder:
+    """`ast-window-scenes` on patches that do not overlap: 10x10 patches 10 frames apart on 40 mel bins, 4 bands x
+    30 columns a 3 s window (120 tokens; the default has 116 of 16x16 patches 0.1 s apart that read 0.16 s each).
+    Each token reads only its own 0.1 s, so a column just outside an event holds at most a sliver of it
+    (`benchmarks/audio_energy_ceiling.py --patch 10 --stride 10`)."""
+    encoder = ast_window_scenes(branch_scale, **{"num_mel_bins": 40, "patch_size": 10, "frequency_stride": 10,
+                                                 "time_stride": 10, **overrides})
+    return AudioEncoder(encoder.model, "ast-window-mel40-scenes").eval()
