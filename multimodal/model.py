@@ -204,7 +204,10 @@ class MultimodalModel(nn.Module):
         t = self.event_times(maps, head_mask)  # (B, Nq)
         before, after = before.to(t), after.to(t)
         t_before, t_after = torch.einsum("bpn,bn->bp", before, t), torch.einsum("bpn,bn->bp", after, t)
-        items = F.softplus(self.order_scale) * (t_after - t_before) + self.order_bias
+        # the gap as one einsum over (after - before), not t_after - t_before: equal up to float rounding, and
+        # rounding is enough to send training elsewhere; this form is the one assets/default was trained with
+        gap = torch.einsum("bpn,bn->bp", after - before, t)
+        items = F.softplus(self.order_scale) * gap + self.order_bias
         return before, after, t_before, t_after, items.masked_fill(before.sum(-1) == 0, float("nan"))
 
     def order_items(self, text: ModalityTokens, maps, head_mask: Tensor | None = None) -> Tensor:
