@@ -31,9 +31,16 @@ def query_weights(maps: AttentionMaps, item: int = 0, query: int | None = None) 
     return w / w.sum().clamp_min(1)
 
 
-def _pool(per_query: torch.Tensor, qw: torch.Tensor) -> np.ndarray:
-    """(h, Nq, ...) -> (h, ...) weighted over queries."""
-    return torch.einsum("hq...,q->h...", per_query.float(), qw).cpu().numpy()
+def _pool(per_query: torch.Tensor, qw: torch.Tensor, skip_empty: bool = False) -> np.ndarray:
+    """(h, Nq, ...) -> (h, ...) weighted over queries. `skip_empty` (rows renormalised within a modality):
+    a query with no mass there (a gradient-relevance row clamped to zero on every key of the modality) is
+    left out of the average instead of diluting it, so a pooled panel still sums to 1 when any query has mass."""
+    x = per_query.float()
+    if not skip_empty:
+        return torch.einsum("hq...,q->h...", x, qw).cpu().numpy()
+    w = qw * (x.flatten(2).sum(-1) > 0)  # (h, Nq)
+    w = w / w.sum(1, keepdim=True).clamp_min(1e-12)
+    return torch.einsum("hq...,hq->h...", x, w).cpu().numpy()
 
 
 @dataclass
@@ -68,8 +75,8 @@ def render_layer(maps: AttentionMaps, layer: int, *, image: Image.Image | None =
 
     def panels(per_query) -> tuple[np.ndarray, list[str], bool]:
         """(heads, their mean and the extras, pooled over the chosen queries; labels; add a mean?)"""
-        return _with_extras(_pool(per_query(maps)[item], qw), labels,
-                            {label: _pool(per_query(m)[item], qw) for label, m in extra.items()})
+        return _with_extras(_pool(per_query(maps)[item], qw, renormalise), labels,
+                            {label: _pool(per_query(m)[item], qw, renormalise) for label, m in extra.items()})
     heads = maps.heads[layer]
     labels = [f"L{layer} H{h}" for h in heads]
     if maps.claimed is not None and layer in maps.claimed:  # competing queries: how much of the keys they won

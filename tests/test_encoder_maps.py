@@ -109,6 +109,19 @@ def test_maps_command_ends_each_grid_with_the_relevance_panel(tmp_path, monkeypa
     assert main(["maps", "--sample", "--relevance", "--head", "0", "--out", str(tmp_path / "x")]) == 2
 
 
+def test_a_pooled_panel_leaves_out_queries_with_no_mass_in_the_modality():
+    """Gradient relevance clamps negative contributions to zero, so a query can have none on a modality's
+    keys (the shipped default's sample: one of its 17 queries on the image). Averaged over the queries as it
+    was, such a row diluted the panel (it summed to 16/17); it is left out, and the panel sums to 1. Raw
+    (not renormalised) rows are averaged as they are."""
+    rows = torch.tensor([[[0.5, 0.5, 0.0], [0.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])  # (h=1, Nq=3, keys)
+    qw = torch.full((3,), 1 / 3)
+    np.testing.assert_allclose(drawing._pool(rows, qw, skip_empty=True), [[0.25, 0.75, 0.0]], rtol=1e-6)
+    np.testing.assert_allclose(drawing._pool(rows, qw), [[0.5 / 3, 1.5 / 3, 0.0]], rtol=1e-6)
+    one = torch.tensor([0.0, 1.0, 0.0])  # the chosen query has no mass: an empty panel, not a division by 0
+    np.testing.assert_allclose(drawing._pool(rows, one, skip_empty=True), [[0.0, 0.0, 0.0]])
+
+
 def test_every_view_works_with_a_text_encoder_loaded_by_path(tmp_path, capsys):
     """A transformers BERT saved to a folder (the layout of a downloaded all-MiniLM or bert-base) and
     given by path: the fusion maps, the relevance panels and the encoder views all draw."""

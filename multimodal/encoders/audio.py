@@ -277,7 +277,7 @@ def ast_window_scenes(branch_scale: float = 1e-4, **overrides) -> AudioEncoder:
 @register_builtin("audio", "ast-window-fine-scenes")
 def ast_window_fine_scenes(branch_scale: float = 1e-4, **overrides) -> AudioEncoder:
     """`ast-window-scenes` on a finer grid: 8x8 patches 8 frames apart (one token per 8 mel bins x 0.08 s,
-    8 bands x 37 columns in a 3 s window where the default has 4 x 29 of 16x16 patches 0.1 s apart), each
+    8 bands x 37 columns in a 3 s window where `ast-window-scenes` has 4 x 29 of 16x16 patches 0.1 s apart), each
     layer attending within one column (0.08 s) either side. A token reads 0.08 s of sound, so a column just
     outside an event holds less of it (`benchmarks/audio_energy_ceiling.py --patch 8 --stride 8`)."""
     encoder = ast_window_scenes(branch_scale, **{"patch_size": 8, "frequency_stride": 8, "time_stride": 8,
@@ -288,8 +288,8 @@ def ast_window_fine_scenes(branch_scale: float = 1e-4, **overrides) -> AudioEnco
 @register_builtin("audio", "ast-window-fine-mel32-scenes")
 def ast_window_fine_mel32_scenes(branch_scale: float = 1e-4, **overrides) -> AudioEncoder:
     """`ast-window-fine-scenes` on 32 mel bins: 8x8 patches 8 frames apart, 4 bands x 37 columns a 3 s window
-    (148 tokens where the fine grid has 296 and the default 116): each token reads 0.08 s of a quarter of the
-    spectrum, as the default's 16x16 patches read 0.16 s of a quarter."""
+    (148 tokens where the fine grid has 296 and `ast-window-scenes` 116): each token reads 0.08 s of a quarter of
+    the spectrum, as `ast-window-scenes`' 16x16 patches read 0.16 s of a quarter."""
     encoder = ast_window_fine_scenes(branch_scale, **{"num_mel_bins": 32, **overrides})
     return AudioEncoder(encoder.model, "ast-window-fine-mel32-scenes").eval()
 
@@ -297,7 +297,8 @@ def ast_window_fine_mel32_scenes(branch_scale: float = 1e-4, **overrides) -> Aud
 @register_builtin("audio", "ast-window-mel40-scenes")
 def ast_window_mel40_scenes(branch_scale: float = 1e-4, **overrides) -> AudioEncoder:
     """`ast-window-scenes` on patches that do not overlap: 10x10 patches 10 frames apart on 40 mel bins, 4 bands x
-    30 columns a 3 s window (120 tokens; the default has 116 of 16x16 patches 0.1 s apart that read 0.16 s each).
+    30 columns a 3 s window (120 tokens; `ast-window-scenes` has 116 of 16x16 patches 0.1 s apart that read 0.16 s
+    each). The default's audio encoder since 2026-12-07.
     Each token reads only its own 0.1 s, so a column just outside an event holds at most a sliver of it
     (`benchmarks/audio_energy_ceiling.py --patch 10 --stride 10`)."""
     encoder = ast_window_scenes(branch_scale, **{"num_mel_bins": 40, "patch_size": 10, "frequency_stride": 10,
