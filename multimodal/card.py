@@ -32,7 +32,10 @@ AUDIO_ENCODERS = {"ast-tiny-scenes": "AST, 64 mel bins, 2 layers",
                                                   "(a quarter of the spectrum), 0.08 s apart",
                   "ast-window-mel40-scenes": "AST on 40 mel bins, 2 layers attending within one time column either "
                                              "side (LayerScale-small residual branches): one token per 10x10 patch "
-                                             "(a quarter of the spectrum), 0.1 s apart, patches not overlapping"}
+                                             "(a quarter of the spectrum), 0.1 s apart, patches not overlapping",
+                  "ast-column-mel40-scenes": "AST on 40 mel bins, 2 layers attending within their own time column "
+                                             "(LayerScale-small residual branches): one token per 10x10 patch, 0.1 s "
+                                             "apart, patches not overlapping"}
 MATCH_HEADS = {
     "bilinear": "each caption token scores how well what it gathered (its fused query) agrees with what it "
                 "asked for; a soft minimum over tokens gives the caption/scene logit",

@@ -226,15 +226,17 @@ def test_window_builtins_keep_tokens_near_and_round_trip(tmp_path):
             assert diff[times < 1.5].max() > 0
 
 
-@pytest.mark.parametrize("spec,bands,cols,frames", [("ast-window-fine-scenes", 8, 37, 8),
-                                                     ("ast-window-fine-mel32-scenes", 4, 37, 8),
-                                                     ("ast-window-mel40-scenes", 4, 30, 10)])
-def test_finer_audio_window_builtins_give_columns_that_stay_near(tmp_path, spec, bands, cols, frames):
+@pytest.mark.parametrize("spec,bands,cols,frames,reach", [("ast-window-fine-scenes", 8, 37, 8, 2),
+                                                           ("ast-window-fine-mel32-scenes", 4, 37, 8, 2),
+                                                           ("ast-window-mel40-scenes", 4, 30, 10, 2),
+                                                           ("ast-column-mel40-scenes", 4, 30, 10, 0)])
+def test_finer_audio_window_builtins_give_columns_that_stay_near(tmp_path, spec, bands, cols, frames, reach):
     """The audio grids whose patches read no more than their own column: ast-window-fine-scenes' 8x8 patches 8
     frames apart (8 bands x 37 columns a 3 s window; on 32 mel bins, 4 bands), ast-window-mel40-scenes' 10x10
-    patches 10 frames apart on 40 mel bins (4 x 30). With the branches mixing (scale 1), a burst at 2.0-2.2 s
-    moves no token whose patch ends more than two layers' windows (2 columns) before it, and the grid
-    round-trips through save/load."""
+    patches 10 frames apart on 40 mel bins (4 x 30), ast-column-mel40-scenes' layers within their own column.
+    With the branches mixing (scale 1), a burst at 2.0-2.2 s moves no token whose patch ends more than two
+    layers' windows (`reach`: 2 columns; 0 for the column-only layers) before it, and the grid round-trips
+    through save/load."""
     torch.manual_seed(0)
     quiet, rate = noise(3.0)
     loud = quiet.copy()
@@ -251,11 +253,14 @@ def test_finer_audio_window_builtins_give_columns_that_stay_near(tmp_path, spec,
     centres = times.repeat_interleave(out.geometry.freq_bins)
     half = (frames - 1) / 2 * HOP_SECONDS + 0.0125  # a patch centred at c reads c +- this (with the fbank window)
     # the burst (with the fbank window) starts near 1.98 s
-    assert diff[centres < 1.98 - half - 2 * step].max() == 0
+    assert diff[centres < 1.98 - half - reach * step].max() == 0
+    if reach:  # the windowed layers do carry the burst to the column before its own
+        assert diff[(centres < 1.98 - half) & (centres > 1.98 - half - step)].max() > 0
     assert diff[(centres > 2.05) & (centres < 2.15)].min() > 0
     aud.save_pretrained(tmp_path / "ast")
     again = AudioEncoder.from_directory(tmp_path / "ast")
     assert (again.freq_bins, again.time_cols, again.time_window, again.spec) == (bands, cols, 1, str(tmp_path / "ast"))
+    assert again.column_only == aud.column_only == (reach == 0)
     with torch.no_grad():
         torch.testing.assert_close(again.encode([(loud, rate)]).tokens, aud.encode([(loud, rate)]).tokens)
 

@@ -90,6 +90,7 @@ class AudioEncoder(nn.Module):
         self.freq_bins, self.time_cols = model.embeddings.get_shape(cfg)  # patches per window
         self.dim = int(cfg.hidden_size)
         self.time_window = int(getattr(cfg, "time_window", 0) or 0)  # > 0: layers attend within that many columns
+        self.column_only = bool(getattr(cfg, "column_only", False))  # layers attend within their own column only
 
     # -- construction -------------------------------------------------------------------
 
@@ -182,11 +183,13 @@ class AudioEncoder(nn.Module):
     def time_window_mask(self, device=None, dtype=torch.float32) -> Tensor:
         """Additive self-attention mask `(1, 1, N, N)` (0: may attend) in AST's own token order
         (CLS, distillation, then f-major patches) for `time_window > 0`: a patch attends to the patches
-        of every band within `time_window` time columns of its own, the prefix tokens to everything
-        (`local_attention_mask`; additive, since transformers' eager AST path adds the mask)."""
+        of every band within `time_window` time columns of its own (within its own column for
+        `column_only`), the prefix tokens to everything (`local_attention_mask`; additive, since
+        transformers' eager AST path adds the mask)."""
         Fq, T = self.freq_bins, self.time_cols
         t = torch.arange(Fq * T, device=device) % T  # f-major: patch f * T + t
-        keep = local_attention_mask((t[:, None] - t[None, :]).abs() <= self.time_window, AST_PREFIX)  # (N, N)
+        reach = 0 if self.column_only else self.time_window
+        keep = local_attention_mask((t[:, None] - t[None, :]).abs() <= reach, AST_PREFIX)  # (N, N)
         return torch.zeros(keep.shape, device=device, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)[None, None]
 
     def forward(self, batch: dict[str, Any], capture_attention: bool | Sequence[int] = False) -> ModalityTokens:
@@ -199,7 +202,7 @@ class AudioEncoder(nn.Module):
         x = x.reshape(B * W, L, M)  # (B*W, L, M), item-major
         hidden, first_window = [], []
         extra = {}
-        if self.time_window > 0 and self.model.config.num_hidden_layers:
+        if (self.time_window > 0 or self.column_only) and self.model.config.num_hidden_layers:
             extra["attention_mask"] = self.time_window_mask(p.device, p.dtype)
         for start in range(0, B * W, WINDOWS_PER_CALL):
             chunk = x[start:start + WINDOWS_PER_CALL]  # (n, L, M)
@@ -304,3 +307,11 @@ def ast_window_mel40_scenes(branch_scale: float = 1e-4, **overrides) -> AudioEnc
     encoder = ast_window_scenes(branch_scale, **{"num_mel_bins": 40, "patch_size": 10, "frequency_stride": 10,
                                                  "time_stride": 10, **overrides})
     return AudioEncoder(encoder.model, "ast-window-mel40-scenes").eval()
+
+
+@register_builtin("audio", "ast-column-mel40-scenes")
+def ast_column_mel40_scenes(branch_scale: float = 1e-4, **overrides) -> AudioEncoder:
+    """`ast-window-mel40-scenes` whose 2 layers attend within their own time column only (its 4 bands), not
+    one column either side: no token hears sound from outside its own 0.1 s at any depth."""
+    encoder = ast_window_mel40_scenes(branch_scale, **{"column_only": True, **overrides})
+    return AudioEncoder(encoder.model, "ast-column-mel40-scenes").eval()
