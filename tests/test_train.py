@@ -680,14 +680,17 @@ def test_a_frozen_recipe_writes_out_every_field_and_is_what_the_shipped_default_
     run_only = {"seed", "device", "workers", "snapshots", "manifest"}
     for path in RECIPES.glob("*.toml"):
         assert set(PRESETS[path.stem]) == {f.name for f in fields(TrainConfig)} - run_only, path.name
+    def as_saved(preset):  # a preset's config as config.json holds it (tuples as lists)
+        return json.loads(json.dumps(load_config(preset).to_dict()))
+
     saved = json.loads((DEFAULT_CHECKPOINT / "config.json").read_text())["meta"]["train_config"]
-    frozen = json.loads(json.dumps(load_config("default-2026-12-07").to_dict()))
+    frozen = as_saved("default-2026-12-07")
     added = set(frozen) - set(saved)  # fields added since: at the value that reproduces the shipped training
     assert added <= set(NEUTRAL_KEYS) and all(frozen[k] == NEUTRAL_KEYS[k] for k in added), added
     assert {k: v for k, v in frozen.items() if k not in run_only | added} == {
         k: v for k, v in saved.items() if k not in run_only}
-    assert json.loads(json.dumps(load_config("default").to_dict())) == frozen
-    before = json.loads(json.dumps(load_config("default-2026-12-03").to_dict()))
+    assert as_saved("default") == frozen
+    before = as_saved("default-2026-12-03")
     assert {k for k in frozen if frozen[k] != before[k]} == {"audio_encoder"}
     assert (before["audio_encoder"], frozen["audio_encoder"]) == ("ast-window-scenes", "ast-window-mel40-scenes")
     with pytest.raises(InputError, match="default-2026-12-03"):  # listed where an unknown preset is refused
