@@ -15,6 +15,7 @@ from multimodal.data.scenes import generate_scene
 from multimodal.evaluate import evaluate, write_report
 from multimodal.model import ORDER_BIAS_INIT, ORDER_SCALE_INIT, MultimodalModel
 from multimodal.train import NegativeMining, build_model, contrastive_loss, load_config, train
+from multimodal.train.loop import own_encoder_layout
 from multimodal.types import InputError, ModalityTokens
 
 TINY = {"fusion.dim": 32, "fusion.heads": 2, "fusion.layers": 2}  # two layers: per-layer paths are exercised
@@ -149,6 +150,12 @@ def test_encoder_depth_and_window_reach_the_built_in_encoders():
     plain = build_model(smoke(image_encoder="vit-layerscale-scenes", audio_encoder="ast-layerscale-scenes"))
     assert len(plain.encoders["image"].model.blocks) == 2 and plain.encoders["audio"].time_window == 0
     assert len(build_model(smoke(encoder_depth=0)).encoders["image"].model.blocks) == 0
+    # a window set here is the layers' reach on a column-only built-in too, and no window builds column-only
+    column = build_model(smoke(audio_encoder="ast-column-mel40-scenes", encoder_window=1)).encoders["audio"]
+    assert (column.time_window, column.column_only) == (1, False)
+    assert build_model(smoke(audio_encoder="ast-column-mel40-scenes")).encoders["audio"].column_only
+    assert own_encoder_layout("vit-window-fine-wide-scenes", "ast-column-mel40-scenes") is None
+    assert own_encoder_layout("vit-window-fine-wide-scenes", "ast-window-mel40-scenes") == (2, 1)
     with pytest.raises(InputError, match="does not take"):  # the timm-registry ViT has no window
         build_model(smoke(image_encoder="vit-tiny-scenes", encoder_window=1))
     with pytest.raises(InputError, match="not a built-in"):

@@ -79,6 +79,7 @@ def encoder_args(tc: TrainConfig) -> dict[str, dict[str, int]]:
         args["image"]["depth"] = args["audio"]["num_hidden_layers"] = tc.encoder_depth
     if tc.encoder_window >= 0:
         args["image"]["window"] = args["audio"]["time_window"] = tc.encoder_window
+        args["audio"]["column_only"] = False  # the window set here is the layers' reach, a column-only built-in's too
     specs = {"image": tc.image_encoder, "audio": tc.audio_encoder}
     for m, a in args.items():
         if a and specs[m] not in BUILTINS[m]:
@@ -99,6 +100,8 @@ def own_encoder_layout(image_encoder: str, audio_encoder: str) -> tuple[int, int
     with torch.random.fork_rng(devices=[]):
         image, audio = BUILTINS["image"][image_encoder](), BUILTINS["audio"][audio_encoder]()
     own_image = (len(image.model.blocks), int(getattr(image.model, "window", 0)))
+    if audio.column_only:  # a reach of its own column: no encoder_window builds it
+        return None
     own_audio = (int(audio.model.config.num_hidden_layers), int(audio.time_window))
     return own_image if own_image == own_audio else None
 
