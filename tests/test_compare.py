@@ -918,19 +918,23 @@ def test_a_levels_mean_is_over_the_runs_that_share_the_compared_pairs_other_valu
     assert [(r["a"], r["b"], r["n"]) for r in records] == [(2, 8, 3), (2, 4, 3), (4, 8, 3)]
 
 
-def test_the_default_encoders_layers_written_out_are_the_same_run_as_the_encoders_own():
-    """encoder_depth = 2 and encoder_window = 1 build the default's own encoders (2 windowed blocks): the same
-    initial weights as -1 / -1, so the same fingerprint and a run to copy, not to train again; 2 blocks
-    attending globally (window 0) are another model."""
+def test_the_windowed_encoders_layers_written_out_are_the_same_run_as_the_encoders_own():
+    """encoder_depth = 2 and encoder_window = 1 build the windowed encoders' own layers (2 blocks attending one
+    cell / column either side): the same initial weights as -1 / -1, so the same fingerprint and a run to copy,
+    not to train again; 2 blocks attending globally (window 0) are another model, and so is window 1 on the
+    default's column-only audio layers (no window writes out "within its own column")."""
     import torch
     from multimodal.compare.study import Run, fingerprint
     from multimodal.train import TrainConfig, build_model
 
     study = study_from_dict(tiny_study())
-    own, written, wide = (TrainConfig(steps=2, encoder_depth=d, encoder_window=w)
-                          for d, w in ((-1, -1), (2, 1), (2, 0)))
+    own, written, wide = (TrainConfig(steps=2, audio_encoder="ast-window-mel40-scenes", encoder_depth=d,
+                                      encoder_window=w) for d, w in ((-1, -1), (2, 1), (2, 0)))
     runs = [Run("r", (), 0, tc) for tc in (own, written, wide)]
     assert fingerprint(runs[0], study) == fingerprint(runs[1], study) != fingerprint(runs[2], study)
     a, b = build_model(own).state_dict(), build_model(written).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert build_model(wide).encoders["image"].model.__class__.__name__ == "VisionTransformer"
+    column, windowed = TrainConfig(steps=2), TrainConfig(steps=2, encoder_depth=2, encoder_window=1)
+    assert column.audio_encoder == "ast-column-mel40-scenes"
+    assert fingerprint(Run("r", (), 0, column), study) != fingerprint(Run("r", (), 0, windowed), study)

@@ -189,7 +189,8 @@ def test_the_command_line_loads_no_heavy_library_until_a_subcommand_needs_it():
             from multimodal.train.config import PRESETS
             listed = " ".join(done.stdout.split())  # argparse wraps the help at the terminal's width
             assert "start from a preset: " + ", ".join(sorted(PRESETS)) in listed, listed
-            assert {"default", "local", "smoke", "default-2026-12-03", "default-2026-12-07"} <= set(PRESETS)
+            assert {"default", "local", "smoke", "default-2026-12-03", "default-2026-12-07",
+                    "default-2026-12-07-column"} <= set(PRESETS)
         if argv == ["mpas"]:
             assert "invalid choice: 'mpas'" in done.stderr
 

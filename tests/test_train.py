@@ -675,8 +675,9 @@ def test_match_order_after_switches_the_order_items_on_once_training_is_done(tmp
 
 def test_a_frozen_recipe_writes_out_every_field_and_is_what_the_shipped_default_was_trained_with():
     """Every frozen recipe pins every TrainConfig field a run does not choose for itself; `--preset
-    default-2026-12-07` at the values assets/default was trained with, and `train --preset default` is that
-    recipe. `default-2026-12-03` (the studies' [base]) differs from it in the audio encoder only."""
+    default-2026-12-07-column` at the values assets/default was trained with, and `train --preset default` is
+    that recipe. The defaults before it differ in the audio encoder only: `default-2026-12-07` (its layers
+    attending one column either side) and `default-2026-12-03` (the studies' [base], 16x16 patches)."""
     from dataclasses import fields
 
     from multimodal.compare.study import NEUTRAL_KEYS
@@ -691,15 +692,17 @@ def test_a_frozen_recipe_writes_out_every_field_and_is_what_the_shipped_default_
         return json.loads(json.dumps(load_config(preset).to_dict()))
 
     saved = json.loads((DEFAULT_CHECKPOINT / "config.json").read_text())["meta"]["train_config"]
-    frozen = as_saved("default-2026-12-07")
+    frozen = as_saved("default-2026-12-07-column")
     added = set(frozen) - set(saved)  # fields added since: at the value that reproduces the shipped training
     assert added <= set(NEUTRAL_KEYS) and all(frozen[k] == NEUTRAL_KEYS[k] for k in added), added
     assert {k: v for k, v in frozen.items() if k not in run_only | added} == {
         k: v for k, v in saved.items() if k not in run_only}
     assert as_saved("default") == frozen
-    before = as_saved("default-2026-12-03")
-    assert {k for k in frozen if frozen[k] != before[k]} == {"audio_encoder"}
-    assert (before["audio_encoder"], frozen["audio_encoder"]) == ("ast-window-scenes", "ast-window-mel40-scenes")
+    for preset, audio in (("default-2026-12-07", "ast-window-mel40-scenes"),
+                          ("default-2026-12-03", "ast-window-scenes")):
+        before = as_saved(preset)
+        assert {k for k in frozen if frozen[k] != before[k]} == {"audio_encoder"}, preset
+        assert (before["audio_encoder"], frozen["audio_encoder"]) == (audio, "ast-column-mel40-scenes")
     with pytest.raises(InputError, match="default-2026-12-03"):  # listed where an unknown preset is refused
         load_config("default-2026-12-02")
 

@@ -301,7 +301,7 @@ def ast_window_fine_mel32_scenes(branch_scale: float = 1e-4, **overrides) -> Aud
 def ast_window_mel40_scenes(branch_scale: float = 1e-4, **overrides) -> AudioEncoder:
     """`ast-window-scenes` on patches that do not overlap: 10x10 patches 10 frames apart on 40 mel bins, 4 bands x
     30 columns a 3 s window (120 tokens; `ast-window-scenes` has 116 of 16x16 patches 0.1 s apart that read 0.16 s
-    each). The default's audio encoder since 2026-12-07.
+    each). The default's audio encoder on 2026-12-07 (`default-2026-12-07`), before `ast-column-mel40-scenes`.
     Each token reads only its own 0.1 s, so a column just outside an event holds at most a sliver of it
     (`benchmarks/audio_energy_ceiling.py --patch 10 --stride 10`)."""
     encoder = ast_window_scenes(branch_scale, **{"num_mel_bins": 40, "patch_size": 10, "frequency_stride": 10,
@@ -312,6 +312,7 @@ def ast_window_mel40_scenes(branch_scale: float = 1e-4, **overrides) -> AudioEnc
 @register_builtin("audio", "ast-column-mel40-scenes")
 def ast_column_mel40_scenes(branch_scale: float = 1e-4, **overrides) -> AudioEncoder:
     """`ast-window-mel40-scenes` whose 2 layers attend within their own time column only (its 4 bands), not
-    one column either side: no token hears sound from outside its own 0.1 s at any depth."""
+    one column either side: no token hears sound from outside its own 0.1 s at any depth. The default's audio
+    encoder since 2026-12-07 evening (`default-2026-12-07-column`)."""
     encoder = ast_window_mel40_scenes(branch_scale, **{"column_only": True, **overrides})
     return AudioEncoder(encoder.model, "ast-column-mel40-scenes").eval()

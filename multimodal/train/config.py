@@ -37,11 +37,12 @@ class TrainConfig:
     eval_every: int = 500
     checkpoint_every: int = 500
     text_encoder: str = "bert-tiny-scenes"
-    # 2 windowed ViT blocks over 8-px cells, 2 windowed AST layers over 10x10 patches that do not overlap
-    # (40 mel, 0.1 s columns): transformer encoders whose tokens stay about where they are
+    # 2 windowed ViT blocks over 8-px cells, 2 AST layers attending within their own time column over 10x10
+    # patches that do not overlap (40 mel, 0.1 s columns): transformer encoders whose tokens stay about where
+    # they are
     # (assets/MODEL_CARD.md); the `local` preset has no encoder layers at all
     image_encoder: str = "vit-window-fine-wide-scenes"
-    audio_encoder: str = "ast-window-mel40-scenes"
+    audio_encoder: str = "ast-column-mel40-scenes"
     # -1: the built-ins' own; N >= 0: the image and audio built-ins get N transformer blocks / layers, and
     # attend within N cells / time columns (0: globally). For the convolution-stem built-ins (vit-*-scenes
     # but vit-tiny-scenes, ast-*-scenes): what the encoder-depth study varies
@@ -164,8 +165,9 @@ PRESETS: dict[str, dict[str, Any]] = {
               "checkpoint_every": 3, "warmup": 2},
 }
 # frozen recipes: one TOML file per preset, every field written out, so the preset trains the same model
-# whatever the defaults become (`default-2026-12-07`: assets/default's; `default-2026-12-03`: the default
-# before, which the shipped studies build on)
+# whatever the defaults become (`default-2026-12-07-column`: assets/default's; `default-2026-12-07`: the
+# default before it, its layers attending one column either side; `default-2026-12-03`: the default before
+# that, which the shipped studies build on)
 RECIPES = Path(__file__).parent / "recipes"
 PRESETS.update({p.stem: tomllib.loads(p.read_text()) for p in sorted(RECIPES.glob("*.toml"))})
 DOTTED_TABLES = ("fusion", "scene", "curriculum_scene")  # the fields a dotted key (`fusion.heads`) reaches into
