@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from multimodal.evaluate import referent_table
+
 IMAGE_ENCODERS = {"vit-tiny-scenes": "timm ViT, 128 px, 16 px patches",
                   "vit-conv-scenes": "timm ViT, 128 px, a 4-conv stem giving one token per 16 px",
                   "vit-local-scenes": "timm ViT with no blocks over a 4-conv stem: one local token per 16 px cell",
@@ -254,6 +256,7 @@ def model_card(checkpoint: str | Path, control: str | Path | None = None) -> str
             lines += [f"| {r['layer']} | H{r['best_head_strict']} | {_f(r['best_pointing_strict'])} | "
                       f"{_f(r['best_pointing'])} | {_f(r['mean_pointing_strict'])} | {_f(r['mean_pointing'])} | "
                       f"{_gain(r['mean_energy_gain'])} |" for r in layers]
+        lines += referent_table(result, mod)  # eval.json before 2026-12-07 evening: none
         lines += ["", "| layer | head | pointing, strict | pointing | energy | energy / region share |",
                   "|---|---|---|---|---|---|"]
         for r in heads:

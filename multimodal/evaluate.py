@@ -64,9 +64,22 @@ def ground_batch(tally: GroundingTally, source: str, maps_per_layer: dict[int, d
                 if scored is None:
                     continue
                 modality, values = scored
+                kind = referent_kind(scene, phrase) if source == "model" else None
                 for h in range(len(values["pointing"])):
                     for metric in METRICS:
                         tally.add(source, modality, layer, h, metric, [values[metric][h]])
+                        if kind is not None:  # again under the referent's kind (`summarise`'s by_referent)
+                            tally.add(f"{source}|{kind}", modality, layer, h, metric, [values[metric][h]])
+
+
+def referent_kind(scene, phrase: dict) -> str | None:
+    """A generated scene's referent's own kind: an object's size, an event's kind (None for a `GroundTruth`,
+    which has neither)."""
+    if isinstance(scene, GroundTruth):
+        return None
+    if phrase["target"] == "object":
+        return str(scene.objects[phrase["index"]]["size"])
+    return str(scene.events[phrase["index"]]["kind"])
 
 
 def _modality_maps(maps: AttentionMaps, layer: int) -> dict[str, torch.Tensor]:
@@ -289,6 +302,7 @@ def summarise(model, tally: GroundingTally, wins, scenes: int, seconds: float) -
             "mean_energy": float(np.mean([r["energy"] for r in rows])),
             "mean_energy_gain": float(np.mean([r["energy_gain"] for r in rows])),
         }
+        result.setdefault("by_referent", {})[mod] = by_referent(tally, mod, rows, strict)
         for source in BASELINES:
             keys = [k for k in tally.rows if k[0] == source and k[1] == mod and k[4] == "pointing"]
             if not keys:
@@ -303,6 +317,24 @@ def summarise(model, tally: GroundingTally, wins, scenes: int, seconds: float) -
                 "mean_energy": float(np.mean(ens)), "mean_energy_gain": float(np.mean(gains))}
     result["layers"] = layer_summary(result["heads"])
     return result
+
+
+def by_referent(tally: GroundingTally, mod: str, rows: list[dict], best: dict) -> dict:
+    """Per kind of referent (objects by size, events by kind): the phrases, the pointing of the modality's best
+    head by strict pointing (`best`, a row of `rows`), the best head for that kind alone, and the mean energy
+    gain over the heads. The best head's readings, weighted by phrases, give its overall ones back."""
+    out = {}
+    for kind in sorted({k[0].split("|", 1)[1] for k in tally.rows if k[0].startswith("model|") and k[1] == mod}):
+        def mean(r, metric):
+            return tally.mean((f"model|{kind}", mod, r["layer"], r["head"], metric))
+        top = max(rows, key=lambda r: mean(r, "pointing_strict"))
+        out[kind] = {"phrases": len(tally.rows[(f"model|{kind}", mod, best["layer"], best["head"], "pointing")]),
+                     "best_head_pointing_strict": mean(best, "pointing_strict"),
+                     "best_head_pointing": mean(best, "pointing"),
+                     "best_for_kind": {"layer": top["layer"], "head": top["head"]},
+                     "best_for_kind_pointing_strict": mean(top, "pointing_strict"),
+                     "mean_energy_gain": float(np.mean([mean(r, "energy_gain") for r in rows]))}
+    return out
 
 
 BASELINE_NAMES = {"region": "region share (the grid's ceiling for pointing)"}
@@ -333,6 +365,23 @@ def _layer_table(result: dict, mod: str) -> list[str]:
     return lines + [f"| {r['layer']} | H{r['best_head_strict']} | {r['best_pointing_strict']:.3f} | "
                     f"{r['best_pointing']:.3f} | {r['mean_pointing_strict']:.3f} | {r['mean_pointing']:.3f} | "
                     f"{_gain(r['mean_energy_gain'])} |" for r in rows]
+
+
+def referent_table(result: dict, mod: str) -> list[str]:
+    """Per kind of referent (objects by size, events by kind): where the best head's pointing misses (reports
+    written before eval.json had `by_referent` have no such table)."""
+    kinds = result.get("by_referent", {}).get(mod)
+    if not kinds:
+        return []
+    b = result["summary"][mod]["best_head_strict"]
+    lines = ["", f"By {'object size' if mod == 'image' else 'event kind'}: the best head by strict pointing "
+             f"(L{b['layer']} H{b['head']}) and the best head for each kind alone.", "",
+             "| referent | phrases | best head, strict | best head | best for it, strict | mean energy / uniform |",
+             "|---|---|---|---|---|---|"]
+    return lines + [f"| {k} | {v['phrases']} | {v['best_head_pointing_strict']:.3f} | {v['best_head_pointing']:.3f} | "
+                    f"L{v['best_for_kind']['layer']} H{v['best_for_kind']['head']} "
+                    f"{v['best_for_kind_pointing_strict']:.3f} | {_gain(v['mean_energy_gain'])} |"
+                    for k, v in kinds.items()]
 
 
 def markdown(result: dict) -> str:
@@ -378,6 +427,7 @@ def markdown(result: dict) -> str:
                          f"{_f(b.get('mean_pointing_strict'))} | {b['mean_pointing']:.3f} | {b['mean_energy']:.3f} | "
                          f"{_gain(b.get('mean_energy_gain'))} |")
         lines += _layer_table(result, mod)
+        lines += referent_table(result, mod)
         lines += ["", "| layer | head | pointing, strict | pointing | energy | energy / uniform |",
                   "|---|---|---|---|---|---|"]
         for r in result["heads"]:

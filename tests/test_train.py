@@ -238,6 +238,17 @@ def test_eval_reports_every_head_and_the_baselines(tmp_path):
                 assert 0.0 <= r["pointing_strict"] <= r["pointing"] <= 1.0
         assert saved["summary"][mod]["best_pointing_strict"] <= saved["summary"][mod]["best_pointing"]
         assert f"Strict pointing (the peak {'on the object' if mod == 'image' else 'inside the event'}" in text
+        # by kind of referent: every phrase in one kind, and the best head's readings weighted by phrases are
+        # its overall ones
+        kinds, best = saved["by_referent"][mod], saved["summary"][mod]["best_head_strict"]
+        assert set(kinds) <= ({"small", "large"} if mod == "image" else {"tone", "chirp", "noise", "clicks"})
+        row = next(r for r in saved["heads"] if (r["modality"], r["layer"], r["head"]) == (mod, best["layer"], best["head"]))
+        assert sum(v["phrases"] for v in kinds.values()) == row["phrases"]
+        for key in ("pointing_strict", "pointing"):
+            weighted = sum(v[f"best_head_{key}"] * v["phrases"] for v in kinds.values()) / row["phrases"]
+            assert weighted == pytest.approx(row[key], abs=1e-9), key
+        assert all(v["best_for_kind_pointing_strict"] >= v["best_head_pointing_strict"] for v in kinds.values())
+        assert f"By {'object size' if mod == 'image' else 'event kind'}: the best head by strict pointing" in text
     # every kind of negative on every scene that allows it, kinds short of min_pairs on further scenes;
     # true captions scored as a match, by event count
     from collections import Counter
@@ -298,6 +309,9 @@ def test_eval_reports_every_head_and_the_baselines(tmp_path):
                    f"{r['best_pointing']:.3f} | {r['mean_pointing_strict']:.3f} | {r['mean_pointing']:.3f} | "
                    f"{r['mean_energy_gain']:.2f}x |")
             assert row in section and row in text.split(f"## {mod} grounding")[1], (mod, r["layer"])
+        for kind, v in saved["by_referent"][mod].items():  # by object size / event kind: the card's as eval.md's
+            row = f"| {kind} | {v['phrases']} | {v['best_head_pointing_strict']:.3f} | {v['best_head_pointing']:.3f} | "
+            assert row in section and row in text.split(f"## {mod} grounding")[1], (mod, kind)
 
 
 def test_train_command_line(tmp_path, capsys):
