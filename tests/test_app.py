@@ -422,9 +422,10 @@ def test_competing_queries_show_their_claimed_share_in_the_table_and_the_head_la
     content = res.maps.content_queries()[0]
     per_layer = [res.maps.claimed[layer][0][:, content].mean(-1) for layer in res.maps.layers]  # rows: L0 H0, ...
     np.testing.assert_allclose(table["claimed share"].to_numpy(), torch.cat(per_layer).numpy(), atol=5e-4)
-    # shares of the keys, not all or nothing (the table rounds to 3 decimals: a head whose queries leave nearly
-    # every key to the background queries shows 0.000)
+    # shares of the keys, not all or nothing, and shown as such: a head whose queries leave nearly every key to
+    # the background queries keeps its first digits in the table, not 0.000
     assert ((torch.cat(per_layer) > 0) & (torch.cat(per_layer) < 1)).all()
+    assert ((table["claimed share"] > 0) & (table["claimed share"] < 1)).all()
     seen = []
     real = drawing.image_head_grid
     monkeypatch.setattr(drawing, "image_head_grid", lambda *a, **k: seen.append(k["labels"]) or real(*a, **k))

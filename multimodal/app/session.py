@@ -183,8 +183,12 @@ def grounding_scores(maps: AttentionMaps, layer: int, gt: GroundTruth, image_siz
 
 
 def _round(x) -> float | None:
+    """3 decimals; a value under 0.001 keeps 2 significant digits (a head claiming 0.0003 of the keys does
+    not read as 0)."""
     x = float(x)
-    return round(x, 3) if math.isfinite(x) else None  # NaN: nothing to average (e.g. no mass there)
+    if not math.isfinite(x):
+        return None  # NaN: nothing to average (e.g. no mass there)
+    return round(x, 3) if x == 0 or abs(x) >= 0.001 else float(f"{x:.2g}")
 
 
 def metrics_rows(maps: AttentionMaps, off: torch.Tensor | None, gt: GroundTruth | None,
