@@ -169,7 +169,9 @@ def model_card(checkpoint: str | Path, control: str | Path | None = None) -> str
            "in proportion to that kind's running training error, so kinds already solved (the audio ones, within "
            "a few hundred steps) give way to those still got wrong"
            + (" (wrong: scored at or above the true caption, or scored as a match)"
-              if tc.get("mining_counts") == "match" else "")] if tc.get("negative_mining") else []),
+              if tc.get("mining_counts") == "match" else "")
+           + ("; within the kind, each change (a star called a cross) is drawn in proportion to its own running "
+              "error (`mining_values`)" if tc.get("mining_values") else "")] if tc.get("negative_mining") else []),
         *([f"- curriculum: the first {tc['curriculum_steps']} steps train on scenes with "
            + ", ".join(f"`{k} = {v}`" for k, v in tc["curriculum_scene"].items())
            + " (one object, so a shape word can only be learned from that object's shape), the rest on the "

@@ -5,7 +5,7 @@ by tensor with torch.equal (max abs diff 0.0): model.safetensors, and train_stat
 (optimizer moments and steps, data order, torch RNG); and the training state's JSON (the
 loop's numpy generator, negative mining, running statistics, history) but for wall-clock
 times. The config exercises every source of randomness the loop has: dropout (torch),
-negatives, masked words and the data order (numpy), the curriculum's end (step 2) and a new
+negatives (their kinds and the changes within each kind mined), masked words and the data order (numpy), the curriculum's end (step 2) and a new
 epoch every two steps (8 scenes, batches of 4); checkpoints at 2, 4 and 5.
 """
 
@@ -34,8 +34,9 @@ from multimodal.types import InputError
 
 RICH = {"fusion.dim": 32, "fusion.heads": 2, "fusion.layers": 1, "fusion.dropout": 0.1, "steps": 5,
         "curriculum_steps": 2, "masked_word_weight": 0.5, "match": "bilinear", "checkpoint_every": 2,
-        "eval_every": 2, "val_scenes": 4}
-RICH_ARGS = ["train", "--preset", "smoke", *[a for k, v in RICH.items() for a in ("--set", f"{k}={v}")]]
+        "eval_every": 2, "val_scenes": 4, "mining_values": True}
+RICH_ARGS = ["train", "--preset", "smoke", *[a for k, v in RICH.items()
+                                             for a in ("--set", f"{k}={json.dumps(v) if isinstance(v, bool) else v}")]]
 TINY = {"fusion.dim": 32, "fusion.heads": 2, "fusion.layers": 1}
 REPO = Path(__file__).resolve().parents[1]
 

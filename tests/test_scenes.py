@@ -12,8 +12,8 @@ import soundfile as sf
 from PIL import Image
 
 from multimodal.data.scenes import (CHANGE_TYPES, COLOURS, EVENT_KINDS, SHAPES, SIZES, Scene, SceneConfig,
-                                    REPEAT, caption_is_true, change_kinds, event_phrase, generate_scene, hard_negative,
-                                    load_scene_truth, parse_caption, save_scene)
+                                    REPEAT, caption_is_true, change_key, change_kinds, event_phrase, every_negative,
+                                    generate_scene, hard_negative, load_scene_truth, parse_caption, save_scene)
 
 SEEDS = range(200)
 FRAME = 80  # samples: 5 ms frames at 16 kHz for the audio energy checks
@@ -265,6 +265,55 @@ def test_type_weights_steer_the_kind_of_change(scenes):
             counts[change["type"]] += 1
     assert counts["colour"] == counts["pitch"] == 0
     assert counts["shape"] > 0.8 * sum(counts.values())  # every scene can change a shape
+
+
+def test_value_weights_steer_the_change_within_its_kind_and_every_change_names_its_key(scenes):
+    """value_weights: a change weighted 0 is never made, one weighted heavily dominates its kind; a change
+    the mapping does not name weighs value_default. The change's key names what it replaced and with what,
+    and without value_weights the draws are exactly those of before (the key draws nothing)."""
+    made, total = {"shape:star>cross": 0, "shape:star>circle": 0}, 0
+    weights = {"shape:star>cross": 100.0, "shape:star>circle": 0.0}
+    for s in scenes[:200]:
+        for o in s.objects:
+            if o["shape"] != "star" or f"{o['colour']} star" not in s.caption:
+                continue
+            for j in range(4):
+                rng = np.random.default_rng([s.seed, j])
+                caption, _, change = hard_negative(s, rng, change_type="shape", value_weights=weights)
+                if change["before"] == "star":
+                    total += 1
+                    made[change["key"]] = made.get(change["key"], 0) + 1
+                    assert change["key"] == change_key("shape", "star", change["after"])
+    assert total >= 20 and made["shape:star>circle"] == 0 and made["shape:star>cross"] > 0.6 * total, made
+    for s in scenes[:30]:  # without value_weights: the draws of before; every change names its key
+        a, b = np.random.default_rng(s.seed), np.random.default_rng(s.seed)
+        for _ in range(4):
+            caption, _, change = hard_negative(s, a)
+            assert caption == hard_negative(s, b, value_weights=None)[0]
+            assert change["key"].startswith(change["type"])
+    assert change_key("event_kind", ["clicks", None], ["chirp", "rising"]) == "event_kind:clicks>chirp rising"
+    assert change_key("order", [0, 1], [1, 0]) == "order"
+
+
+def test_every_negative_makes_each_change_of_a_kind_once_and_hard_negative_draws_among_them(scenes):
+    """every_negative: all the changes of a kind the scene allows, each false and one attribute away, each
+    once; a drawn negative of that kind is one of them (benchmarks/confusions.py scores them all)."""
+    made = 0
+    for s in scenes[:40]:
+        true = parse_caption(s.caption)
+        for kind in change_kinds(s, repeat=True):
+            every = every_negative(s, kind)
+            keys = [(c["key"], c.get("phrase")) for _, _, c in every]
+            assert every and len(set(keys)) == len(keys)
+            for caption, _, change in every:
+                assert not caption_is_true(s, *parse_caption(caption)) and change["type"] == kind
+                if kind not in (REPEAT, "order"):
+                    assert [d[0] for d in _differences(true, parse_caption(caption))] == [kind]
+            drawn = hard_negative(s, np.random.default_rng(s.seed), change_type=kind)[0]
+            assert drawn in [c for c, _, _ in every]
+            made += len(every)
+    assert made > 40 * 10
+    assert every_negative(generate_scene(0, SceneConfig(max_events=1, min_events=1)), "order") == []
 
 
 def test_binding_negatives_name_a_value_another_object_has(scenes):

@@ -190,6 +190,11 @@ def test_bad_config_keys_and_values_are_refused_by_name(tmp_path):
         load_config("smoke", overrides={"scene.colour_count": 3})
     with pytest.raises(InputError, match="preset"):
         load_config("nope")
+    # `--set repeat_negatives=False` reads as the string "False" (TOML's is false), which is truthy: refused
+    from multimodal.train.config import parse_override
+    with pytest.raises(InputError, match="repeat_negatives='False' is a switch: write true or false"):
+        load_config("smoke", overrides=dict([parse_override("repeat_negatives=False")]))
+    assert load_config("smoke", overrides=dict([parse_override("repeat_negatives=false")])).repeat_negatives is False
     bad = tmp_path / "bad.toml"
     bad.write_text("steps = [")
     with pytest.raises(InputError, match="bad.toml"):
@@ -427,7 +432,7 @@ def test_repeat_negatives_are_drawn_only_when_asked_and_leave_the_other_draws_al
     kinds = {}
     for repeat in (False, True):
         tc = smoke(hard_negatives=3, easy_negatives=0, repeat_negatives=repeat)
-        captions, kinds[repeat] = candidate_captions(pool, idx, tc, np.random.default_rng(0))
+        captions, kinds[repeat], _ = candidate_captions(pool, idx, tc, np.random.default_rng(0))
         if not repeat:  # exactly the plain draws
             rng, plain = np.random.default_rng(0), []
             for i in idx:
@@ -450,6 +455,40 @@ def test_negative_mining_tracks_errors_per_kind_and_weights_by_them():
     w = mining.weights()
     assert w["colour"] == pytest.approx(0.51 + 0.02) and w["shape"] == pytest.approx(0.98 ** 2 * 0.5 + 0.02)
     assert NegativeMining(0.0).weights() is None  # off: hard_negative draws uniformly, as before
+    assert mining.value_weights() is None and mining.value_error == {}  # values off: not tallied
+
+
+def test_mining_values_tallies_each_change_within_a_kind_and_draws_the_ones_got_wrong():
+    """mining_values: each change (a star called a cross) has its own running error, starting from its kind's;
+    a change not yet seen weighs as its kind, and the candidates of a training step draw the changes got
+    wrong far more often."""
+    from multimodal.data.pool import ScenePool
+    from multimodal.data.scenes import CHANGE_TYPES, REPEAT, SceneConfig
+    from multimodal.train.objective import candidate_captions
+
+    mining = NegativeMining(2.0, values=True)
+    mining.error["shape"] = 0.1
+    scores = torch.tensor([[1.0, 2.0, 0.0, -1.0]])  # the first negative outscores the truth, the second does not
+    mining.update(scores, ["shape", "shape", None], ["shape:star>cross", "shape:star>circle", None])
+    assert mining.value_error["shape:star>cross"] == pytest.approx(0.98 * 0.1 + 0.02)
+    assert mining.value_error["shape:star>circle"] == pytest.approx(0.98 * 0.1)
+    weights = mining.value_weights()  # the kinds' weights too: those of their changes not yet seen
+    assert weights["shape"] == mining.weights()["shape"]
+    assert weights["shape:star>cross"] == pytest.approx((0.98 * 0.1 + 0.04) ** 2)
+    mining.value_error = {"shape:star>cross": 1.0, "shape:star>circle": 0.0, "shape:star>square": 0.0,
+                          "shape:star>triangle": 0.0, "shape:star>diamond": 0.0}
+    mining.error = {**dict.fromkeys((*CHANGE_TYPES, REPEAT), 0.0), "shape": 1.0}  # nearly every negative a shape
+    pool = ScenePool.build(list(range(300)), SceneConfig())
+    stars = [i for i, s in enumerate(pool.scenes) if any(o["shape"] == "star" for o in s.objects)]
+    tc = smoke(hard_negatives=3, easy_negatives=0)
+    counts = {}
+    for values in (False, True):
+        mining.values = values
+        _, kinds, keys = candidate_captions(pool, stars, tc, np.random.default_rng(0), mining)
+        made = [k for k in keys if k.startswith("shape:star>")]
+        counts[values] = sum(k == "shape:star>cross" for k in made) / max(1, len(made))
+        assert len(made) >= 10 and [k.split(":")[0] for k in keys] == kinds
+    assert counts[False] < 0.5 and counts[True] > 0.9, counts  # uniform: 1 in 5; mined: nearly all
 
 
 def test_mining_that_counts_matches_also_counts_a_negative_ranked_below_the_truth_but_scored_a_match():

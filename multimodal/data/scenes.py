@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 from PIL import Image
@@ -331,9 +331,30 @@ def change_kinds(scene: Scene, repeat: bool = False) -> list[str]:
     return list(_candidate_changes(scene, *_parts(scene), repeat=repeat))
 
 
+def change_key(kind: str, before: Any, after: Any) -> str:
+    """One change's name within its kind, as `NegativeMining` tallies it: "shape:star>cross",
+    "event_kind:chirp rising>click train", "order"."""
+    if kind == "order":
+        return kind
+    name = (lambda v: " ".join(str(x) for x in v if x is not None) if isinstance(v, (list, tuple)) else str(v))
+    return f"{kind}:{name(before)}>{name(after)}"
+
+
+def _before(kind: str, i: int, objs: list[dict], evs: list[dict]) -> Any:
+    """What change `kind` at part `i` replaces (the value `change["before"]` records)."""
+    if kind in ("colour", "shape", "size"):
+        return objs[i][kind]
+    if kind in ("pitch", "direction"):
+        return evs[i]["attribute"]
+    if kind in ("event_kind", REPEAT):
+        return [evs[i]["kind"], evs[i]["attribute"]]
+    return None  # order
+
+
 def hard_negative(scene: Scene, rng: np.random.Generator, change_type: str | None = None,
                   type_weights: Mapping[str, float] | None = None,
-                  binding: float = 0.0, repeat: bool = False) -> tuple[str, list[dict], dict]:
+                  binding: float = 0.0, repeat: bool = False,
+                  value_weights: Mapping[str, float] | None = None) -> tuple[str, list[dict], dict]:
     """(caption, phrases, change): the scene's caption with exactly one attribute changed so it is false.
 
     The kind of change is `change_type`, or drawn among the kinds this scene allows: uniformly,
@@ -343,6 +364,9 @@ def hard_negative(scene: Scene, rng: np.random.Generator, change_type: str | Non
     a value that another object in the scene has (when one allows it), so the negative names
     only things that are present, and only where each attribute is tells it apart. With `repeat`
     (or `change_type = REPEAT`), a two-event caption may also name one of its events twice (REPEAT).
+    With `value_weights`, the change within the kind is drawn in proportion to the weight of its
+    `change_key` rather than uniformly (a change it does not name weighs what it gives its kind,
+    else 1); the change's key is `change["key"]` either way.
     """
     objs, evs = _parts(scene)
     options = _candidate_changes(scene, objs, evs, repeat=repeat or change_type == REPEAT)
@@ -359,8 +383,30 @@ def hard_negative(scene: Scene, rng: np.random.Generator, change_type: str | Non
     if binding and kind in ("colour", "shape") and rng.random() < binding:
         present = [(i, v) for i, v in choices if any(o[kind] == v for o in scene.objects)]
         choices = present or choices
-    i, value = choices[int(rng.integers(len(choices)))]
-    change = {"type": kind}
+    w = None
+    if value_weights is not None and len(choices) > 1:
+        unseen = float(value_weights.get(kind, 1.0))
+        w = np.array([float(value_weights.get(change_key(kind, _before(kind, i, objs, evs), v), unseen))
+                      for i, v in choices])
+    if w is not None and w.sum() > 0:
+        i, value = choices[int(rng.choice(len(choices), p=w / w.sum()))]
+    else:
+        i, value = choices[int(rng.integers(len(choices)))]
+    return _negative(kind, i, value, objs, evs)
+
+
+def every_negative(scene: Scene, kind: str) -> list[tuple[str, list[dict], dict]]:
+    """Every one-attribute change of `kind` that makes the scene's caption false, as `hard_negative`
+    makes them ((caption, phrases, change) each; [] when the scene allows none)."""
+    objs, evs = _parts(scene)
+    options = _candidate_changes(scene, objs, evs, repeat=kind == REPEAT)
+    return [_negative(kind, i, value, *_parts(scene)) for i, value in options.get(kind, [])]
+
+
+def _negative(kind: str, i: int, value, objs: list[dict], evs: list[dict]) -> tuple[str, list[dict], dict]:
+    """The caption of parts `objs`, `evs` with change `kind` made at part `i` (to `value`): (caption, phrases,
+    change). Changes `objs` and `evs` in place."""
+    change = {"type": kind, "key": change_key(kind, _before(kind, i, objs, evs), value)}
     if kind in ("colour", "shape", "size"):
         change.update(phrase=i, before=objs[i][kind], after=value)
         objs[i][kind] = value

@@ -77,6 +77,9 @@ class TrainConfig:
     negative_mining: float = 2.0  # > 0: draw the kinds of hard negative still got wrong more often (NegativeMining)
     # what mining counts as wrong: "rank" (scored at or above the true caption) or "match" (that, or p > 0.5)
     mining_counts: str = "rank"
+    # mining also weighs the changes within a kind by their own running error (a star called a cross is got
+    # wrong far more often than a star called a circle): NegativeMining.values
+    mining_values: bool = False
     masked_word_weight: float = 0.0  # masked caption words predicted from the fused scene (masked_word_loss)
     masked_word_rate: float = 0.3  # share of each true caption's content tokens masked for that term
     curriculum_steps: int = 400  # first N steps: scenes with `curriculum_scene` over `scene` (not for a manifest)
@@ -97,6 +100,10 @@ class TrainConfig:
     calibrate: bool = True
 
     def __post_init__(self):
+        for f in fields(self):  # `--set calibrate=False` is the string "False" (TOML writes false): truthy
+            if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
+                raise InputError(f"{f.name}={getattr(self, f.name)!r} is a switch: write true or false (lower case, "
+                                 "as TOML does)")
         object.__setattr__(self, "snapshots", tuple(self.snapshots))  # a TOML list is fine
         freeze = (self.freeze,) if isinstance(self.freeze, str) else tuple(self.freeze)
         if set(freeze) - set(MODALITIES):

@@ -422,9 +422,9 @@ def training_step(model: MultimodalModel, opt: torch.optim.Optimizer, pool: Scen
     `rng` and updates `mining`. Each scene is encoded and projected once for all its candidates;
     `share_scene=False` repeats its tokens per candidate instead (the same loss; for benchmarks)."""
     per_scene = 1 + tc.hard_negatives + tc.easy_negatives
-    captions, kinds = candidate_captions(pool, idx, tc, rng, mining.weights())
+    captions, kinds, keys = candidate_captions(pool, idx, tc, rng, mining)
     scores, out = score_candidates(model, pool.batch(model, idx), captions, per_scene, share_scene=share_scene)
-    mining.update(scores.detach(), kinds)
+    mining.update(scores.detach(), kinds, keys)
     loss = matching_loss(scores)
     if tc.contrastive_weight:
         loss = loss + tc.contrastive_weight * contrastive_loss(model, out.tokens, per_scene, tc.contrastive_temperature,
@@ -550,7 +550,7 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
             return tc.lr * (s + 1) / tc.warmup
         return tc.lr * 0.5 * (1 + math.cos(math.pi * (s - tc.warmup) / max(1, tc.steps - tc.warmup)))
 
-    mining = NegativeMining(tc.negative_mining, tc.mining_counts)
+    mining = NegativeMining(tc.negative_mining, tc.mining_counts, tc.mining_values)
     ema_loss = ema_acc = None
     if loop:  # exact resume: the data order, the generators and the running statistics as saved
         order, cursor = tensors["data.order"].numpy(), int(loop["cursor"])
@@ -560,6 +560,7 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
                                   "resume with the pool_scenes (or manifest) it was trained with")
         np_rng.bit_generator.state = loop["np_rng"]
         mining.error = dict(loop["mining"])
+        mining.value_error = dict(loop.get("mining_values", {}))
         ema_loss, ema_acc = loop["ema_loss"], loop["ema_acc"]
         t_start -= loop["elapsed_s"]
         _set_rng_state(meta, tensors)
@@ -577,8 +578,8 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
     def checkpoint():
         nonlocal stale_summary
         state = {"cursor": cursor, "pool": "curriculum" if in_curriculum else "train",
-                 "np_rng": np_rng.bit_generator.state, "mining": mining.error, "ema_loss": ema_loss,
-                 "ema_acc": ema_acc, "elapsed_s": time.perf_counter() - t_start, "attempt": attempt,
+                 "np_rng": np_rng.bit_generator.state, "mining": mining.error, "mining_values": mining.value_error,
+                 "ema_loss": ema_loss, "ema_acc": ema_acc, "elapsed_s": time.perf_counter() - t_start, "attempt": attempt,
                  "restarts": restarts}
         save_checkpoint(model, opt, step, tc, out_dir, history, state,
                         {"data.order": torch.from_numpy(np.ascontiguousarray(order, dtype=np.int64))})
@@ -625,7 +626,7 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
                           f"(stall_step / stall_loss). Restarting from step 0 with fresh weights and data draws "
                           f"(start {attempt + 1} of at most {tc.stall_restarts + 1})")
                 model, opt, np_rng = start(attempt)
-                mining = NegativeMining(tc.negative_mining, tc.mining_counts)
+                mining = NegativeMining(tc.negative_mining, tc.mining_counts, tc.mining_values)
                 step, history, ema_loss, ema_acc = 0, [], None, None
                 first, t_loop = 0, time.perf_counter()
                 last_line = (t_loop, 0)
@@ -650,6 +651,8 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
                 val = matching_accuracy(model, val_pool, seed=tc.seed + 1)
                 history.append({"step": step, "loss": ema_loss, "train_acc": ema_acc, **val,
                                 "train_error_by_negative": dict(sorted(mining.error.items())),
+                                **({"train_error_worst_changes": dict(sorted(
+                                    mining.value_error.items(), key=lambda kv: -kv[1])[:8])} if mining.values else {}),
                                 "elapsed_s": time.perf_counter() - t_start})
                 bar.write(f"step {step}: val pairwise accuracy {val['pairwise_accuracy']:.3f}, "
                           f"threshold accuracy {val['threshold_accuracy']:.3f}")

@@ -9,8 +9,6 @@ periodic validation. No term looks at an attention map or at any ground truth.
 
 from __future__ import annotations
 
-from typing import Mapping
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -26,23 +24,28 @@ Tensor = torch.Tensor
 
 
 def candidate_captions(pool: ScenePool, idx: list[int], tc: TrainConfig, rng: np.random.Generator,
-                       type_weights: Mapping[str, float] | None = None) -> tuple[list[str], list[str | None]]:
+                       mining: "NegativeMining | None" = None) -> tuple[list[str], list[str | None], list[str | None]]:
     """Per scene: [caption, hard negatives..., easy negatives...] flattened in that order, and per
-    scene its negatives' kinds of change (None for an easy negative)."""
-    captions, kinds = [], []
+    scene its negatives' kinds of change and their `change_key`s (None for an easy negative). The
+    kinds (and, when it mines values, the changes within each kind) are drawn by `mining`'s weights."""
+    type_weights = mining.weights() if mining else None
+    value_weights = mining.value_weights() if mining else None
+    captions, kinds, keys = [], [], []
     for i in idx:
         s = pool.scenes[i]
         captions.append(s.caption)
         hard = tc.hard_negatives if pool.hard_negatives else 0
         for _ in range(hard):
             caption, _, change = hard_negative(s, rng, type_weights=type_weights, binding=tc.binding_negatives,
-                                               repeat=tc.repeat_negatives)
+                                               repeat=tc.repeat_negatives, value_weights=value_weights)
             captions.append(caption)
             kinds.append(change["type"])
+            keys.append(change["key"])
         for _ in range(tc.hard_negatives + tc.easy_negatives - hard):
             captions.append(other_caption(pool, i, rng))
             kinds.append(None)
-    return captions, kinds
+            keys.append(None)
+    return captions, kinds, keys
 
 
 class NegativeMining:
@@ -53,24 +56,43 @@ class NegativeMining:
     exponential moving averages (factor 0.98 per negative seen) starting at 0.5 (chance).
     `counts` says what is wrong: "rank", a negative scored at or above its scene's true caption;
     "match", that or a negative scored as a match (logit > 0, p > 0.5: what the app reads).
+    With `values`, the same running error per change within a kind (`change_key`: a star called
+    a cross is one change, a star called a circle another) weighs which change of the drawn kind
+    is made; a change starts from its kind's error when first seen, and weighs as its kind until
+    then (so rare changes are not drawn for being new). Without it, the change within the kind
+    is drawn uniformly, as before.
     """
 
-    def __init__(self, strength: float, counts: str = "rank"):
+    def __init__(self, strength: float, counts: str = "rank", values: bool = False):
         self.strength = strength
         self.counts = counts
+        self.values = values
         self.error: dict[str, float] = {}
+        self.value_error: dict[str, float] = {}
 
     def weights(self) -> dict[str, float] | None:
         if not self.strength:
             return None
         return {k: (e + 0.02) ** self.strength for k, e in self.error.items()}
 
-    def update(self, scores: Tensor, kinds: list[str | None]) -> None:
-        """scores (B, per_scene), true caption first; kinds: per scene its negatives' kinds, flattened."""
+    def value_weights(self) -> dict[str, float] | None:
+        """Each change's weight, and each kind's (that of its changes not yet seen), for `hard_negative`."""
+        if not (self.strength and self.values):
+            return None
+        return {**self.weights(), **{k: (e + 0.02) ** self.strength for k, e in self.value_error.items()}}
+
+    def update(self, scores: Tensor, kinds: list[str | None], keys: list[str | None] | None = None) -> None:
+        """scores (B, per_scene), true caption first; kinds (and keys, their `change_key`s): per scene its
+        negatives', flattened."""
         wrong = scores[:, 1:] >= scores[:, :1]
         if self.counts == "match":
             wrong |= scores[:, 1:] > 0
         wrong = wrong.flatten().tolist()
+        if self.values and keys is not None:  # a change first seen starts from its kind's error
+            for kind, key, w in zip(kinds, keys, wrong):
+                if key is not None:
+                    before = self.value_error.get(key, self.error.get(kind, 0.5))
+                    self.value_error[key] = 0.98 * before + 0.02 * float(w)
         for kind, w in zip(kinds, wrong):
             if kind is not None:
                 self.error[kind] = 0.98 * self.error.get(kind, 0.5) + 0.02 * float(w)
