@@ -53,6 +53,9 @@ class FusionConfig:
         def bad(key, why):
             raise InputError(f"FusionConfig.{key}={getattr(self, key)!r}: {why}")
 
+        for f in fields(self):  # `--set fusion.compete=False` is the string "False" (TOML writes false): truthy
+            if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
+                bad(f.name, "is a switch: write true or false (lower case, as TOML does)")
         if self.dim <= 0 or self.heads <= 0 or self.dim % self.heads:
             bad("dim", f"must be a positive multiple of heads={self.heads}")
         if self.layers <= 0:

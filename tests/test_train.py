@@ -195,6 +195,8 @@ def test_bad_config_keys_and_values_are_refused_by_name(tmp_path):
     with pytest.raises(InputError, match="repeat_negatives='False' is a switch: write true or false"):
         load_config("smoke", overrides=dict([parse_override("repeat_negatives=False")]))
     assert load_config("smoke", overrides=dict([parse_override("repeat_negatives=false")])).repeat_negatives is False
+    with pytest.raises(InputError, match="FusionConfig.compete='False': is a switch"):
+        load_config("smoke", overrides=dict([parse_override("fusion.compete=False")]))
     bad = tmp_path / "bad.toml"
     bad.write_text("steps = [")
     with pytest.raises(InputError, match="bad.toml"):
