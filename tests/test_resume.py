@@ -5,8 +5,9 @@ by tensor with torch.equal (max abs diff 0.0): model.safetensors, and train_stat
 (optimizer moments and steps, data order, torch RNG); and the training state's JSON (the
 loop's numpy generator, negative mining, running statistics, history) but for wall-clock
 times. The config exercises every source of randomness the loop has: dropout (torch),
-negatives (their kinds and the changes within each kind mined), masked words and the data order (numpy), the curriculum's end (step 2) and a new
-epoch every two steps (8 scenes, batches of 4); checkpoints at 2, 4 and 5.
+negatives (their kinds and the changes within each kind mined), masked words and the data
+order (numpy), the curriculum's end (step 2) and a new epoch every two steps (8 scenes,
+batches of 4); checkpoints at 2, 4 and 5.
 """
 
 import json

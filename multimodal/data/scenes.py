@@ -333,7 +333,7 @@ def change_kinds(scene: Scene, repeat: bool = False) -> list[str]:
 
 def change_key(kind: str, before: Any, after: Any) -> str:
     """One change's name within its kind, as `NegativeMining` tallies it: "shape:star>cross",
-    "event_kind:chirp rising>click train", "order"."""
+    "event_kind:clicks>chirp falling", "order"."""
     if kind == "order":
         return kind
     name = (lambda v: " ".join(str(x) for x in v if x is not None) if isinstance(v, (list, tuple)) else str(v))

@@ -579,8 +579,8 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
         nonlocal stale_summary
         state = {"cursor": cursor, "pool": "curriculum" if in_curriculum else "train",
                  "np_rng": np_rng.bit_generator.state, "mining": mining.error, "mining_values": mining.value_error,
-                 "ema_loss": ema_loss, "ema_acc": ema_acc, "elapsed_s": time.perf_counter() - t_start, "attempt": attempt,
-                 "restarts": restarts}
+                 "ema_loss": ema_loss, "ema_acc": ema_acc, "elapsed_s": time.perf_counter() - t_start,
+                 "attempt": attempt, "restarts": restarts}
         save_checkpoint(model, opt, step, tc, out_dir, history, state,
                         {"data.order": torch.from_numpy(np.ascontiguousarray(order, dtype=np.int64))})
         if stale_summary:  # it no longer describes the checkpoint; the run's own is written when it ends
