@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from multimodal.types import MODALITIES, AttentionMaps, InputError, ModalityTokens
+from multimodal.types import MODALITIES, AttentionMaps, InputError, ModalityTokens, loose_switch
 
 ATTENTION_KINDS = ("softmax", "topk", "sparsemax", "entmax15")
 QUERY_SOURCES = ("latents",) + MODALITIES
@@ -53,9 +53,8 @@ class FusionConfig:
         def bad(key, why):
             raise InputError(f"FusionConfig.{key}={getattr(self, key)!r}: {why}")
 
-        for f in fields(self):  # `--set fusion.compete=False` is the string "False" (TOML writes false): truthy
-            if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
-                bad(f.name, "is a switch: write true or false (lower case, as TOML does)")
+        if name := loose_switch(self):
+            bad(name, "is a switch: write true or false (lower case, as TOML does)")
         if self.dim <= 0 or self.heads <= 0 or self.dim % self.heads:
             bad("dim", f"must be a positive multiple of heads={self.heads}")
         if self.layers <= 0:

@@ -7,7 +7,7 @@ patch grid, the frame times and the character spans, and nothing downstream re-d
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Union
 
@@ -18,6 +18,15 @@ from torch import Tensor
 from multimodal.errors import InputError  # noqa: F401  (raised here; imported from here by the rest)
 
 MODALITIES = ("text", "image", "audio")
+
+
+def loose_switch(config) -> str | None:
+    """The first bool field of dataclass `config` holding something else, or None. `--set calibrate=False`
+    is the string "False" (TOML writes false), which is truthy: a config refuses it by this field's name."""
+    for f in fields(config):
+        if f.type == "bool" and not isinstance(getattr(config, f.name), bool):
+            return f.name
+    return None
 
 
 # ---------------------------------------------------------------------------------------

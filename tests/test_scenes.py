@@ -269,7 +269,7 @@ def test_type_weights_steer_the_kind_of_change(scenes):
 
 def test_value_weights_steer_the_change_within_its_kind_and_every_change_names_its_key(scenes):
     """value_weights: a change weighted 0 is never made, one weighted heavily dominates its kind; a change
-    the mapping does not name weighs value_default. The change's key names what it replaced and with what,
+    the mapping does not name weighs as its kind (else 1). The change's key names what it replaced and with what,
     and without value_weights the draws are exactly those of before (the key draws nothing)."""
     made, total = {"shape:star>cross": 0, "shape:star>circle": 0}, 0
     weights = {"shape:star>cross": 100.0, "shape:star>circle": 0.0}

@@ -406,15 +406,16 @@ def every_negative(scene: Scene, kind: str) -> list[tuple[str, list[dict], dict]
 def _negative(kind: str, i: int, value, objs: list[dict], evs: list[dict]) -> tuple[str, list[dict], dict]:
     """The caption of parts `objs`, `evs` with change `kind` made at part `i` (to `value`): (caption, phrases,
     change). Changes `objs` and `evs` in place."""
-    change = {"type": kind, "key": change_key(kind, _before(kind, i, objs, evs), value)}
+    before = _before(kind, i, objs, evs)
+    change = {"type": kind, "key": change_key(kind, before, value)}
     if kind in ("colour", "shape", "size"):
-        change.update(phrase=i, before=objs[i][kind], after=value)
+        change.update(phrase=i, before=before, after=value)
         objs[i][kind] = value
     elif kind in ("pitch", "direction"):
-        change.update(phrase=len(objs) + i, before=evs[i]["attribute"], after=value)
+        change.update(phrase=len(objs) + i, before=before, after=value)
         evs[i]["attribute"] = value
     elif kind in ("event_kind", REPEAT):
-        change.update(phrase=len(objs) + i, before=[evs[i]["kind"], evs[i]["attribute"]], after=list(value))
+        change.update(phrase=len(objs) + i, before=before, after=list(value))
         evs[i]["kind"], evs[i]["attribute"] = value
     else:  # order
         evs = evs[::-1]

@@ -17,7 +17,7 @@ import torch
 
 from multimodal.data.scenes import ONE_OBJECT, SceneConfig
 from multimodal.fusion import FusionConfig
-from multimodal.types import MODALITIES, InputError
+from multimodal.types import MODALITIES, InputError, loose_switch
 
 
 @dataclass(frozen=True)
@@ -100,10 +100,9 @@ class TrainConfig:
     calibrate: bool = True
 
     def __post_init__(self):
-        for f in fields(self):  # `--set calibrate=False` is the string "False" (TOML writes false): truthy
-            if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
-                raise InputError(f"{f.name}={getattr(self, f.name)!r} is a switch: write true or false (lower case, "
-                                 "as TOML does)")
+        if name := loose_switch(self):
+            raise InputError(f"{name}={getattr(self, name)!r} is a switch: write true or false (lower case, as TOML "
+                             "does)")
         object.__setattr__(self, "snapshots", tuple(self.snapshots))  # a TOML list is fine
         freeze = (self.freeze,) if isinstance(self.freeze, str) else tuple(self.freeze)
         if set(freeze) - set(MODALITIES):
