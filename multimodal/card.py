@@ -175,7 +175,10 @@ def model_card(checkpoint: str | Path, control: str | Path | None = None) -> str
         *([f"- curriculum: the first {tc['curriculum_steps']} steps train on scenes with "
            + ", ".join(f"`{k} = {v}`" for k, v in tc["curriculum_scene"].items())
            + " (one object, so a shape word can only be learned from that object's shape), the rest on the "
-           "full 2-3-object scenes"] if tc.get("curriculum_steps") else []),
+           "full 2-3-object scenes"
+           + ("; in it each scene is also scored against every change of its caption's "
+              + " and ".join(tc["curriculum_every"]) + " (`curriculum_every`), in a second matching term"
+              if tc.get("curriculum_every") else "")] if tc.get("curriculum_steps") else []),
         ("- **no loss term sees any ground truth** (boxes, masks, intervals, phrase links are for evaluation "
          "only); the order term reads the phrases' own audio maps (where each is centred), never where the "
          "events are" if tc.get("match_order") == "train" else

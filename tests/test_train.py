@@ -1,5 +1,6 @@
 """The train and eval commands on tiny budgets: checkpoints, resume, config errors, manifests."""
 
+import copy
 import json
 import math
 import sys
@@ -780,3 +781,64 @@ def test_eval_of_captions_about_one_modality_leaves_out_the_kinds_no_scene_allow
     assert all(v["pairs"] >= 2 for v in result["matching_every_kind"].values())
     _, md_path = write_report(result, tmp_path / "run")
     assert "No scene of this config allows" in open(md_path).read()
+
+
+def test_curriculum_every_meets_each_scene_with_every_change_of_its_kinds_in_a_second_term(tmp_path, monkeypatch):
+    """curriculum_every: in the curriculum each scene is also scored against every change of the kinds
+    named (a star against the cross, circle, ... it is not), padded per batch; the second matching term
+    leaves the padding out, and the draws, the mining and the reported share are those of the step
+    without it."""
+    import multimodal.train.loop as train_module
+    from multimodal.data.pool import ScenePool, split_seeds
+    from multimodal.data.scenes import every_negative
+    from multimodal.train import parameter_groups
+    from multimodal.train.config import curriculum_scene_config, scene_config
+    from multimodal.train.objective import every_captions, matching_loss
+
+    tc = smoke(curriculum_every="shape")
+    assert tc.curriculum_every == ("shape",)
+    with pytest.raises(InputError, match="curriculum_every=\\['hue'\\]: name kinds of change"):
+        smoke(curriculum_every=["hue"])
+    curriculum = ScenePool.build(split_seeds("curriculum", 6, 0), curriculum_scene_config(tc))
+    captions, valid = every_captions(curriculum, [0, 1, 2], ("shape",))
+    assert valid.shape == (3, 5) and bool(valid.all())  # one object: 5 other shapes each
+    assert captions == [c for i in range(3) for c, _, _ in every_negative(curriculum.scenes[i], "shape")]
+
+    full = ScenePool.build(split_seeds("train", 40, 0), scene_config(tc))  # order: only two-event captions
+    one = next(i for i, s in enumerate(full.scenes) if not every_negative(s, "order"))
+    two = next(i for i, s in enumerate(full.scenes) if every_negative(s, "order"))
+    captions, valid = every_captions(full, [one, two], ("order",))
+    assert valid.tolist() == [[False], [True]] and captions[0] == full.scenes[one].caption
+    scores = torch.randn(2, 2)
+    mask = torch.tensor([[True, False], [True, True]])
+    padded = scores.clone()
+    padded[0, 1] = 50.0  # what a padded slot scores does not count
+    assert matching_loss(scores, mask).item() == pytest.approx(matching_loss(padded, mask).item())
+    assert matching_loss(scores, torch.ones(2, 2, dtype=torch.bool)).item() == pytest.approx(
+        matching_loss(scores).item())
+
+    per_scene_seen = []
+    original = train_module.score_candidates
+
+    def recording(model, batch, captions, per_scene, **kwargs):
+        per_scene_seen.append(per_scene)
+        return original(model, batch, captions, per_scene, **kwargs)
+
+    monkeypatch.setattr(train_module, "score_candidates", recording)
+    base = build_model(tc).eval()  # no dropout: its draws would differ with the number of captions
+    results = {}
+    for every in ((), ("shape",)):
+        model = copy.deepcopy(base)
+        opt = torch.optim.SGD(parameter_groups(model, tc), lr=tc.lr)
+        rng, mining = np.random.default_rng(0), NegativeMining(tc.negative_mining)
+        loss, acc = train_module.training_step(model, opt, curriculum, [0, 1, 2, 3], tc, rng, mining, 1e-2,
+                                               every=every)
+        results[every] = (loss, acc, rng.integers(1 << 30), dict(mining.error))
+    per_scene = 1 + tc.hard_negatives + tc.easy_negatives
+    assert per_scene_seen == [per_scene, per_scene + 5]
+    (loss, acc, draw, error), (loss_e, acc_e, draw_e, error_e) = results[()], results[("shape",)]
+    assert (acc_e, draw_e, error_e) == (acc, draw, error) and loss_e > loss + 0.5  # + at least BCE's log 2 share
+
+    per_scene_seen.clear()  # the loop asks for it in the curriculum only
+    train(smoke(steps=5, curriculum_steps=3, curriculum_every=["shape"]), tmp_path / "run", progress=False)
+    assert per_scene_seen == [per_scene + 5] * 3 + [per_scene] * 2

@@ -40,7 +40,7 @@ NEUTRAL_KEYS = {"contrastive_hard_weight": 0.0, "negative_mining": 0.0, "curricu
                 "stall_loss": 3.5, "encoder_depth": -1, "encoder_window": -1,
                 "captions": "both", "calibrate": False, "contrastive_per_modality": False,
                 "match_order": "off", "repeat_negatives": False, "mining_counts": "rank",
-                "mining_values": False}
+                "mining_values": False, "curriculum_every": []}
 NEUTRAL_FUSION_KEYS = {"compete": False, "sinks": 0, "partial_sort": 0}  # the same inside the fusion table
 
 

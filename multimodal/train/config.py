@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import torch
 
-from multimodal.data.scenes import ONE_OBJECT, SceneConfig
+from multimodal.data.scenes import CHANGE_TYPES, ONE_OBJECT, REPEAT, SceneConfig
 from multimodal.fusion import FusionConfig
 from multimodal.types import MODALITIES, InputError, loose_switch
 
@@ -84,6 +84,9 @@ class TrainConfig:
     masked_word_rate: float = 0.3  # share of each true caption's content tokens masked for that term
     curriculum_steps: int = 400  # first N steps: scenes with `curriculum_scene` over `scene` (not for a manifest)
     curriculum_scene: Mapping[str, Any] = field(default_factory=lambda: dict(ONE_OBJECT))
+    # kinds of one-attribute change (e.g. ["shape"]) of which each curriculum scene also meets every change
+    # its caption allows, in a second matching term beside its drawn candidates (`every_captions`)
+    curriculum_every: tuple[str, ...] = ()
     manifest: str = ""  # a JSONL manifest of your own pairs (multimodal.data.manifest) instead of scenes
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     workers: int = 0  # 0: each scene is generated when first drawn; N: the whole pool up front, in N processes
@@ -126,6 +129,11 @@ class TrainConfig:
             raise InputError(f"stall_restarts={self.stall_restarts} must be >= 0 and stall_step={self.stall_step} >= 1")
         if self.curriculum_steps < 0:
             raise InputError(f"curriculum_steps={self.curriculum_steps} must be >= 0")
+        every = (self.curriculum_every,) if isinstance(self.curriculum_every, str) else tuple(self.curriculum_every)
+        if set(every) - {*CHANGE_TYPES, REPEAT} or len(set(every)) < len(every):
+            raise InputError(f"curriculum_every={list(every)}: name kinds of change among "
+                             f"{', '.join((*CHANGE_TYPES, REPEAT))}, each once")
+        object.__setattr__(self, "curriculum_every", every)
         if self.masked_word_weight and self.match != "bilinear":
             raise InputError("masked_word_weight scores words with the bilinear match head: set match = \"bilinear\"")
         if not 0 < self.masked_word_rate <= 1:

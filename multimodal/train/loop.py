@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -46,6 +47,7 @@ from multimodal.train.objective import (
     NegativeMining,
     calibrate_match_bias,
     candidate_captions,
+    every_captions,
     contrastive_loss,
     masked_word_loss,
     matching_accuracy,
@@ -416,21 +418,38 @@ def _deferred_sigint():
 
 def training_step(model: MultimodalModel, opt: torch.optim.Optimizer, pool: ScenePool, idx: list[int],
                   tc: TrainConfig, rng: np.random.Generator, mining: NegativeMining, lr: float,
-                  share_scene: bool = True) -> tuple[float, float]:
+                  share_scene: bool = True, every: tuple[str, ...] = ()) -> tuple[float, float]:
     """One optimiser step on the pool's scenes `idx` at learning rate `lr` (times each group's scale):
     (loss, share of hard negatives the true caption outscored). Draws the candidate captions from
     `rng` and updates `mining`. Each scene is encoded and projected once for all its candidates;
-    `share_scene=False` repeats its tokens per candidate instead (the same loss; for benchmarks)."""
+    `share_scene=False` repeats its tokens per candidate instead (the same loss; for benchmarks).
+    `every` (kinds of change; `TrainConfig.curriculum_every` in the curriculum): each scene also meets
+    every change of those kinds, scored with its drawn candidates and trained in a second matching
+    term (true caption against those changes); neither the mining nor the returned share counts them."""
     per_scene = 1 + tc.hard_negatives + tc.easy_negatives
     captions, kinds, keys = candidate_captions(pool, idx, tc, rng, mining)
-    scores, out = score_candidates(model, pool.batch(model, idx), captions, per_scene, share_scene=share_scene)
+    extra, valid = every_captions(pool, idx, every) if every else ([], None)
+    n_extra = len(extra) // len(idx)  # each scene's drawn candidates, then its every-change ones
+    scored = [c for b in range(len(idx))
+              for c in captions[b * per_scene:(b + 1) * per_scene] + extra[b * n_extra:(b + 1) * n_extra]]
+    scores, out = score_candidates(model, pool.batch(model, idx), scored, per_scene + n_extra,
+                                   share_scene=share_scene)
+    scores, every_scores = scores[:, :per_scene], scores[:, per_scene:]
     mining.update(scores.detach(), kinds, keys)
     loss = matching_loss(scores)
+    tokens = out.tokens
+    if n_extra:
+        loss = loss + matching_loss(torch.cat([scores[:, :1], every_scores], 1),
+                                    F.pad(valid, (1, 0), value=True).to(scores.device))
+        rows = torch.arange(per_scene + n_extra, device=scores.device).lt(per_scene).repeat(len(idx))  # drawn only
+        text = tokens["text"]
+        tokens = {**tokens, "text": replace(text, tokens=text.tokens[rows], mask=text.mask[rows],
+                                            special=text.special[rows])}
     if tc.contrastive_weight:
-        loss = loss + tc.contrastive_weight * contrastive_loss(model, out.tokens, per_scene, tc.contrastive_temperature,
+        loss = loss + tc.contrastive_weight * contrastive_loss(model, tokens, per_scene, tc.contrastive_temperature,
                                                                tc.contrastive_hard_weight, tc.contrastive_per_modality)
     if tc.masked_word_weight:
-        loss = loss + tc.masked_word_weight * masked_word_loss(model, out.tokens, captions, per_scene,
+        loss = loss + tc.masked_word_weight * masked_word_loss(model, tokens, captions, per_scene,
                                                                tc.masked_word_rate, rng)
     for g in opt.param_groups:
         g["lr"] = lr * g["lr_scale"]
@@ -605,7 +624,8 @@ def train(tc: TrainConfig, out_dir: str | Path, resume: bool = False, progress: 
             cursor += tc.batch_size
             if setup_s is None:
                 setup_s = time.perf_counter() - t_start
-            loss, acc = training_step(model, opt, pool, idx, tc, np_rng, mining, lr_at(step))
+            loss, acc = training_step(model, opt, pool, idx, tc, np_rng, mining, lr_at(step),
+                                      every=tc.curriculum_every if in_curriculum else ())
             step += 1
             ema_loss = loss if ema_loss is None else 0.95 * ema_loss + 0.05 * loss
             ema_acc = acc if ema_acc is None else 0.95 * ema_acc + 0.05 * acc

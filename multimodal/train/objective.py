@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from multimodal.data.pool import ScenePool
-from multimodal.data.scenes import change_kinds, hard_negative
+from multimodal.data.scenes import change_kinds, every_negative, hard_negative
 from multimodal.fusion import CrossAttentionFusion
 from multimodal.model import MultimodalModel, score_candidates
 from multimodal.train.config import TrainConfig
@@ -109,12 +109,28 @@ def other_caption(pool: ScenePool, i: int, rng: np.random.Generator) -> str:
     return pool.scenes[j].caption
 
 
-def matching_loss(scores: Tensor) -> Tensor:
-    """Softmax over [positive, negatives...] plus a calibrated match/no-match term."""
+def every_captions(pool: ScenePool, idx: list[int], kinds: tuple[str, ...]) -> tuple[list[str], Tensor]:
+    """Per scene of `idx`, every one-attribute change of `kinds` its caption allows (`every_negative`),
+    flattened scene by scene, each scene's padded to the batch's largest count with its true caption:
+    (captions, (B, count) bool, False where a slot is padding). Draws nothing at random."""
+    changes = [[c for kind in kinds for c, _, _ in every_negative(pool.scenes[i], kind)] for i in idx]
+    count = max(map(len, changes))
+    captions = [c for i, own in zip(idx, changes) for c in own + [pool.scenes[i].caption] * (count - len(own))]
+    valid = torch.tensor([[k < len(own) for k in range(count)] for own in changes], dtype=torch.bool)
+    return captions, valid.view(len(idx), count)
+
+
+def matching_loss(scores: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Softmax over [positive, negatives...] plus a calibrated match/no-match term. `valid` ((B, P)
+    bool): the candidates that count (the others, padding, are left out of both terms)."""
     target = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
     labels = torch.zeros_like(scores)
     labels[:, 0] = 1
-    return F.cross_entropy(scores, target) + F.binary_cross_entropy_with_logits(scores, labels)
+    if valid is None:
+        return F.cross_entropy(scores, target) + F.binary_cross_entropy_with_logits(scores, labels)
+    bce = F.binary_cross_entropy_with_logits(scores, labels, reduction="none")
+    return (F.cross_entropy(scores.masked_fill(~valid, float("-inf")), target)
+            + bce[valid].sum() / valid.sum().clamp_min(1))
 
 
 def best_cosine(t: Tensor, k: Tensor, k_mask: Tensor | None, all_pairs: bool) -> Tensor:
