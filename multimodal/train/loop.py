@@ -425,7 +425,9 @@ def training_step(model: MultimodalModel, opt: torch.optim.Optimizer, pool: Scen
     `share_scene=False` repeats its tokens per candidate instead (the same loss; for benchmarks).
     `every` (kinds of change; `TrainConfig.curriculum_every` in the curriculum): each scene also meets
     every change of those kinds, scored with its drawn candidates and trained in a second matching
-    term (true caption against those changes); neither the mining nor the returned share counts them."""
+    term (true caption against those changes); neither the mining nor the returned share counts them,
+    and the returned loss leaves that term out, so the progress line and the stall check
+    (`stall_loss`) read the same objective as without it."""
     per_scene = 1 + tc.hard_negatives + tc.easy_negatives
     captions, kinds, keys = candidate_captions(pool, idx, tc, rng, mining)
     extra, valid = every_captions(pool, idx, every) if every else ([], None)
@@ -437,10 +439,10 @@ def training_step(model: MultimodalModel, opt: torch.optim.Optimizer, pool: Scen
     scores, every_scores = scores[:, :per_scene], scores[:, per_scene:]
     mining.update(scores.detach(), kinds, keys)
     loss = matching_loss(scores)
-    tokens = out.tokens
+    tokens, every_loss = out.tokens, 0.0
     if n_extra:
-        loss = loss + matching_loss(torch.cat([scores[:, :1], every_scores], 1),
-                                    F.pad(valid, (1, 0), value=True).to(scores.device))
+        every_loss = matching_loss(torch.cat([scores[:, :1], every_scores], 1),
+                                   F.pad(valid, (1, 0), value=True).to(scores.device))
         rows = torch.arange(per_scene + n_extra, device=scores.device).lt(per_scene).repeat(len(idx))  # drawn only
         text = tokens["text"]
         tokens = {**tokens, "text": replace(text, tokens=text.tokens[rows], mask=text.mask[rows],
@@ -454,7 +456,7 @@ def training_step(model: MultimodalModel, opt: torch.optim.Optimizer, pool: Scen
     for g in opt.param_groups:
         g["lr"] = lr * g["lr_scale"]
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss + every_loss).backward()
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
     opt.step()
     negatives = scores[:, 1:1 + tc.hard_negatives] if tc.hard_negatives else scores[:, 1:]
