@@ -138,6 +138,18 @@ class ModalityTokens:
         return ModalityTokens(self.tokens.to(device), self.mask.to(device), self.modality,
                               self.special.to(device), self.geometry, sa)
 
+    def select(self, items: slice | list[int]) -> "ModalityTokens":
+        """The items `items` (a slice, or their indices in order) of the batch, geometry included."""
+        pick = (lambda seq: seq[items]) if isinstance(items, slice) else (lambda seq: [seq[i] for i in items])
+        g = self.geometry
+        if isinstance(g, TextGeometry):
+            g = replace(g, texts=pick(g.texts), tokens=pick(g.tokens), spans=pick(g.spans))
+        elif isinstance(g, AudioGeometry):
+            g = replace(g, durations=pick(g.durations))
+        elif isinstance(g, ImageGeometry) and g.original_sizes:
+            g = replace(g, original_sizes=pick(g.original_sizes))
+        return ModalityTokens(self.tokens[items], self.mask[items], self.modality, self.special[items], g)
+
     def repeat(self, n: int) -> "ModalityTokens":
         """Each item n times in a row (B -> B*n), e.g. to score n captions against one scene."""
         return ModalityTokens(self.tokens.repeat_interleave(n, 0), self.mask.repeat_interleave(n, 0), self.modality,

@@ -844,6 +844,12 @@ def test_curriculum_every_meets_each_scene_with_every_change_of_its_kinds_in_a_s
     differ = max((p - q).abs().max().item() for p, q in zip(models[()].parameters(), models[("shape",)].parameters()))
     assert differ > 0.1 * moved[()]  # but the step trained on it
 
+    text = base.encoders["text"]  # the other terms get the drawn captions' rows, geometry included
+    encoded = text(text.preprocess(["a red star", "a blue cross with a low tone", "a green circle"]))
+    picked = encoded.select([2, 0])
+    assert picked.geometry.texts == ["a green circle", "a red star"]
+    assert torch.equal(picked.tokens, encoded.tokens[[2, 0]]) and torch.equal(picked.mask, encoded.mask[[2, 0]])
+
     per_scene_seen.clear()  # the loop asks for it in the curriculum only
     train(smoke(steps=5, curriculum_steps=3, curriculum_every=["shape"]), tmp_path / "run", progress=False)
     assert per_scene_seen == [per_scene + 5] * 3 + [per_scene] * 2

@@ -26,7 +26,7 @@ from multimodal.data.scenes import SceneConfig, hard_negative
 from multimodal.evaluate import evaluate
 from multimodal.model import MultimodalModel, candidate_inputs
 from multimodal.train import TrainConfig, build_model, matching_loss, scene_config
-from multimodal.types import AttentionMaps, AudioGeometry, ImageGeometry, ModalityTokens, TextGeometry
+from multimodal.types import AttentionMaps, ModalityTokens
 
 BATCH = 32  # scenes per forward pass in the analysis
 
@@ -39,14 +39,7 @@ def seed_everything(seed: int) -> None:
 
 def _rows(t: ModalityTokens, a: int, b: int) -> ModalityTokens:
     """Items a..b-1 of a batch of tokens, geometry included."""
-    g = t.geometry
-    if isinstance(g, TextGeometry):
-        g = replace(g, texts=g.texts[a:b], tokens=g.tokens[a:b], spans=g.spans[a:b])
-    elif isinstance(g, AudioGeometry):
-        g = replace(g, durations=g.durations[a:b])
-    elif isinstance(g, ImageGeometry) and g.original_sizes:
-        g = replace(g, original_sizes=g.original_sizes[a:b])
-    return ModalityTokens(t.tokens[a:b], t.mask[a:b], t.modality, t.special[a:b], g)
+    return t.select(slice(a, b))
 
 
 def _cpu_maps(maps: AttentionMaps) -> AttentionMaps:

@@ -443,10 +443,8 @@ def training_step(model: MultimodalModel, opt: torch.optim.Optimizer, pool: Scen
     if n_extra:
         every_loss = matching_loss(torch.cat([scores[:, :1], every_scores], 1),
                                    F.pad(valid, (1, 0), value=True).to(scores.device))
-        rows = torch.arange(per_scene + n_extra, device=scores.device).lt(per_scene).repeat(len(idx))  # drawn only
-        text = tokens["text"]
-        tokens = {**tokens, "text": replace(text, tokens=text.tokens[rows], mask=text.mask[rows],
-                                            special=text.special[rows])}
+        drawn = [b * (per_scene + n_extra) + k for b in range(len(idx)) for k in range(per_scene)]
+        tokens = {**tokens, "text": tokens["text"].select(drawn)}  # the other terms: the drawn candidates only
     if tc.contrastive_weight:
         loss = loss + tc.contrastive_weight * contrastive_loss(model, tokens, per_scene, tc.contrastive_temperature,
                                                                tc.contrastive_hard_weight, tc.contrastive_per_modality)
